@@ -1,0 +1,1 @@
+"""Runnable example workflows, agents and tools for OAO."""

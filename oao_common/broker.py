@@ -1,0 +1,374 @@
+"""The queue protocol over Redis: the one place that issues OAO's Redis commands.
+
+Both the scheduler and the workers talk to Redis only through :class:`Broker`.
+Atomic transitions are Lua scripts (``oao_common/lua``); this class builds their
+arguments, decodes their replies and offers the read side (runs, nodes, events,
+workers) used by ``status``, ``events`` and the report.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.asyncio import Redis
+
+from .events import Event
+from .keys import Keys, job_id, parse_job
+from .scripts import Scripts
+from .states import NodeState, RunState
+
+
+def new_run_id() -> str:
+    """A sortable, unique run id: ms timestamp in hex followed by 6 random hex digits."""
+    return f"{int(time.time() * 1000):x}{secrets.token_hex(3)}"
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), default=str)
+
+
+@dataclass(slots=True)
+class ClaimedJob:
+    """A job this worker now runs: ``attempt`` is its fencing token.
+
+    ``dep_outputs`` maps each dependency's id to its decoded output; ``ledger`` holds
+    the node's recorded steps in order (``None`` for a gap), decoded from JSON.
+    """
+
+    job: str
+    run_id: str
+    node_id: str
+    attempt: int
+    dep_outputs: dict[str, Any] = field(default_factory=dict)
+    ledger: list[dict[str, Any] | None] = field(default_factory=list)
+    retries: int = 0
+
+
+@dataclass(slots=True)
+class ReapResult:
+    worker_id: str
+    requeued: int
+    poisoned: int
+    dropped: int
+
+
+class Broker:
+    """OAO's Redis protocol. ``redis`` must use ``decode_responses=True``."""
+
+    def __init__(self, redis: Redis, prefix: str = "oao") -> None:
+        self.redis = redis
+        self.keys = Keys(prefix)
+        self.scripts = Scripts(redis, self.keys)
+
+    # ---------------------------------------------------------------- submit
+
+    async def submit(
+        self,
+        run_id: str,
+        run_fields: dict[str, str],
+        nodes: list[dict[str, Any]],
+        event_data: dict[str, Any],
+        idempotency_key: str | None = None,
+        idempotency_ttl_s: int = 0,
+    ) -> tuple[bool, str]:
+        """Write a run atomically (``submit.lua``). Returns ``(created, run_id)``;
+        ``created`` is False when the idempotency key (or the run id) already existed,
+        and ``run_id`` is then the existing run's id."""
+        idem = self.keys.idempotency(idempotency_key) if idempotency_key else ""
+        created, rid = await self.scripts.call(
+            "submit",
+            [self.keys.run(run_id), self.keys.runs, idem],
+            [run_id, _json(run_fields), _json(nodes), _json(event_data), idempotency_ttl_s],
+        )
+        return bool(created), str(rid)
+
+    # ---------------------------------------------------------------- claim
+
+    async def wait_for_job(self, queue: str, worker_id: str, timeout_s: float) -> str | None:
+        """``BLMOVE`` one job from ``queue``'s tail to the head of the worker's active list.
+
+        Blocks up to ``timeout_s`` seconds; returns the job or ``None``.
+        """
+        job = await self.redis.blmove(
+            self.keys.queue(queue), self.keys.active(worker_id), timeout_s, "RIGHT", "LEFT"
+        )
+        return str(job) if job is not None else None
+
+    async def claim(
+        self, worker_id: str, queue: str, moved_job: str | None, extra: int
+    ) -> list[ClaimedJob]:
+        """Claim ``moved_job`` (already in the active list) and up to ``extra`` more jobs
+        of ``queue`` in one round trip (``claim.lua``)."""
+        reply = await self.scripts.call(
+            "claim",
+            [self.keys.active(worker_id), self.keys.queue(queue)],
+            [worker_id, moved_job or "", max(0, extra)],
+        )
+        out: list[ClaimedJob] = []
+        for job, attempt, outs, ledger, retries in reply:
+            rid, nid = parse_job(job)
+            deps = {outs[i]: json.loads(outs[i + 1]) for i in range(0, len(outs), 2)}
+            out.append(
+                ClaimedJob(
+                    job=job,
+                    run_id=rid,
+                    node_id=nid,
+                    attempt=int(attempt),
+                    dep_outputs=deps,
+                    ledger=[json.loads(r) if r else None for r in ledger],
+                    retries=int(retries),
+                )
+            )
+        return out
+
+    # ---------------------------------------------------------------- fenced writes
+
+    async def record_step(
+        self,
+        worker_id: str,
+        job: ClaimedJob,
+        seq: int,
+        record: dict[str, Any],
+        tokens_in: int = 0,
+        tokens_out: int = 0,
+        cost_usd: float = 0.0,
+        is_tool: bool = False,
+        events: list[list[Any]] | None = None,
+    ) -> bool:
+        """Append step ``seq`` to the ledger; False if the attempt is stale."""
+        ok = await self.scripts.call(
+            "record_step",
+            [self.keys.active(worker_id)],
+            [
+                worker_id,
+                job.job,
+                job.attempt,
+                seq,
+                _json(record),
+                int(tokens_in),
+                int(tokens_out),
+                repr(float(cost_usd)),
+                1 if is_tool else 0,
+                _json(events or []),
+            ],
+        )
+        return bool(ok)
+
+    async def complete(
+        self,
+        worker_id: str,
+        job: ClaimedJob,
+        output: Any,
+        fields: dict[str, str] | None = None,
+        events: list[list[Any]] | None = None,
+    ) -> bool:
+        """Mark the node SUCCEEDED and release dependents; False if the attempt is stale."""
+        ok = await self.scripts.call(
+            "complete",
+            [self.keys.active(worker_id)],
+            [worker_id, job.job, job.attempt, _json(output), _json(fields or {}),
+             _json(events or [])],
+        )
+        return bool(ok)
+
+    async def fail(
+        self,
+        worker_id: str,
+        job: ClaimedJob,
+        error: dict[str, Any],
+        retry_delay_s: float | None,
+        fields: dict[str, str] | None = None,
+        events: list[list[Any]] | None = None,
+    ) -> int:
+        """Fail an attempt: retry after ``retry_delay_s`` seconds, or for good when None.
+
+        Returns 2 (retry scheduled), 1 (failed) or 0 (stale attempt, nothing written).
+        """
+        delay_ms = -1 if retry_delay_s is None else int(max(0.0, retry_delay_s) * 1000)
+        return int(
+            await self.scripts.call(
+                "fail",
+                [self.keys.active(worker_id), self.keys.delayed],
+                [worker_id, job.job, job.attempt, _json(error), delay_ms,
+                 _json(fields or {}), _json(events or [])],
+            )
+        )
+
+    # ---------------------------------------------------------------- workers
+
+    async def heartbeat(
+        self, worker_id: str, ttl_s: float, info: dict[str, str] | None = None
+    ) -> bool:
+        """Refresh the worker's heartbeat (``SET .. PX``) and its entry in the worker index.
+
+        Returns False if the previous heartbeat had already expired: the worker may have
+        been reaped and must not trust its leases.
+        """
+        now = time.time()
+        async with self.redis.pipeline(transaction=True) as p:
+            p.set(self.keys.heartbeat(worker_id), f"{now:.3f}", px=int(ttl_s * 1000), get=True)
+            p.zadd(self.keys.workers, {worker_id: now})
+            if info:
+                p.hset(self.keys.worker_info(worker_id), mapping=info)
+            res = await p.execute()
+        return res[0] is not None
+
+    async def deregister(self, worker_id: str) -> None:
+        """Remove a cleanly stopped worker (its active list must be empty)."""
+        async with self.redis.pipeline(transaction=True) as p:
+            p.delete(self.keys.heartbeat(worker_id), self.keys.worker_info(worker_id))
+            p.zrem(self.keys.workers, worker_id)
+            await p.execute()
+
+    async def handback(self, worker_id: str, keep: list[str] | None = None) -> int:
+        """Return the jobs of the worker's active list, except ``keep``, to the front of
+        their ready lists; returns how many were requeued."""
+        return int(
+            await self.scripts.call(
+                "handback", [self.keys.active(worker_id)], [worker_id, _json(keep or [])]
+            )
+        )
+
+    async def lease_holders(self, jobs: list[ClaimedJob]) -> list[bool]:
+        """For each job: does this attempt still hold its node (RUNNING, same attempt)?"""
+        async with self.redis.pipeline(transaction=False) as p:
+            for j in jobs:
+                p.hmget(self.keys.node(j.run_id, j.node_id), "status", "attempt")
+            res = await p.execute()
+        return [s == NodeState.RUNNING and a == str(j.attempt) for j, (s, a) in zip(jobs, res, strict=True)]
+
+    # ---------------------------------------------------------------- reaper
+
+    async def reap(self, worker_id: str, max_requeues: int) -> ReapResult | None:
+        """Requeue the jobs of ``worker_id`` if its heartbeat expired; None if it is alive."""
+        k = self.keys
+        r = await self.scripts.call(
+            "reap",
+            [k.workers, k.heartbeat(worker_id), k.active(worker_id), k.worker_info(worker_id)],
+            [worker_id, max_requeues],
+        )
+        if r == -1:
+            return None
+        return ReapResult(worker_id, int(r[0]), int(r[1]), int(r[2]))
+
+    async def stale_workers(self, older_than_s: float) -> list[str]:
+        """Workers whose last heartbeat in the index is older than ``older_than_s``."""
+        cutoff = time.time() - older_than_s
+        return [str(w) for w in await self.redis.zrangebyscore(self.keys.workers, "-inf", cutoff)]
+
+    async def promote_due(self, limit: int = 1000) -> int:
+        """Move due retries from the delayed set to their ready lists; returns how many."""
+        return int(await self.scripts.call("promote", [self.keys.delayed], [limit]))
+
+    async def cancel(self, run_id: str) -> int:
+        """Cancel a run; returns nodes cancelled, or -1 if unknown or already finished."""
+        return int(await self.scripts.call("cancel", [self.keys.run(run_id)], [run_id]))
+
+    # ---------------------------------------------------------------- read side
+
+    async def get_run(self, run_id: str) -> dict[str, str]:
+        """The run hash (empty dict if unknown)."""
+        return dict(await self.redis.hgetall(self.keys.run(run_id)))
+
+    async def get_spec_json(self, run_id: str) -> tuple[str | None, str | None]:
+        """``(spec_json, inputs_json)`` of a run, for a worker's spec cache."""
+        spec, inputs = await self.redis.hmget(self.keys.run(run_id), "spec", "inputs")
+        return spec, inputs
+
+    async def get_nodes(self, run_id: str, node_ids: list[str]) -> list[dict[str, str]]:
+        """The node hashes, in the order of ``node_ids``."""
+        async with self.redis.pipeline(transaction=False) as p:
+            for nid in node_ids:
+                p.hgetall(self.keys.node(run_id, nid))
+            res = await p.execute()
+        return [{"id": nid, **h} for nid, h in zip(node_ids, res, strict=True)]
+
+    async def get_steps(self, run_id: str) -> dict[str, dict[str, Any]]:
+        """The run's whole step ledger: ``"<nid>:<seq>"`` → record."""
+        raw = await self.redis.hgetall(self.keys.steps(run_id))
+        return {k: json.loads(v) for k, v in raw.items()}
+
+    async def events(
+        self, run_id: str, after: str = "-", count: int | None = None
+    ) -> list[Event]:
+        """Events of a run after stream id ``after`` (exclusive unless ``-``)."""
+        start = after if after == "-" else f"({after}"
+        entries = await self.redis.xrange(self.keys.events(run_id), start, "+", count=count)
+        return [Event.from_stream(eid, f) for eid, f in entries]
+
+    async def follow_events(
+        self, run_id: str, after: str = "0-0", block_ms: int = 1000
+    ) -> AsyncIterator[Event]:
+        """Yield events as they are appended (``XREAD BLOCK``); runs until cancelled."""
+        last = after
+        key = self.keys.events(run_id)
+        while True:
+            res = await self.redis.xread({key: last}, block=block_ms, count=500)
+            for _key, entries in res or []:
+                for eid, f in entries:
+                    last = eid
+                    yield Event.from_stream(eid, f)
+
+    async def recent_runs(self, limit: int = 20) -> list[dict[str, str]]:
+        """The newest runs first, each its run hash plus ``id`` (without the spec)."""
+        rids = await self.redis.zrevrange(self.keys.runs, 0, max(0, limit - 1))
+        fields = ["name", "status", "created_at", "finished_at", "nodes_total", "nodes_done",
+                  "nodes_failed", "tokens_in", "tokens_out", "exec_hash"]
+        async with self.redis.pipeline(transaction=False) as p:
+            for rid in rids:
+                p.hmget(self.keys.run(rid), fields)
+            res = await p.execute()
+        return [
+            {"id": rid, **{f: v for f, v in zip(fields, vals, strict=True) if v is not None}}
+            for rid, vals in zip(rids, res, strict=True)
+        ]
+
+    async def workers(self) -> list[dict[str, Any]]:
+        """Known workers: id, last heartbeat (epoch s), alive, active jobs, info fields."""
+        entries = await self.redis.zrange(self.keys.workers, 0, -1, withscores=True)
+        async with self.redis.pipeline(transaction=False) as p:
+            for wid, _ in entries:
+                p.exists(self.keys.heartbeat(wid))
+                p.lrange(self.keys.active(wid), 0, -1)
+                p.hgetall(self.keys.worker_info(wid))
+            res = await p.execute()
+        out = []
+        for i, (wid, score) in enumerate(entries):
+            alive, active, info = res[3 * i : 3 * i + 3]
+            out.append(
+                {"id": wid, "last_heartbeat": float(score), "alive": bool(alive),
+                 "active": list(active), **info}
+            )
+        return out
+
+    async def queue_lengths(self, queues: list[str]) -> dict[str, int]:
+        async with self.redis.pipeline(transaction=False) as p:
+            for q in queues:
+                p.llen(self.keys.queue(q))
+            res = await p.execute()
+        return {q: int(n) for q, n in zip(queues, res, strict=True)}
+
+    async def run_is_terminal(self, run_id: str) -> bool:
+        st = await self.redis.hget(self.keys.run(run_id), "status")
+        return st is not None and RunState(st).terminal
+
+    async def job_locations(self, job: str) -> list[str]:
+        """Every list / set key holding ``job`` (for tests and diagnostics; uses SCAN)."""
+        found = []
+        async for key in self.redis.scan_iter(match=f"{self.keys.prefix}:q:*", count=500):
+            if await self.redis.lpos(key, job) is not None:
+                found.append(key)
+        async for key in self.redis.scan_iter(match=f"{self.keys.prefix}:w:*:active", count=500):
+            if await self.redis.lpos(key, job) is not None:
+                found.append(key)
+        if await self.redis.zscore(self.keys.delayed, job) is not None:
+            found.append(self.keys.delayed)
+        return found
+
+
+__all__ = ["Broker", "ClaimedJob", "ReapResult", "job_id", "new_run_id"]

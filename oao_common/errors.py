@@ -1,0 +1,108 @@
+"""The exception hierarchy of OAO.
+
+Retry classification follows one rule (DESIGN.md guarantee 5): an error is retried
+only if it is a :class:`TransientError` or an unexpected exception from agent code;
+every :class:`PermanentError` (policy violations, non-determinism, bad input, HTTP
+4xx other than 429) fails the node at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class OAOError(Exception):
+    """Base class of every error OAO raises on purpose."""
+
+
+class SpecError(OAOError):
+    """An invalid DAG spec. ``problems`` holds one line per problem, each naming the place."""
+
+    def __init__(self, problems: list[str], source: str = "spec") -> None:
+        self.problems = problems
+        self.source = source
+        super().__init__("\n".join(f"{source}: {p}" for p in problems))
+
+
+class RedisUnavailable(OAOError):
+    """Redis (or Valkey) cannot be reached at the configured URL."""
+
+
+class PermanentError(OAOError):
+    """An error that retrying cannot fix; the node fails without retry."""
+
+
+class TransientError(OAOError):
+    """An error worth retrying (network, timeout, HTTP 429/5xx).
+
+    ``retry_after_s`` carries a server's ``Retry-After`` hint in seconds, if any.
+    """
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class PolicyViolation(PermanentError):
+    """A governance rule stopped the node. Never retried.
+
+    ``rule`` is the rule's name (``max_tokens``), ``limit`` the configured bound and
+    ``value`` the figure reached, in the rule's unit (steps, tokens, tool calls,
+    seconds, USD). ``str()`` gives the user-facing reason, e.g.
+    ``PolicyViolation: Max Token Limit Exceeded (20412 > 20000 tokens)``.
+    """
+
+    TITLES = {
+        "max_steps": ("Max Step Limit Exceeded", "steps"),
+        "max_tokens": ("Max Token Limit Exceeded", "tokens"),
+        "max_input_tokens": ("Max Input Token Limit Exceeded", "tokens"),
+        "max_output_tokens": ("Max Output Token Limit Exceeded", "tokens"),
+        "max_tool_calls": ("Max Tool Call Limit Exceeded", "tool calls"),
+        "timeout_s": ("Time Limit Exceeded", "s"),
+        "max_cost_usd": ("Max Cost Limit Exceeded", "USD"),
+        "tool_not_allowed": ("Tool Not Allowed", ""),
+        "max_turns": ("Max Turn Limit Exceeded", "turns"),
+    }
+
+    def __init__(self, rule: str, limit: Any = None, value: Any = None, detail: str = "") -> None:
+        self.rule = rule
+        self.limit = limit
+        self.value = value
+        self.detail = detail
+        title, unit = self.TITLES.get(rule, (rule, ""))
+        figures = f" ({value} > {limit} {unit})".rstrip() if limit is not None else ""
+        if figures.endswith(" )"):
+            figures = figures[:-2] + ")"
+        extra = f": {detail}" if detail else ""
+        super().__init__(f"PolicyViolation: {title}{figures}{extra}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The event payload: rule, limit, value, reason."""
+        return {"rule": self.rule, "limit": self.limit, "value": self.value, "reason": str(self)}
+
+
+class NonDeterminismError(PermanentError):
+    """A replayed step's request differs from the recorded one (DESIGN.md guarantee 4).
+
+    Mirrors Temporal's non-determinism error: it names the step and both hashes.
+    """
+
+    def __init__(self, step: str, recorded_hash: str, actual_hash: str) -> None:
+        self.step = step
+        self.recorded_hash = recorded_hash
+        self.actual_hash = actual_hash
+        super().__init__(
+            f"NonDeterminismError: step {step} was recorded with request hash "
+            f"{recorded_hash[:12]} but replay issued {actual_hash[:12]}"
+        )
+
+
+class StaleAttemptError(OAOError):
+    """A write on behalf of a node was rejected because the node's attempt moved on.
+
+    The worker that gets it must abandon the node: another attempt owns it now.
+    """
+
+
+class IllegalTransition(PermanentError):
+    """The agent lifecycle state machine was asked for a transition it does not allow."""

@@ -1,0 +1,91 @@
+"""Every Redis key name OAO uses, in one place (DESIGN.md, "Data model in Redis").
+
+Keys of one run share the hash tag ``{rid}``. Lua scripts never spell a key: they get
+the fixed ones in ``KEYS`` and, for keys that depend on data they read (a dependent
+node, its queue), a ``string.format`` template from :meth:`Keys.templates`.
+
+Jobs, the values in ready / active lists and the delayed set, are ``"<rid>/<nid>"``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+JOB_SEP = "/"
+
+
+def job_id(rid: str, nid: str) -> str:
+    """The list value that stands for node ``nid`` of run ``rid``."""
+    return f"{rid}{JOB_SEP}{nid}"
+
+
+def parse_job(job: str) -> tuple[str, str]:
+    """Inverse of :func:`job_id`; raises ``ValueError`` on a malformed job."""
+    rid, sep, nid = job.partition(JOB_SEP)
+    if not sep or not rid or not nid:
+        raise ValueError(f"malformed job {job!r}")
+    return rid, nid
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Key names under ``prefix`` (default ``oao``)."""
+
+    prefix: str = "oao"
+
+    # run-scoped
+    def run(self, rid: str) -> str:
+        return f"{self.prefix}:run:{{{rid}}}"
+
+    def node(self, rid: str, nid: str) -> str:
+        return f"{self.prefix}:run:{{{rid}}}:node:{nid}"
+
+    def events(self, rid: str) -> str:
+        return f"{self.prefix}:run:{{{rid}}}:events"
+
+    def steps(self, rid: str) -> str:
+        return f"{self.prefix}:run:{{{rid}}}:steps"
+
+    # fleet-scoped
+    def queue(self, name: str) -> str:
+        return f"{self.prefix}:q:{name}"
+
+    def active(self, wid: str) -> str:
+        return f"{self.prefix}:w:{wid}:active"
+
+    def heartbeat(self, wid: str) -> str:
+        return f"{self.prefix}:w:{wid}:hb"
+
+    def worker_info(self, wid: str) -> str:
+        return f"{self.prefix}:w:{wid}:info"
+
+    @property
+    def workers(self) -> str:
+        return f"{self.prefix}:workers"
+
+    @property
+    def delayed(self) -> str:
+        return f"{self.prefix}:delayed"
+
+    @property
+    def runs(self) -> str:
+        return f"{self.prefix}:runs"
+
+    def idempotency(self, key: str) -> str:
+        return f"{self.prefix}:idem:{key}"
+
+    def templates(self) -> list[str]:
+        """``string.format`` templates for Lua, in this order: run, node, events, queue.
+
+        Each is the Python key with ``%s`` where the variable part goes.
+        """
+        return [
+            self.run("%s"),
+            self.node("%s", "%s"),
+            self.events("%s"),
+            self.queue("%s"),
+        ]
+
+    def run_pattern(self, rid: str) -> str:
+        """A ``SCAN`` pattern for every key of run ``rid`` (used by cleanup)."""
+        return f"{self.prefix}:run:{{{rid}}}*"

@@ -1,0 +1,164 @@
+-- _lib.lua: shared helpers, prepended to every OAO script by oao_common/scripts.py.
+--
+-- Every script receives the key templates of oao_common/keys.py as its first ARGV
+-- (string.format patterns), so no key name is spelled in Lua:
+--   ARGV[1] run key      "<p>:run:{%s}"
+--   ARGV[2] node key     "<p>:run:{%s}:node:%s"
+--   ARGV[3] events key   "<p>:run:{%s}:events"
+--   ARGV[4] queue key    "<p>:q:%s"
+--   ARGV[5] steps key    "<p>:run:{%s}:steps"
+-- Script-specific arguments start at ARGV[6].
+-- Jobs are "<rid>/<nid>". Times are server time (TIME) in ms since the epoch.
+
+local T_RUN, T_NODE, T_EVENTS, T_QUEUE, T_STEPS = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local NOW = now_ms()
+
+local function run_key(rid) return string.format(T_RUN, rid) end
+local function node_key(rid, nid) return string.format(T_NODE, rid, nid) end
+local function queue_key(q) return string.format(T_QUEUE, q) end
+local function steps_key(rid) return string.format(T_STEPS, rid) end
+
+local function split_job(job)
+  local i = string.find(job, '/', 1, true)
+  return string.sub(job, 1, i - 1), string.sub(job, i + 1)
+end
+
+local function emit(rid, typ, nid, attempt, data)
+  redis.call('XADD', string.format(T_EVENTS, rid), '*',
+    'type', typ, 'node', nid or '', 'attempt', tostring(attempt or 0),
+    'ts', tostring(NOW), 'data', data or '{}')
+end
+
+-- Events buffered by a worker: JSON array of [type, data_json] pairs.
+local function flush(rid, nid, attempt, events_json)
+  if events_json == nil or events_json == '' or events_json == '[]' then return end
+  for _, ev in ipairs(cjson.decode(events_json)) do
+    emit(rid, ev[1], nid, attempt, ev[2])
+  end
+end
+
+local function is_terminal(st)
+  return st == 'SUCCEEDED' or st == 'FAILED' or st == 'SKIPPED' or st == 'CANCELLED'
+end
+
+local function is_run_terminal(st)
+  return st == 'SUCCEEDED' or st == 'FAILED' or st == 'CANCELLED' or st == 'PARTIAL'
+end
+
+-- The fencing check (DESIGN.md guarantee 2): a write on behalf of node nk is accepted
+-- only from the worker holding the lease, for the node's current attempt.
+local function fenced(nk, wid, attempt)
+  local s = redis.call('HMGET', nk, 'status', 'lease', 'attempt')
+  return s[1] == 'RUNNING' and s[2] == wid and s[3] == tostring(attempt), s
+end
+
+-- Record a rejected write. The job leaves the caller's active list only when no
+-- live claim of this worker can own it (a newer attempt by the same worker must
+-- keep its entry, or a crash would lose it).
+local function reject_stale(active, job, rid, nid, wid, attempt, s, what)
+  emit(rid, 'STALE_ATTEMPT_REJECTED', nid, attempt, cjson.encode({
+    worker = wid, write = what, current_status = s[1] or '',
+    current_attempt = tonumber(s[3] or '0'), current_lease = s[2] or ''}))
+  if active ~= nil and s[1] ~= 'READY' and not (s[1] == 'RUNNING' and s[2] == wid) then
+    redis.call('LREM', active, 1, job)
+  end
+end
+
+local function finish_run_if_done(rid)
+  local rk = run_key(rid)
+  local r = redis.call('HMGET', rk, 'status', 'nodes_total', 'nodes_done', 'nodes_failed')
+  if is_run_terminal(r[1]) then return end
+  if tonumber(r[3] or '0') >= tonumber(r[2] or '0') then
+    local failed = tonumber(r[4] or '0')
+    local data = cjson.encode({nodes_failed = failed})
+    if failed > 0 then
+      redis.call('HSET', rk, 'status', 'FAILED', 'finished_at', NOW)
+      emit(rid, 'RUN_FAILED', '', 0, data)
+    else
+      redis.call('HSET', rk, 'status', 'SUCCEEDED', 'finished_at', NOW)
+      emit(rid, 'RUN_SUCCEEDED', '', 0, data)
+    end
+  end
+end
+
+-- Decrement each dependent's pending counter; push the ones that reach zero.
+local function release_dependents(rid, nid)
+  local deps = redis.call('HGET', node_key(rid, nid), 'dependents') or ''
+  for d in string.gmatch(deps, '[^,]+') do
+    local dk = node_key(rid, d)
+    if redis.call('HGET', dk, 'status') == 'PENDING' then
+      if redis.call('HINCRBY', dk, 'pending', -1) <= 0 then
+        redis.call('HSET', dk, 'status', 'READY')
+        redis.call('LPUSH', queue_key(redis.call('HGET', dk, 'queue')), rid .. '/' .. d)
+        emit(rid, 'NODE_READY', d, 0, '{}')
+      end
+    end
+  end
+end
+
+-- Mark every not-yet-started descendant of nid SKIPPED; returns how many.
+local function skip_descendants(rid, nid)
+  local todo = {nid}
+  local skipped = 0
+  while #todo > 0 do
+    local cur = table.remove(todo)
+    local deps = redis.call('HGET', node_key(rid, cur), 'dependents') or ''
+    for d in string.gmatch(deps, '[^,]+') do
+      local dk = node_key(rid, d)
+      if redis.call('HGET', dk, 'status') == 'PENDING' then
+        redis.call('HSET', dk, 'status', 'SKIPPED', 'finished_at', NOW,
+          'error', cjson.encode({type = 'Skipped', message = 'upstream node ' .. nid .. ' failed'}))
+        emit(rid, 'NODE_SKIPPED', d, 0, cjson.encode({cause = nid}))
+        skipped = skipped + 1
+        table.insert(todo, d)
+      end
+    end
+  end
+  return skipped
+end
+
+-- Final failure of a node: FAILED, descendants SKIPPED, run accounting.
+local function fail_node(rid, nid, attempt, error_json)
+  local nk = node_key(rid, nid)
+  redis.call('HSET', nk, 'status', 'FAILED', 'error', error_json, 'finished_at', NOW)
+  redis.call('HDEL', nk, 'lease', 'retry_at')
+  emit(rid, 'NODE_FAILED', nid, attempt, error_json)
+  local skipped = skip_descendants(rid, nid)
+  local rk = run_key(rid)
+  redis.call('HINCRBY', rk, 'nodes_failed', 1)
+  redis.call('HINCRBY', rk, 'nodes_done', 1 + skipped)
+  finish_run_if_done(rid)
+end
+
+-- Put a job of worker wid back at the front of its ready list, if the worker still
+-- owns it (RUNNING under its lease) or had moved it without claiming it (READY).
+-- count_requeue: count toward max_requeues (reaper) or not (graceful handback).
+-- Returns 'requeued', 'poison' or 'dropped'.
+local function requeue_job(job, wid, event_type, count_requeue, max_requeues)
+  local rid, nid = split_job(job)
+  local nk = node_key(rid, nid)
+  local s = redis.call('HMGET', nk, 'status', 'lease', 'attempt', 'queue')
+  if not (s[1] == 'READY' or (s[1] == 'RUNNING' and s[2] == wid)) then
+    return 'dropped'
+  end
+  local n = tonumber(redis.call('HGET', nk, 'requeues') or '0')
+  if count_requeue then
+    n = redis.call('HINCRBY', nk, 'requeues', 1)
+    if max_requeues >= 0 and n > max_requeues then
+      fail_node(rid, nid, s[3], cjson.encode({type = 'PoisonJob', reason = 'poison',
+        message = 'requeued ' .. (n - 1) .. ' times after worker deaths (max_requeues '
+          .. max_requeues .. '); dead-lettered'}))
+      return 'poison'
+    end
+  end
+  redis.call('HSET', nk, 'status', 'READY')
+  redis.call('HDEL', nk, 'lease')
+  redis.call('RPUSH', queue_key(s[4]), job)
+  emit(rid, event_type, nid, s[3], cjson.encode({worker = wid, requeues = n}))
+  return 'requeued'
+end

@@ -1,0 +1,55 @@
+-- claim.lua: turn jobs in a worker's active list into RUNNING attempts.
+-- Called right after BLMOVE moved ARGV[7] into the active list; it also moves and
+-- claims up to ARGV[8] more jobs from the same ready list (non-blocking LMOVE), so a
+-- busy queue costs one round trip per batch instead of two per job.
+-- KEYS[1] the worker's active list   KEYS[2] the ready list
+-- ARGV[6] worker id   ARGV[7] job already moved ('' for none)   ARGV[8] extra jobs to take
+-- Returns an array, one entry per claimed job:
+--   {job, attempt, {dep_id, dep_output_json, ...}, {ledger record or false, ...}, retries}
+-- A job whose node is not READY (cancelled, duplicate) is removed and not returned;
+-- a job no longer in the active list (handed back meanwhile) is not claimed.
+local wid = ARGV[6]
+
+local function claim_one(job)
+  local rid, nid = split_job(job)
+  local nk = node_key(rid, nid)
+  local s = redis.call('HMGET', nk, 'status', 'deps', 'steps_recorded', 'retries')
+  if s[1] ~= 'READY' then
+    redis.call('LREM', KEYS[1], 1, job)
+    return nil
+  end
+  local attempt = redis.call('HINCRBY', nk, 'attempt', 1)
+  redis.call('HSET', nk, 'status', 'RUNNING', 'lease', wid, 'claimed_at', NOW)
+  redis.call('HSETNX', nk, 'started_at', NOW)
+  local rk = run_key(rid)
+  if redis.call('HGET', rk, 'status') == 'PENDING' then
+    redis.call('HSET', rk, 'status', 'RUNNING', 'started_at', NOW)
+    emit(rid, 'RUN_STARTED', '', 0, '{}')
+  end
+  emit(rid, 'NODE_STARTED', nid, attempt, cjson.encode({worker = wid}))
+  local outs = {}
+  for d in string.gmatch(s[2] or '', '[^,]+') do
+    table.insert(outs, d)
+    table.insert(outs, redis.call('HGET', node_key(rid, d), 'output') or 'null')
+  end
+  local ledger = {}
+  local n = tonumber(s[3] or '0')
+  if n > 0 then
+    local sk = steps_key(rid)
+    for i = 1, n do ledger[i] = redis.call('HGET', sk, nid .. ':' .. i) end
+  end
+  return {job, attempt, outs, ledger, tonumber(s[4] or '0')}
+end
+
+local out = {}
+if ARGV[7] ~= '' and redis.call('LPOS', KEYS[1], ARGV[7]) then
+  local c = claim_one(ARGV[7])
+  if c then table.insert(out, c) end
+end
+for _ = 1, tonumber(ARGV[8]) do
+  local job = redis.call('LMOVE', KEYS[2], KEYS[1], 'RIGHT', 'LEFT')
+  if not job then break end
+  local c = claim_one(job)
+  if c then table.insert(out, c) end
+end
+return out

@@ -1,0 +1,28 @@
+-- complete.lua: finish a node successfully (fenced) and release its dependents.
+-- KEYS[1] the worker's active list
+-- ARGV[6] worker id   ARGV[7] job   ARGV[8] attempt   ARGV[9] output (JSON)
+-- ARGV[10] node fields to set (JSON object of strings: steps, replayed_steps, ...)
+-- ARGV[11] buffered events (JSON array of [type, data_json])
+-- Returns 1 when completed, 0 when the attempt is stale (nothing written but the
+-- STALE_ATTEMPT_REJECTED event).
+local wid, job, attempt = ARGV[6], ARGV[7], ARGV[8]
+local rid, nid = split_job(job)
+local nk = node_key(rid, nid)
+local ok, s = fenced(nk, wid, attempt)
+if not ok then
+  reject_stale(KEYS[1], job, rid, nid, wid, attempt, s, 'complete')
+  return 0
+end
+flush(rid, nid, attempt, ARGV[11])
+local f = {'status', 'SUCCEEDED', 'output', ARGV[9], 'finished_at', NOW}
+for k, v in pairs(cjson.decode(ARGV[10])) do
+  table.insert(f, k); table.insert(f, v)
+end
+redis.call('HSET', nk, unpack(f))
+redis.call('HDEL', nk, 'lease', 'error', 'retry_at')
+emit(rid, 'NODE_SUCCEEDED', nid, attempt, '{}')
+redis.call('LREM', KEYS[1], 1, job)
+release_dependents(rid, nid)
+redis.call('HINCRBY', run_key(rid), 'nodes_done', 1)
+finish_run_if_done(rid)
+return 1

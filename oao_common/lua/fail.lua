@@ -1,0 +1,35 @@
+-- fail.lua: a node attempt failed (fenced). Retry it later or fail it for good.
+-- KEYS[1] the worker's active list   KEYS[2] the delayed set (zset of jobs by due time)
+-- ARGV[6] worker id   ARGV[7] job   ARGV[8] attempt   ARGV[9] error (JSON)
+-- ARGV[10] retry delay in ms, or "-1" for a final failure
+-- ARGV[11] node fields to set (JSON object of strings)
+-- ARGV[12] buffered events (JSON array of [type, data_json])
+-- Returns 2 when a retry was scheduled, 1 when failed for good, 0 when stale.
+local wid, job, attempt = ARGV[6], ARGV[7], ARGV[8]
+local rid, nid = split_job(job)
+local nk = node_key(rid, nid)
+local ok, s = fenced(nk, wid, attempt)
+if not ok then
+  reject_stale(KEYS[1], job, rid, nid, wid, attempt, s, 'fail')
+  return 0
+end
+flush(rid, nid, attempt, ARGV[12])
+local f = {}
+for k, v in pairs(cjson.decode(ARGV[11])) do
+  table.insert(f, k); table.insert(f, v)
+end
+if #f > 0 then redis.call('HSET', nk, unpack(f)) end
+redis.call('LREM', KEYS[1], 1, job)
+local delay = tonumber(ARGV[10])
+if delay >= 0 then
+  local due = NOW + delay
+  local n = redis.call('HINCRBY', nk, 'retries', 1)
+  redis.call('HSET', nk, 'status', 'PENDING', 'retry_at', due, 'error', ARGV[9])
+  redis.call('HDEL', nk, 'lease')
+  redis.call('ZADD', KEYS[2], due, job)
+  emit(rid, 'NODE_RETRY_SCHEDULED', nid, attempt, cjson.encode({
+    retry = n, delay_ms = delay, due_ms = due, error = cjson.decode(ARGV[9])}))
+  return 2
+end
+fail_node(rid, nid, attempt, ARGV[9])
+return 1

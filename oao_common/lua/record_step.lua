@@ -1,0 +1,35 @@
+-- record_step.lua: append one executed step to the run's step ledger (fenced).
+-- KEYS[1] the worker's active list
+-- ARGV[6] worker id   ARGV[7] job   ARGV[8] attempt   ARGV[9] step sequence number (1-based)
+-- ARGV[10] ledger record (JSON)   ARGV[11] input tokens   ARGV[12] output tokens
+-- ARGV[13] cost in USD   ARGV[14] "1" for a tool call, "0" otherwise
+-- ARGV[15] buffered events (JSON array of [type, data_json])
+-- Returns 1 when recorded, 0 when the attempt is stale (nothing recorded).
+local wid, job, attempt, seq = ARGV[6], ARGV[7], ARGV[8], tonumber(ARGV[9])
+local rid, nid = split_job(job)
+local nk = node_key(rid, nid)
+local ok, s = fenced(nk, wid, attempt)
+if not ok then
+  reject_stale(KEYS[1], job, rid, nid, wid, attempt, s, 'record_step')
+  return 0
+end
+redis.call('HSET', steps_key(rid), nid .. ':' .. seq, ARGV[10])
+if seq > tonumber(redis.call('HGET', nk, 'steps_recorded') or '0') then
+  redis.call('HSET', nk, 'steps_recorded', seq)
+end
+local tin, tout, cost = tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13])
+local tool = tonumber(ARGV[14])
+local rk = run_key(rid)
+redis.call('HINCRBY', nk, 'tokens_in', tin)
+redis.call('HINCRBY', nk, 'tokens_out', tout)
+redis.call('HINCRBY', nk, 'tool_calls', tool)
+redis.call('HINCRBY', rk, 'steps', 1)
+redis.call('HINCRBY', rk, 'tokens_in', tin)
+redis.call('HINCRBY', rk, 'tokens_out', tout)
+redis.call('HINCRBY', rk, 'tool_calls', tool)
+if cost > 0 then
+  redis.call('HINCRBYFLOAT', nk, 'cost_usd', ARGV[13])
+  redis.call('HINCRBYFLOAT', rk, 'cost_usd', ARGV[13])
+end
+flush(rid, nid, attempt, ARGV[15])
+return 1

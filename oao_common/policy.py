@@ -1,0 +1,74 @@
+"""Policy and retry settings as they appear in a spec (``defaults`` and per node).
+
+Units: steps, tokens, tool calls, seconds, USD. ``None`` means "no limit".
+The enforcement lives in ``oao_worker/governance.py``; this module only holds data
+and the backoff arithmetic.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class PolicySpec(BaseModel):
+    """Budgets of one node (``StrictPolicy``). Fields left unset inherit the defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_steps: int | None = Field(default=None, ge=1, description="model + tool calls per node")
+    max_tokens: int | None = Field(default=None, ge=1, description="input + output tokens")
+    max_tool_calls: int | None = Field(default=None, ge=0)
+    timeout_s: float | None = Field(default=None, gt=0, description="wall time of one attempt")
+    max_cost_usd: float | None = Field(default=None, ge=0)
+
+
+DEFAULT_POLICY = PolicySpec(max_steps=50, max_tokens=100_000, max_tool_calls=50, timeout_s=300.0)
+
+
+class RetrySpec(BaseModel):
+    """Node-level retry of transient failures through the delayed set."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_retries: int | None = Field(default=None, ge=0)
+    retry_delay_s: float | None = Field(default=None, ge=0)
+    backoff: float | None = Field(default=None, ge=1.0)
+    max_delay_s: float | None = Field(default=None, ge=0)
+    jitter: bool | None = None
+
+
+DEFAULT_RETRY = RetrySpec(
+    max_retries=3, retry_delay_s=1.0, backoff=2.0, max_delay_s=300.0, jitter=True
+)
+
+
+def merge(base: BaseModel, *overrides: BaseModel | None) -> Any:
+    """Field-wise merge: later non-``None`` fields win. Returns a new model of ``base``'s type."""
+    data = base.model_dump()
+    for o in overrides:
+        if o is None:
+            continue
+        data.update({k: v for k, v in o.model_dump().items() if v is not None})
+    return type(base).model_validate(data)
+
+
+def backoff_delay_s(retry: RetrySpec, retry_number: int, rng: random.Random | None = None) -> float:
+    """Delay in seconds before retry number ``retry_number`` (1-based).
+
+    Exponential backoff ``retry_delay_s * backoff ** (n - 1)`` capped at ``max_delay_s``,
+    with "equal jitter" when ``jitter`` is on: half the delay plus a uniform draw over the
+    other half (M. Brooker, "Exponential Backoff And Jitter", AWS Architecture Blog, 2015),
+    so retries of many nodes spread out but never fire immediately.
+    """
+    base = float(retry.retry_delay_s or 0.0) * float(retry.backoff or 1.0) ** max(
+        0, retry_number - 1
+    )
+    if retry.max_delay_s is not None:
+        base = min(base, float(retry.max_delay_s))
+    if retry.jitter and base > 0:
+        r = rng or random
+        return base / 2 + r.uniform(0, base / 2)
+    return base

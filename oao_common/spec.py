@@ -1,0 +1,431 @@
+"""The DAG spec (``dag.yaml``): pydantic models, loading and validation.
+
+:func:`load_spec` turns a file into a validated :class:`Spec` or raises
+:class:`~oao_common.errors.SpecError` whose ``problems`` each name the place
+(``nodes[2] (draft).depends_on``) and, where the YAML has one, the line.
+Validation is pure: nothing here touches Redis, so bad input never reaches it
+(DESIGN.md guarantee 7).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from jinja2 import TemplateSyntaxError, nodes
+from jinja2.sandbox import SandboxedEnvironment
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import SpecError
+from .policy import DEFAULT_POLICY, DEFAULT_RETRY, PolicySpec, RetrySpec, merge
+
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
+ENTRYPOINT_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --------------------------------------------------------------------------- models
+
+
+class ScriptedReply(_Strict):
+    """One reply of the scripted model: text (a sandboxed Jinja template) and tool calls."""
+
+    content: str = ""
+    tool_calls: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class ScriptedModelSpec(_Strict):
+    """Deterministic offline model. Replies are used in order per node, the last repeating
+    (or cycling with ``cycle: true``). ``by_node`` gives a node its own script."""
+
+    provider: Literal["scripted"]
+    replies: list[ScriptedReply | str] = Field(default_factory=list)
+    by_node: dict[str, list[ScriptedReply | str]] = Field(default_factory=dict)
+    replies_file: str | None = None
+    cycle: bool = False
+    stream_delay_s: float = Field(default=0.0, ge=0, description="sleep before each chunk")
+    reply_delay_s: float = Field(default=0.0, ge=0, description="sleep before the reply")
+    chunk_tokens: int = Field(default=8, ge=1)
+
+
+class OpenAIModelSpec(_Strict):
+    """Any OpenAI-compatible chat completions endpoint (OpenAI, vLLM, Ollama, LM Studio)."""
+
+    provider: Literal["openai"]
+    model: str
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    temperature: float | None = None
+    timeout_s: float = Field(default=60.0, gt=0)
+    stream: bool = True
+
+
+ModelSpec = Annotated[ScriptedModelSpec | OpenAIModelSpec, Field(discriminator="provider")]
+
+
+class PythonAgentSpec(_Strict):
+    """``entrypoint`` is ``module:attr``: a callable, an object with ``invoke(task)``,
+    a class of such objects, or an ``async def run(ctx)``."""
+
+    kind: Literal["python"]
+    entrypoint: str = Field(pattern=ENTRYPOINT_PATTERN)
+    model: str | None = Field(default=None, description="default model of ctx.llm")
+    tools: list[str] = Field(default_factory=list)
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class LLMAgentSpec(_Strict):
+    """Built-in tool-calling agent: model, system prompt, allowed tools, max turns."""
+
+    kind: Literal["llm"]
+    model: str
+    system: str = ""
+    tools: list[str] = Field(default_factory=list)
+    max_turns: int = Field(default=8, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, description="per model call")
+    temperature: float | None = None
+
+
+AgentSpec = Annotated[PythonAgentSpec | LLMAgentSpec, Field(discriminator="kind")]
+
+
+class ToolSpec(_Strict):
+    """A Python function the agents may call: ``entrypoint`` is ``module:function``."""
+
+    entrypoint: str = Field(pattern=ENTRYPOINT_PATTERN)
+    description: str = ""
+    idempotent: bool = False
+
+
+class NodeSpec(_Strict):
+    id: str = Field(pattern=ID_PATTERN, max_length=128)
+    agent: str
+    task: str = ""
+    depends_on: list[str] = Field(default_factory=list)
+    queue: str = Field(default="default", pattern=ID_PATTERN)
+    priority: int = Field(default=5, ge=0, le=10)
+    policy: PolicySpec | None = None
+    retry: RetrySpec | None = None
+
+
+class Defaults(_Strict):
+    policy: PolicySpec = Field(default_factory=PolicySpec)
+    retry: RetrySpec = Field(default_factory=RetrySpec)
+
+
+class Spec(_Strict):
+    """A whole workflow. ``effective_policy`` / ``effective_retry`` merge the built-in
+    defaults, ``defaults`` and the node's own settings, field by field."""
+
+    name: str = Field(min_length=1)
+    description: str = ""
+    inputs: dict[str, Any] = Field(default_factory=dict)
+    defaults: Defaults = Field(default_factory=Defaults)
+    models: dict[str, ModelSpec] = Field(default_factory=dict)
+    agents: dict[str, AgentSpec] = Field(min_length=1)
+    tools: dict[str, ToolSpec] = Field(default_factory=dict)
+    nodes: list[NodeSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _cross_references(self) -> Spec:
+        problems = cross_reference_problems(self)
+        if problems:
+            raise ValueError(_CROSS_MARK + "\n".join(problems))
+        return self
+
+    def node(self, nid: str) -> NodeSpec:
+        for n in self.nodes:
+            if n.id == nid:
+                return n
+        raise KeyError(nid)
+
+    def effective_policy(self, node: NodeSpec) -> PolicySpec:
+        return merge(DEFAULT_POLICY, self.defaults.policy, node.policy)  # type: ignore[no-any-return]
+
+    def effective_retry(self, node: NodeSpec) -> RetrySpec:
+        return merge(DEFAULT_RETRY, self.defaults.retry, node.retry)  # type: ignore[no-any-return]
+
+    def default_model(self, agent: str) -> str | None:
+        """The model ``ctx.llm`` uses for ``agent``: its own, else the spec's only model."""
+        own = self.agents[agent].model
+        if own is not None:
+            return own
+        return next(iter(self.models)) if len(self.models) == 1 else None
+
+    def dependents(self) -> dict[str, list[str]]:
+        """Node id → ids of the nodes that depend on it, in spec order."""
+        out: dict[str, list[str]] = {n.id: [] for n in self.nodes}
+        for n in self.nodes:
+            for d in n.depends_on:
+                out[d].append(n.id)
+        return out
+
+
+_CROSS_MARK = "\x00cross\x00"
+
+# ------------------------------------------------------------------ cross-references
+
+_jinja = SandboxedEnvironment()
+
+
+def template_node_refs(source: str) -> set[str]:
+    """Node ids a task template reads through ``nodes.<id>`` or ``nodes['<id>']``.
+
+    Raises ``jinja2.TemplateSyntaxError``.
+    """
+    tree = _jinja.parse(source)
+    refs: set[str] = set()
+    for g in tree.find_all(nodes.Getattr):
+        if isinstance(g.node, nodes.Name) and g.node.name == "nodes":
+            refs.add(g.attr)
+    for s in tree.find_all(nodes.Getitem):
+        if (
+            isinstance(s.node, nodes.Name)
+            and s.node.name == "nodes"
+            and isinstance(s.arg, nodes.Const)
+        ):
+            refs.add(str(s.arg.value))
+    return refs
+
+
+def _where(i: int, n: NodeSpec) -> str:
+    return f"nodes[{i}] ({n.id})"
+
+
+def find_cycle(edges: dict[str, list[str]]) -> list[str] | None:
+    """A cycle in ``node → depends_on`` edges as a path ``[a, b, c, a]``, or ``None``.
+
+    Iterative three-colour depth-first search (Cormen et al., "Introduction to
+    Algorithms", §22.3), so deep chains do not hit Python's recursion limit.
+    """
+    white, grey, black = 0, 1, 2
+    colour = dict.fromkeys(edges, white)
+    for start in edges:
+        if colour[start] != white:
+            continue
+        stack: list[tuple[str, int]] = [(start, 0)]
+        path: list[str] = [start]
+        colour[start] = grey
+        while stack:
+            v, i = stack[-1]
+            succ = [w for w in edges[v] if w in edges]
+            if i < len(succ):
+                stack[-1] = (v, i + 1)
+                w = succ[i]
+                if colour[w] == grey:
+                    return [*path[path.index(w) :], w]
+                if colour[w] == white:
+                    colour[w] = grey
+                    stack.append((w, 0))
+                    path.append(w)
+            else:
+                colour[v] = black
+                stack.pop()
+                path.pop()
+    return None
+
+
+def cross_reference_problems(spec: Spec) -> list[str]:
+    """Every reference error of a structurally valid spec, one line each."""
+    problems: list[str] = []
+    for aname, agent in spec.agents.items():
+        if agent.model is not None and agent.model not in spec.models:
+            problems.append(
+                f"agents.{aname}.model: unknown model {agent.model!r}"
+                f" (known: {', '.join(sorted(spec.models)) or 'none'})"
+            )
+        for t in agent.tools:
+            if t not in spec.tools:
+                problems.append(
+                    f"agents.{aname}.tools: unknown tool {t!r}"
+                    f" (known: {', '.join(sorted(spec.tools)) or 'none'})"
+                )
+    seen: dict[str, int] = {}
+    for i, n in enumerate(spec.nodes):
+        if n.id in seen:
+            problems.append(
+                f"{_where(i, n)}.id: duplicate node id {n.id!r} (first at nodes[{seen[n.id]}])"
+            )
+        else:
+            seen[n.id] = i
+    for i, n in enumerate(spec.nodes):
+        w = _where(i, n)
+        if n.agent not in spec.agents:
+            problems.append(
+                f"{w}.agent: unknown agent {n.agent!r}"
+                f" (known: {', '.join(sorted(spec.agents))})"
+            )
+        for d in n.depends_on:
+            if d not in seen:
+                problems.append(f"{w}.depends_on: unknown node {d!r}")
+            elif d == n.id:
+                problems.append(f"{w}.depends_on: a node cannot depend on itself")
+        if len(set(n.depends_on)) != len(n.depends_on):
+            problems.append(f"{w}.depends_on: lists a node twice")
+        try:
+            refs = template_node_refs(n.task)
+        except TemplateSyntaxError as e:
+            problems.append(f"{w}.task: template syntax error on line {e.lineno}: {e.message}")
+            continue
+        for r in sorted(refs - set(n.depends_on)):
+            problems.append(
+                f"{w}.task: reads nodes.{r} but {r!r} is not in depends_on"
+                " (its output would not exist yet)"
+            )
+    for mname, m in spec.models.items():
+        if isinstance(m, ScriptedModelSpec):
+            for nid in m.by_node:
+                if nid not in seen:
+                    problems.append(f"models.{mname}.by_node: unknown node {nid!r}")
+    if not problems:
+        cycle = find_cycle({n.id: list(n.depends_on) for n in spec.nodes})
+        if cycle:
+            problems.append("nodes: dependency cycle " + " -> ".join(cycle))
+    return problems
+
+
+# ------------------------------------------------------------------ loading
+
+
+def _line_of(root: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    """1-based line of the YAML node at pydantic location ``loc``, as deep as it exists."""
+    node = root
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            nxt = next((v for k, v in node.value if getattr(k, "value", None) == part), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            nxt = node.value[part] if 0 <= part < len(node.value) else None
+        else:
+            nxt = None
+        if nxt is None:
+            break
+        node = nxt
+        line = node.start_mark.line + 1
+    return line
+
+
+def _loc_name(raw: Any, loc: tuple[Any, ...]) -> str:
+    """``('nodes', 2, 'depends_on')`` → ``nodes[2] (draft).depends_on``."""
+    out = ""
+    cur = raw
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+            if isinstance(cur, list) and 0 <= part < len(cur):
+                cur = cur[part]
+                if isinstance(cur, dict) and isinstance(cur.get("id"), str):
+                    out += f" ({cur['id']})"
+            else:
+                cur = None
+        else:
+            out += f".{part}" if out else str(part)
+            cur = cur.get(part) if isinstance(cur, dict) else None
+    return out or "(top level)"
+
+
+_UNION_TAGS = {"python", "llm", "scripted", "openai", "function-after[_cross_references()]"}
+
+
+def _format_validation(e: ValidationError, raw: Any, root: yaml.Node | None) -> list[str]:
+    problems: list[str] = []
+    for err in e.errors():
+        msg = str(err.get("msg", ""))
+        if _CROSS_MARK in msg:
+            problems.extend(msg.split(_CROSS_MARK, 1)[1].split("\n"))
+            continue
+        loc = tuple(p for p in err["loc"] if p not in _UNION_TAGS)
+        line = _line_of(root, loc)
+        at = f" (line {line})" if line else ""
+        msg = msg.removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        problems.append(f"{_loc_name(raw, loc)}{at}: {msg}")
+    return problems
+
+
+def parse_spec(text: str, source: str = "spec") -> Spec:
+    """Parse and validate spec text. Raises :class:`SpecError`."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise SpecError([f"YAML syntax error at {where}{problem}"], source) from None
+    if not isinstance(raw, dict):
+        raise SpecError(["the spec must be a YAML mapping with name, agents and nodes"], source)
+    try:
+        return Spec.model_validate(raw)
+    except ValidationError as e:
+        raise SpecError(_format_validation(e, raw, root), source) from None
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read and validate a spec file. Raises :class:`SpecError` (also for an unreadable file)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise SpecError([f"cannot read file: {e.strerror or e}"], str(path)) from None
+    spec = parse_spec(text, source=str(path))
+    return _resolve_files(spec, p.parent, str(path))
+
+
+def _resolve_files(spec: Spec, base: Path, source: str) -> Spec:
+    """Inline ``replies_file`` of scripted models (YAML or JSON list of replies)."""
+    for mname, m in spec.models.items():
+        if isinstance(m, ScriptedModelSpec) and m.replies_file:
+            f = (base / m.replies_file).resolve()
+            try:
+                data = yaml.safe_load(f.read_text(encoding="utf-8"))
+            except (OSError, yaml.YAMLError) as e:
+                raise SpecError(
+                    [f"models.{mname}.replies_file: cannot load {m.replies_file}: {e}"], source
+                ) from None
+            if not isinstance(data, list):
+                raise SpecError(
+                    [f"models.{mname}.replies_file: must hold a list of replies"], source
+                )
+            try:
+                extra = ScriptedModelSpec.model_validate(
+                    {"provider": "scripted", "replies": data}
+                ).replies
+            except ValidationError as e:
+                raise SpecError(
+                    [f"models.{mname}.replies_file: {e.errors()[0]['msg']}"], source
+                ) from None
+            m.replies = [*m.replies, *extra]
+            m.replies_file = None
+    return spec
+
+
+def apply_inputs(spec: Spec, overrides: dict[str, Any]) -> Spec:
+    """A copy of ``spec`` with ``inputs`` updated from ``--input k=v`` pairs."""
+    return spec.model_copy(update={"inputs": {**spec.inputs, **overrides}})
+
+
+_INPUT_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def parse_input_pairs(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``["topic=AI", "n=3"]`` → ``{"topic": "AI", "n": 3}`` (values parsed as YAML scalars).
+
+    Raises :class:`SpecError` for a pair without ``=`` or with a bad key.
+    """
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        k, sep, v = pair.partition("=")
+        if not sep or not _INPUT_KEY.match(k):
+            raise SpecError([f"--input {pair!r}: expected key=value"], "command line")
+        try:
+            out[k] = yaml.safe_load(v) if v else ""
+        except yaml.YAMLError:
+            out[k] = v
+    return out

@@ -1,0 +1,1 @@
+"""The OAO scheduler: validates and submits DAGs, reaps dead workers, promotes retries."""

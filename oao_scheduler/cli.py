@@ -1,0 +1,427 @@
+"""``oao-scheduler``: validate, submit, run and inspect DAG runs; serve the reaper.
+
+Exit codes: 0 success, 1 the run failed (or was cancelled), 2 invalid spec or usage,
+3 Redis unreachable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from typing import Any
+
+import click
+from rich.console import Console
+
+from oao_common.broker import Broker
+from oao_common.cli_support import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    add_app_dir,
+    json_option,
+    prefix_option,
+    print_json,
+    redis_url_option,
+    run_async,
+)
+from oao_common.connection import DEFAULT_URL, EmbeddedServer, connect, ping, redact
+from oao_common.log import configure_logging, get_logger
+from oao_common.spec import Spec, apply_inputs, load_spec, parse_input_pairs
+from oao_common.states import RunState
+
+from .progress import wait_for_run
+from .reaper import Reaper
+from .report import collect, render_report, render_status
+from .submit import submit_spec
+
+def _console(stderr: bool = False) -> Console:
+    c = Console(stderr=stderr)
+    if not c.is_terminal:  # pipes and CI logs: do not wrap tables at 80 columns
+        c = Console(stderr=stderr, width=160)
+    return c
+
+
+out = _console()
+err = _console(stderr=True)
+
+
+def _load(path: str, inputs: tuple[str, ...]) -> Spec:
+    spec = load_spec(path)
+    return apply_inputs(spec, parse_input_pairs(inputs)) if inputs else spec
+
+
+async def _broker(redis_url: str | None, prefix: str) -> Broker:
+    url = redis_url or DEFAULT_URL
+    r = connect(url)
+    await ping(r, url)
+    return Broker(r, prefix)
+
+
+def _log_level_given() -> bool:
+    ctx = click.get_current_context(silent=True)
+    root = ctx.find_root() if ctx else None
+    return bool(root and root.params.get("log_level"))
+
+
+def _exit_for(status: str) -> int:
+    return EXIT_OK if status == RunState.SUCCEEDED else EXIT_FAILED
+
+
+input_option = click.option(
+    "--input", "-i", "inputs", multiple=True, metavar="KEY=VALUE",
+    help="Override an entry of the spec's inputs (repeatable; values parsed as YAML).",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--log-level", default=None, help="debug, info, warning, error (env OAO_LOG_LEVEL).")
+@click.option("--app-dir", default=None, help="Directory put on sys.path for entrypoints (default: cwd).")
+def main(log_level: str | None, app_dir: str | None) -> None:
+    """OAO scheduler: submit DAGs of AI agents to a Redis-backed worker fleet.
+
+    \b
+    Quick start (no Redis needed, an embedded Valkey is started):
+      oao-scheduler run examples/blog_post.yaml
+    With a Redis server:
+      oao-scheduler serve &            # reaper + retry promoter
+      oao-worker --concurrency 20 &    # as many as you like
+      oao-scheduler submit examples/blog_post.yaml --wait
+    """
+    configure_logging(log_level)
+    add_app_dir(app_dir)
+
+
+@main.command()
+@click.argument("spec_file", type=click.Path(dir_okay=False))
+@input_option
+@json_option
+def validate(spec_file: str, inputs: tuple[str, ...], as_json: bool) -> None:
+    """Validate a spec without touching Redis; exit 2 with the problems if invalid."""
+    from oao_common.errors import SpecError
+
+    from .submit import execution_hash
+
+    try:
+        spec = _load(spec_file, inputs)
+    except SpecError as e:
+        for p in e.problems:
+            click.echo(f"error: {e.source}: {p}", err=True)
+        sys.exit(EXIT_USAGE)
+    info = {"name": spec.name, "nodes": len(spec.nodes), "exec_hash": execution_hash(spec)}
+    if as_json:
+        print_json(info)
+    else:
+        click.echo(f"{spec_file}: valid ({info['nodes']} nodes, exec hash {info['exec_hash'][:16]})")
+
+
+@main.command()
+@click.argument("spec_file", type=click.Path(dir_okay=False))
+@input_option
+@redis_url_option
+@prefix_option
+@click.option("--workers", "-w", default=2, show_default=True, help="In-process workers.")
+@click.option("--concurrency", "-c", default=8, show_default=True, help="Nodes each worker runs at once.")
+@click.option("--timeout", "timeout_s", type=float, default=None, help="Give up after this many seconds.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show node states while running.")
+@json_option
+@run_async
+async def run(
+    spec_file: str, inputs: tuple[str, ...], redis_url: str | None, prefix: str, workers: int,
+    concurrency: int, timeout_s: float | None, progress: bool, as_json: bool,
+) -> int:
+    """Run a DAG to completion in this process and print the execution report.
+
+    Without --redis-url / OAO_REDIS_URL a private embedded Valkey server is started
+    (and discarded at exit). The reaper and WORKERS workers run in-process, on the
+    same protocol as a distributed fleet. Exit 0 if the run SUCCEEDED, 1 otherwise.
+    """
+    from oao_worker.worker import Worker
+
+    if not os.environ.get("OAO_LOG_LEVEL") and not _log_level_given():
+        configure_logging("warning")  # the progress view and the report say it all
+    spec = _load(spec_file, inputs)
+    server: EmbeddedServer | None = None
+    if not redis_url:
+        server = EmbeddedServer().start()
+        redis_url = server.url
+    try:
+        broker = await _broker(redis_url, prefix)
+        fleet = [Worker(broker, concurrency=concurrency, heartbeat_ttl_s=5.0, grace_period_s=5.0)
+                 for _ in range(workers)]
+        reaper = Reaper(broker, interval_s=0.5, heartbeat_ttl_s=5.0)
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(w.run()) for w in fleet]
+        tasks.append(asyncio.create_task(reaper.run(stop)))
+        try:
+            submitted = await submit_spec(broker, spec)
+            where = "embedded Valkey" if server else redact(redis_url)
+            err.print(f"run {submitted.run_id} ({spec.name}, {len(spec.nodes)} nodes) on {where}",
+                      highlight=False)
+            status = await wait_for_run(broker, submitted.run_id,
+                                        err if progress and not as_json else None,
+                                        timeout_s=timeout_s)
+        finally:
+            for w in fleet:
+                w.request_stop()
+            stop.set()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        report = await collect(broker, submitted.run_id)
+        assert report is not None
+        if as_json:
+            print_json(report)
+        else:
+            render_report(report, out)
+        await broker.redis.aclose()
+        return _exit_for(status)
+    finally:
+        if server:
+            server.stop()
+
+
+@main.command()
+@click.argument("spec_file", type=click.Path(dir_okay=False))
+@input_option
+@redis_url_option
+@prefix_option
+@click.option("--wait", is_flag=True, help="Wait for the run to finish; exit 0 if it SUCCEEDED.")
+@click.option("--timeout", "timeout_s", type=float, default=None, help="With --wait: give up after N seconds.")
+@click.option("--idempotency-key", default=None, help="Submitting twice with one key returns the first run.")
+@json_option
+@run_async
+async def submit(
+    spec_file: str, inputs: tuple[str, ...], redis_url: str | None, prefix: str, wait: bool,
+    timeout_s: float | None, idempotency_key: str | None, as_json: bool,
+) -> int:
+    """Validate SPEC_FILE and submit it as a new run; print the run id.
+
+    Workers (oao-worker) execute it; run `oao-scheduler serve` for dead-worker
+    recovery and retries.
+    """
+    spec = _load(spec_file, inputs)
+    broker = await _broker(redis_url, prefix)
+    s = await submit_spec(broker, spec, idempotency_key=idempotency_key)
+    status = "SUBMITTED" if s.created else "EXISTS"
+    if not wait:
+        if as_json:
+            print_json({"run_id": s.run_id, "created": s.created, "exec_hash": s.exec_hash})
+        else:
+            click.echo(s.run_id)
+            if not s.created:
+                err.print(f"idempotency key {idempotency_key!r} already names run {s.run_id}")
+        return EXIT_OK
+    if not as_json:
+        click.echo(s.run_id)
+    status = await wait_for_run(broker, s.run_id, None if as_json else err, timeout_s=timeout_s)
+    report = await collect(broker, s.run_id)
+    if as_json:
+        print_json(report)
+    elif report:
+        render_report(report, out)
+    return _exit_for(status)
+
+
+@main.command()
+@click.argument("run_id")
+@redis_url_option
+@prefix_option
+@json_option
+@run_async
+async def status(run_id: str, redis_url: str | None, prefix: str, as_json: bool) -> int:
+    """Show a run's status and its node table."""
+    broker = await _broker(redis_url, prefix)
+    report = await collect(broker, run_id, with_events=as_json)
+    if report is None:
+        click.echo(f"error: no run {run_id!r}", err=True)
+        return EXIT_USAGE
+    if as_json:
+        print_json(report)
+    else:
+        render_status(report, out)
+    return EXIT_OK
+
+
+@main.command()
+@click.argument("run_id")
+@redis_url_option
+@prefix_option
+@json_option
+@run_async
+async def report(run_id: str, redis_url: str | None, prefix: str, as_json: bool) -> int:
+    """Print the full execution report of a run (per node: states, steps, output, error)."""
+    broker = await _broker(redis_url, prefix)
+    rep = await collect(broker, run_id)
+    if rep is None:
+        click.echo(f"error: no run {run_id!r}", err=True)
+        return EXIT_USAGE
+    if as_json:
+        print_json(rep)
+    else:
+        render_report(rep, out)
+    return EXIT_OK
+
+
+def _event_line(ev: Any, t0: int) -> str:
+    import json as _json
+
+    data = _json.dumps(ev.data, separators=(",", ":"), default=str) if ev.data else ""
+    if len(data) > 200:
+        data = data[:200] + "…"
+    node = f" {ev.node}#{ev.attempt}" if ev.node else ""
+    return f"{(ev.ts_ms - t0) / 1000:9.3f}s {ev.type:<22}{node} {data}"
+
+
+@main.command()
+@click.argument("run_id")
+@redis_url_option
+@prefix_option
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new events until the run ends.")
+@click.option("--node", default=None, help="Only events of this node.")
+@json_option
+@run_async
+async def events(
+    run_id: str, redis_url: str | None, prefix: str, follow: bool, node: str | None, as_json: bool
+) -> int:
+    """Print a run's event log (JSON lines with --json)."""
+    import json as _json
+
+    broker = await _broker(redis_url, prefix)
+    run = await broker.get_run(run_id)
+    if not run:
+        click.echo(f"error: no run {run_id!r}", err=True)
+        return EXIT_USAGE
+    t0 = int(run.get("created_at") or 0)
+
+    def show(ev: Any) -> None:
+        if node and ev.node != node:
+            return
+        click.echo(_json.dumps(ev.to_dict(), default=str) if as_json else _event_line(ev, t0))
+
+    last = "0-0"
+    for ev in await broker.events(run_id):
+        show(ev)
+        last = ev.id
+    if follow:
+        async for ev in broker.follow_events(run_id, after=last):
+            show(ev)
+            if ev.type in ("RUN_SUCCEEDED", "RUN_FAILED", "RUN_CANCELLED"):
+                break
+    return EXIT_OK
+
+
+@main.command()
+@click.argument("run_id")
+@redis_url_option
+@prefix_option
+@run_async
+async def cancel(run_id: str, redis_url: str | None, prefix: str) -> int:
+    """Cancel a run: pending and running nodes become CANCELLED."""
+    broker = await _broker(redis_url, prefix)
+    n = await broker.cancel(run_id)
+    if n < 0:
+        run = await broker.get_run(run_id)
+        if not run:
+            click.echo(f"error: no run {run_id!r}", err=True)
+            return EXIT_USAGE
+        click.echo(f"run {run_id} is already {run.get('status')}; nothing to cancel")
+        return EXIT_OK
+    click.echo(f"run {run_id} cancelled ({n} nodes)")
+    return EXIT_OK
+
+
+@main.command()
+@redis_url_option
+@prefix_option
+@click.option("--limit", "-n", default=20, show_default=True)
+@json_option
+@run_async
+async def runs(redis_url: str | None, prefix: str, limit: int, as_json: bool) -> int:
+    """List recent runs, newest first."""
+    from rich.table import Table
+
+    from .report import _styled
+
+    broker = await _broker(redis_url, prefix)
+    items = await broker.recent_runs(limit)
+    if as_json:
+        print_json(items)
+        return EXIT_OK
+    t = Table()
+    for c in ("run", "name", "status", "nodes", "failed", "tokens in/out"):
+        t.add_column(c)
+    for r in items:
+        t.add_row(r["id"], r.get("name", ""), _styled(r.get("status", "?")),
+                  f"{r.get('nodes_done', 0)}/{r.get('nodes_total', 0)}", r.get("nodes_failed", "0"),
+                  f"{r.get('tokens_in', 0)}/{r.get('tokens_out', 0)}")
+    out.print(t)
+    return EXIT_OK
+
+
+@main.command()
+@redis_url_option
+@prefix_option
+@json_option
+@run_async
+async def workers(redis_url: str | None, prefix: str, as_json: bool) -> int:
+    """List known workers: alive or dead (heartbeat expired), heartbeat age, active jobs."""
+    import time
+
+    from rich.table import Table
+
+    broker = await _broker(redis_url, prefix)
+    items = await broker.workers()
+    now = time.time()
+    for w in items:
+        w["heartbeat_age_s"] = round(now - w["last_heartbeat"], 1)
+    if as_json:
+        print_json(items)
+        return EXIT_OK
+    t = Table()
+    for c in ("worker", "state", "heartbeat age", "queues", "concurrency", "active jobs"):
+        t.add_column(c)
+    for w in items:
+        t.add_row(w["id"], "[green]alive[/]" if w["alive"] else "[red]dead[/]",
+                  f"{w['heartbeat_age_s']}s", w.get("queues", ""), w.get("concurrency", ""),
+                  str(len(w["active"])))
+    out.print(t)
+    return EXIT_OK
+
+
+@main.command()
+@redis_url_option
+@prefix_option
+@click.option("--reaper-interval", default=1.0, show_default=True, help="Seconds between reaper passes.")
+@click.option("--heartbeat-ttl", default=10.0, show_default=True, help="Must match the workers' --heartbeat-ttl.")
+@click.option("--max-requeues", default=5, show_default=True, help="Requeues after worker deaths before a node is dead-lettered (poison).")
+@run_async
+async def serve(
+    redis_url: str | None, prefix: str, reaper_interval: float, heartbeat_ttl: float,
+    max_requeues: int,
+) -> int:
+    """Run the reaper (dead-worker recovery) and the delayed-retry promoter.
+
+    Any number of `serve` processes may run at once; the scripts they run are atomic
+    and idempotent. Stops on SIGTERM / SIGINT.
+    """
+    url = redis_url or DEFAULT_URL
+    broker = await _broker(url, prefix)
+    log = get_logger(component="serve")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    reaper = Reaper(broker, interval_s=reaper_interval, heartbeat_ttl_s=heartbeat_ttl,
+                    max_requeues=max_requeues)
+    log.info("serve.started", redis=redact(url), reaper_interval_s=reaper_interval,
+             heartbeat_ttl_s=heartbeat_ttl)
+    await reaper.run(stop)
+    log.info("serve.stopped", passes=reaper.stats.passes, requeued=reaper.stats.requeued)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    main()

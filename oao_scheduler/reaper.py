@@ -1,0 +1,92 @@
+"""The reaper and the delayed-retry promoter (run by ``oao-scheduler serve`` / ``run``).
+
+Every ``interval_s`` it:
+
+1. promotes due retries from the delayed set to their ready lists (``promote.lua``);
+2. for each worker whose last heartbeat in the index is older than the heartbeat TTL,
+   runs ``reap.lua``, which checks the heartbeat key itself (a worker is dead only
+   when its key has expired) and moves its active jobs back to the front of their
+   ready lists, dead-lettering nodes requeued more than ``max_requeues`` times.
+
+Both scripts are atomic and idempotent, so any number of reapers may run at once:
+the first to act wins and the others find nothing to do. No leader election needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+
+from redis import exceptions as redis_exc
+
+from oao_common.broker import Broker, ReapResult
+from oao_common.log import get_logger
+
+REDIS_ERRORS = (redis_exc.ConnectionError, redis_exc.TimeoutError, OSError)
+
+
+@dataclass(slots=True)
+class ReaperStats:
+    passes: int = 0
+    promoted: int = 0
+    requeued: int = 0
+    poisoned: int = 0
+    reaped_workers: list[str] = field(default_factory=list)
+
+
+class Reaper:
+    """``heartbeat_ttl_s`` must match the workers'; detection takes at most
+    ``heartbeat_ttl_s + interval_s`` after a worker's last heartbeat."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        interval_s: float = 1.0,
+        heartbeat_ttl_s: float = 10.0,
+        max_requeues: int = 5,
+    ) -> None:
+        self.broker = broker
+        self.interval_s = interval_s
+        self.heartbeat_ttl_s = heartbeat_ttl_s
+        self.max_requeues = max_requeues
+        self.stats = ReaperStats()
+        self.log = get_logger(component="reaper")
+
+    async def tick(self) -> list[ReapResult]:
+        """One pass: promote due retries, reap dead workers. Returns what was reaped."""
+        self.stats.passes += 1
+        promoted = await self.broker.promote_due()
+        self.stats.promoted += promoted
+        if promoted:
+            self.log.info("reaper.promoted", jobs=promoted)
+        results = []
+        for wid in await self.broker.stale_workers(self.heartbeat_ttl_s * 0.5):
+            r = await self.broker.reap(wid, self.max_requeues)
+            if r is None:
+                continue
+            results.append(r)
+            self.stats.requeued += r.requeued
+            self.stats.poisoned += r.poisoned
+            self.stats.reaped_workers.append(wid)
+            self.log.warning("reaper.worker_dead", dead_worker=wid, requeued=r.requeued,
+                             poisoned=r.poisoned, dropped=r.dropped)
+        return results
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Tick every ``interval_s`` until ``stop`` is set; Redis outages are logged and
+        retried with backoff, never fatal."""
+        failures = 0
+        while not stop.is_set():
+            try:
+                await self.tick()
+                if failures:
+                    self.log.info("reaper.redis_back", after_failures=failures)
+                failures = 0
+                wait = self.interval_s
+            except REDIS_ERRORS as e:
+                failures += 1
+                wait = min(10.0, self.interval_s * 2 ** min(failures, 4))
+                self.log.warning("reaper.redis_unavailable", error=str(e), retry_in_s=wait)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=wait)

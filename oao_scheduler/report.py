@@ -1,0 +1,197 @@
+"""The execution report: per run and per node, what happened, read back from Redis.
+
+:func:`collect` builds a JSON-able dict (the ``--json`` output); :func:`render_report`
+and :func:`render_status` print it with rich.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from oao_common.broker import Broker
+from oao_common.events import Event, EventType
+
+_NODE_EVENT_STATE = {
+    EventType.NODE_READY: "READY",
+    EventType.NODE_STARTED: "RUNNING",
+    EventType.NODE_SUCCEEDED: "SUCCEEDED",
+    EventType.NODE_FAILED: "FAILED",
+    EventType.NODE_SKIPPED: "SKIPPED",
+    EventType.NODE_CANCELLED: "CANCELLED",
+    EventType.NODE_RETRY_SCHEDULED: "PENDING(retry)",
+    EventType.NODE_REQUEUED: "READY(requeued)",
+    EventType.NODE_HANDED_BACK: "READY(handed back)",
+}
+
+STATUS_STYLE = {
+    "SUCCEEDED": "green",
+    "FAILED": "red",
+    "SKIPPED": "yellow",
+    "CANCELLED": "magenta",
+    "RUNNING": "cyan",
+    "READY": "blue",
+    "PENDING": "dim",
+    "PARTIAL": "yellow",
+}
+
+
+def _int(v: Any) -> int:
+    try:
+        return int(float(v))
+    except (TypeError, ValueError):
+        return 0
+
+
+def _secs(start: Any, end: Any) -> float | None:
+    if not start or not end:
+        return None
+    return round((_int(end) - _int(start)) / 1000, 3)
+
+
+def _decode(v: str | None) -> Any:
+    if v is None:
+        return None
+    try:
+        return json.loads(v)
+    except ValueError:
+        return v
+
+
+async def collect(broker: Broker, run_id: str, with_events: bool = True) -> dict[str, Any] | None:
+    """The report of ``run_id``, or ``None`` if no such run exists."""
+    run = await broker.get_run(run_id)
+    if not run:
+        return None
+    node_ids = [n for n in run.get("node_ids", "").split(",") if n]
+    nodes = await broker.get_nodes(run_id, node_ids)
+    events: list[Event] = await broker.events(run_id) if with_events else []
+    history: dict[str, list[dict[str, Any]]] = {n: [] for n in node_ids}
+    created = _int(run.get("created_at"))
+    for ev in events:
+        state = _NODE_EVENT_STATE.get(EventType(ev.type)) if ev.type in EventType.__members__ else None
+        if state and ev.node in history:
+            history[ev.node].append({"state": state, "t_ms": ev.ts_ms - created,
+                                     "attempt": ev.attempt})
+    out_nodes = []
+    replayed = 0
+    for n in nodes:
+        replayed += _int(n.get("replayed_steps"))
+        out_nodes.append(
+            {
+                "id": n["id"],
+                "agent": n.get("agent", ""),
+                "queue": n.get("queue", ""),
+                "status": n.get("status", "?"),
+                "attempt": _int(n.get("attempt")),
+                "retries": _int(n.get("retries")),
+                "requeues": _int(n.get("requeues")),
+                "worker": n.get("lease", ""),
+                "steps": _int(n.get("steps")),
+                "replayed_steps": _int(n.get("replayed_steps")),
+                "tokens_in": _int(n.get("tokens_in")),
+                "tokens_out": _int(n.get("tokens_out")),
+                "tool_calls": _int(n.get("tool_calls")),
+                "cost_usd": float(n.get("cost_usd") or 0),
+                "duration_s": _secs(n.get("started_at"), n.get("finished_at")),
+                "state_history": history.get(n["id"], []),
+                "agent_states": [s for s in n.get("state_history", "").split(",") if s],
+                "output": _decode(n.get("output")),
+                "error": _decode(n.get("error")),
+                "retry_at_ms": _int(n.get("retry_at")) or None,
+            }
+        )
+    return {
+        "run_id": run_id,
+        "name": run.get("name", ""),
+        "status": run.get("status", "?"),
+        "exec_hash": run.get("exec_hash", ""),
+        "created_at_ms": created,
+        "duration_s": _secs(run.get("started_at") or run.get("created_at"), run.get("finished_at")),
+        "totals": {
+            "nodes": _int(run.get("nodes_total")),
+            "nodes_done": _int(run.get("nodes_done")),
+            "nodes_failed": _int(run.get("nodes_failed")),
+            "steps": _int(run.get("steps")),
+            "replayed_steps": replayed,
+            "tokens_in": _int(run.get("tokens_in")),
+            "tokens_out": _int(run.get("tokens_out")),
+            "tool_calls": _int(run.get("tool_calls")),
+            "cost_usd": float(run.get("cost_usd") or 0),
+        },
+        "events": len(events),
+        "nodes": out_nodes,
+    }
+
+
+def _styled(status: str) -> str:
+    style = STATUS_STYLE.get(status.split("(")[0], "")
+    return f"[{style}]{status}[/]" if style else status
+
+
+def _error_text(err: Any) -> str:
+    if isinstance(err, dict):
+        reason = err.get("reason") if err.get("type") == "PolicyViolation" else None
+        return str(reason or f"{err.get('type', 'Error')}: {err.get('message', '')}")
+    return "" if err is None else str(err)
+
+
+def node_table(report: dict[str, Any], title: str | None = None) -> Table:
+    """The node table shared by ``status`` and the report."""
+    t = Table(title=title, title_justify="left", expand=False)
+    for col in ("node", "agent", "status", "att", "steps", "tok in/out", "tools", "time s",
+                "error"):
+        t.add_column(col, overflow="fold")
+    for n in report["nodes"]:
+        steps = str(n["steps"]) + (f" ({n['replayed_steps']} replayed)" if n["replayed_steps"] else "")
+        t.add_row(
+            n["id"], n["agent"], _styled(n["status"]), str(n["attempt"]), steps,
+            f"{n['tokens_in']}/{n['tokens_out']}", str(n["tool_calls"]),
+            "" if n["duration_s"] is None else f"{n['duration_s']:.2f}",
+            _error_text(n["error"])[:120],
+        )
+    return t
+
+
+def _header(report: dict[str, Any], console: Console) -> None:
+    tot = report["totals"]
+    dur = "" if report["duration_s"] is None else f" in {report['duration_s']:.2f}s"
+    console.print(
+        f"[bold]run {report['run_id']}[/] ({report['name']}): {_styled(report['status'])}{dur}"
+    )
+    console.print(f"execution hash {report['exec_hash']}")
+    console.print(
+        f"nodes {tot['nodes_done']}/{tot['nodes']} done, {tot['nodes_failed']} failed · "
+        f"steps {tot['steps']} (+{tot['replayed_steps']} replayed) · tokens "
+        f"{tot['tokens_in']} in / {tot['tokens_out']} out · tool calls {tot['tool_calls']}"
+    )
+
+
+def render_status(report: dict[str, Any], console: Console) -> None:
+    _header(report, console)
+    console.print(node_table(report))
+
+
+def render_report(report: dict[str, Any], console: Console, output_chars: int = 600) -> None:
+    """The full execution report: header, node table, then per node its state history,
+    agent lifecycle, output and error."""
+    console.rule("[bold]Execution report")
+    render_status(report, console)
+    for n in report["nodes"]:
+        console.print(f"\n[bold]{n['id']}[/] [{n['agent']}] {_styled(n['status'])}")
+        hist = " → ".join(f"{h['state']}@{h['t_ms'] / 1000:.3f}s" for h in n["state_history"])
+        if hist:
+            console.print(f"  states:    {hist}", highlight=False)
+        if n["agent_states"]:
+            console.print(f"  lifecycle: {' → '.join(n['agent_states'])}", highlight=False)
+        if n["output"] is not None:
+            text = n["output"] if isinstance(n["output"], str) else json.dumps(n["output"])
+            if len(text) > output_chars:
+                text = text[:output_chars] + f"… ({len(text)} chars)"
+            console.print("  output:    " + text.replace("\n", "\n             "),
+                          highlight=False, markup=False)
+        if n["error"]:
+            console.print(f"  error:     [red]{_error_text(n['error'])}[/]", highlight=False)

@@ -1,0 +1,101 @@
+"""DAG expansion: a validated :class:`~oao_common.spec.Spec` becomes a run in Redis.
+
+One call to :meth:`Broker.submit` (``submit.lua``) writes the run hash, one hash per
+node with its pending-dependency counter, the ``RUN_SUBMITTED`` event, and pushes the
+root nodes, atomically. Nothing is written for a spec that does not validate, since
+validation happens before this module sees it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from oao_common.broker import Broker, new_run_id
+from oao_common.hashing import canonical_json, sha256_hex
+from oao_common.spec import Spec
+from oao_common.states import NodeState, RunState
+
+
+def execution_hash(spec: Spec) -> str:
+    """sha256 over the canonical JSON of the whole normalized spec, inputs included.
+
+    Two submissions with the same hash describe the same computation (same tasks,
+    policies, agents, tools and models).
+    """
+    return sha256_hex(spec.model_dump(mode="json"))
+
+
+@dataclass(slots=True)
+class Submitted:
+    run_id: str
+    created: bool
+    exec_hash: str
+
+
+def expand(spec: Spec, run_id: str) -> tuple[dict[str, str], list[dict[str, Any]], str]:
+    """The run fields and node records that ``submit.lua`` writes, and the exec hash."""
+    exec_hash = execution_hash(spec)
+    dependents = spec.dependents()
+    run_fields = {
+        "name": spec.name,
+        "status": str(RunState.PENDING),
+        "exec_hash": exec_hash,
+        "spec": canonical_json(spec.model_dump(mode="json")),
+        "inputs": canonical_json(spec.inputs),
+        "node_ids": ",".join(n.id for n in spec.nodes),
+        "nodes_total": str(len(spec.nodes)),
+        "nodes_done": "0",
+        "nodes_failed": "0",
+        "steps": "0",
+        "tokens_in": "0",
+        "tokens_out": "0",
+        "tool_calls": "0",
+        "cost_usd": "0",
+    }
+    nodes: list[dict[str, Any]] = []
+    for n in spec.nodes:
+        nodes.append(
+            {
+                "id": n.id,
+                "fields": {
+                    "status": str(NodeState.READY if not n.depends_on else NodeState.PENDING),
+                    "agent": n.agent,
+                    "queue": n.queue,
+                    "priority": str(n.priority),
+                    "pending": str(len(n.depends_on)),
+                    "deps": ",".join(n.depends_on),
+                    "dependents": ",".join(dependents[n.id]),
+                    "attempt": "0",
+                    "retries": "0",
+                    "requeues": "0",
+                    "steps_recorded": "0",
+                    "tokens_in": "0",
+                    "tokens_out": "0",
+                    "tool_calls": "0",
+                },
+            }
+        )
+    return run_fields, nodes, exec_hash
+
+
+async def submit_spec(
+    broker: Broker,
+    spec: Spec,
+    run_id: str | None = None,
+    idempotency_key: str | None = None,
+    idempotency_ttl_s: int = 7 * 24 * 3600,
+) -> Submitted:
+    """Write ``spec`` as a new run. With ``idempotency_key``, a second submission with the
+    same key returns the first run (``created=False``) instead of starting another."""
+    rid = run_id or new_run_id()
+    run_fields, nodes, exec_hash = expand(spec, rid)
+    created, rid = await broker.submit(
+        rid,
+        run_fields,
+        nodes,
+        {"name": spec.name, "nodes": len(spec.nodes), "exec_hash": exec_hash},
+        idempotency_key=idempotency_key,
+        idempotency_ttl_s=idempotency_ttl_s if idempotency_key else 0,
+    )
+    return Submitted(rid, created, exec_hash)

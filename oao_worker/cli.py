@@ -1,0 +1,76 @@
+"""``oao-worker``: a stateless worker process of the fleet.
+
+Exit codes: 0 after a graceful stop, 3 Redis unreachable at start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+
+import click
+
+from oao_common.broker import Broker
+from oao_common.cli_support import add_app_dir, prefix_option, redis_url_option, run_async
+from oao_common.connection import DEFAULT_URL, connect, ping
+from oao_common.log import configure_logging
+
+from .worker import Worker
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@redis_url_option
+@prefix_option
+@click.option("--queues", "-q", default="default", show_default=True,
+              help="Comma-separated queues to claim from.")
+@click.option("--concurrency", "-c", default=10, show_default=True,
+              help="Most nodes run at once (asyncio tasks).")
+@click.option("--heartbeat-ttl", default=10.0, show_default=True,
+              help="Seconds a heartbeat lives; refreshed every third of it.")
+@click.option("--grace-period", default=30.0, show_default=True,
+              help="Seconds in-flight nodes get to finish on SIGTERM before being handed back.")
+@click.option("--worker-id", default=None, help="Default: <host>-<pid>-<random>.")
+@click.option("--app-dir", default=None, help="Directory put on sys.path for entrypoints (default: cwd).")
+@click.option("--log-level", default=None, help="debug, info, warning, error (env OAO_LOG_LEVEL).")
+@run_async
+async def main(
+    redis_url: str | None, prefix: str, queues: str, concurrency: int, heartbeat_ttl: float,
+    grace_period: float, worker_id: str | None, app_dir: str | None, log_level: str | None,
+) -> int:
+    """Claim nodes from Redis and run their agents until SIGTERM / SIGINT.
+
+    On the first signal the worker stops claiming, lets in-flight nodes finish within
+    --grace-period and hands the rest back to their queues; a second signal ends the
+    grace period at once.
+    """
+    configure_logging(log_level)
+    add_app_dir(app_dir)
+    url = redis_url or DEFAULT_URL
+    r = connect(url)
+    await ping(r, url)
+    worker = Worker(
+        Broker(r, prefix),
+        queues=[q.strip() for q in queues.split(",") if q.strip()],
+        concurrency=concurrency,
+        worker_id=worker_id,
+        heartbeat_ttl_s=heartbeat_ttl,
+        grace_period_s=grace_period,
+    )
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if worker.stopping:
+            worker.grace_period_s = 0.0
+        worker.request_stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, on_signal)
+    await worker.run()
+    await r.aclose()
+    return 0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,270 @@
+"""The agent context: the only way an agent reaches the world.
+
+``await ctx.llm(...)`` and ``await ctx.tool(name, **args)`` are *steps*. Each step
+
+1. gets the next sequence number of the node (1, 2, ...);
+2. is looked up in the node's step ledger: a recorded step with the same request hash
+   is served from the record (``STEP_REPLAYED``) and not executed again; a different
+   hash raises :class:`~oao_common.errors.NonDeterminismError` (DESIGN.md guarantees 3, 4);
+3. otherwise passes the governance chain, executes, and is recorded atomically with
+   its events by a fenced script (``record_step.lua``). A rejected record means
+   another attempt owns the node: :class:`~oao_common.errors.StaleAttemptError`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from oao_common.broker import Broker, ClaimedJob
+from oao_common.errors import (
+    NonDeterminismError,
+    OAOError,
+    PermanentError,
+    StaleAttemptError,
+)
+from oao_common.events import EventType, pending_event
+from oao_common.hashing import canonical_json, sha256_hex
+from oao_common.spec import Spec
+
+from .governance import Governor, StepInfo
+from .lifecycle import AgentState, Lifecycle
+from .providers import ModelReply, ModelRequest, Provider
+from .providers.base import estimate_message_tokens
+from .tools import Tool
+
+
+def tool_idempotency_key(run_id: str, node_id: str, tool: str, args: dict[str, Any], seq: int) -> str:
+    """sha256 of run id, node id, tool name, canonical arguments and the step's sequence
+    number (so two identical calls in one node stay distinct, and a replay of the same
+    step gets the same key)."""
+    return sha256_hex({"run": run_id, "node": node_id, "tool": tool, "args": args, "seq": seq})
+
+
+class AgentContext:
+    """Per-attempt context handed to agents.
+
+    Attributes: ``run_id``, ``node_id``, ``attempt``, ``task`` (rendered), ``inputs``
+    (the run's inputs), ``deps`` (dependency id → output), ``lifecycle``,
+    ``idempotency_key`` (of the current or last tool call).
+    """
+
+    def __init__(
+        self,
+        *,
+        broker: Broker,
+        worker_id: str,
+        job: ClaimedJob,
+        spec: Spec,
+        inputs: dict[str, Any],
+        task: str,
+        governor: Governor,
+        providers: dict[str, Provider],
+        tools: dict[str, Tool],
+        default_model: str | None = None,
+    ) -> None:
+        self.broker = broker
+        self.worker_id = worker_id
+        self.job = job
+        self.spec = spec
+        self.run_id = job.run_id
+        self.node_id = job.node_id
+        self.attempt = job.attempt
+        self.inputs = inputs
+        self.deps = job.dep_outputs
+        self.task = task
+        self.governor = governor
+        self.providers = providers
+        self.tools = tools
+        self.default_model = default_model
+        self.idempotency_key: str | None = None
+        self.replayed_steps = 0
+        self.executed_steps = 0
+        self._seq = 0
+        self._model_calls: dict[str, int] = {}
+        self._events: list[list[Any]] = []
+        self.lifecycle = Lifecycle(self._on_state)
+
+    # ------------------------------------------------------------------ events
+
+    def _on_state(self, state: AgentState, prev: AgentState | None) -> None:
+        self.emit(EventType.STATE_ENTER, {"state": str(state), "from": str(prev or "")})
+
+    def emit(self, type_: EventType, data: dict[str, Any] | None = None) -> None:
+        """Buffer an event; it is written with the node's next fenced write."""
+        self._events.append(pending_event(type_, data))
+
+    def drain_events(self) -> list[list[Any]]:
+        out, self._events = self._events, []
+        return out
+
+    def template_vars(self) -> dict[str, Any]:
+        return {
+            "inputs": self.inputs,
+            "nodes": {k: {"output": v} for k, v in self.deps.items()},
+            "task": self.task,
+            "node_id": self.node_id,
+        }
+
+    # ------------------------------------------------------------------ steps
+
+    async def _step(
+        self,
+        kind: str,
+        name: str,
+        request: dict[str, Any],
+        execute: Callable[[StepInfo], Awaitable[tuple[Any, int, int, float]]],
+        input_tokens: int = 0,
+    ) -> Any:
+        """Run one step through ledger, governance, execution and recording.
+
+        ``execute(step)`` returns ``(result_json_value, tokens_in, tokens_out, cost_usd)``.
+        """
+        self._seq += 1
+        seq = self._seq
+        req_hash = sha256_hex(request)
+        ledger = self.job.ledger
+        rec = ledger[seq - 1] if seq <= len(ledger) else None
+        if rec is not None:
+            if rec.get("request_hash") != req_hash:
+                raise NonDeterminismError(f"{self.node_id}#{seq} ({kind} {name})",
+                                          str(rec.get("request_hash")), req_hash)
+            u = rec.get("usage") or {}
+            self.governor.account(kind, int(u.get("in", 0)), int(u.get("out", 0)),
+                                  float(u.get("cost_usd", 0.0)))
+            self.replayed_steps += 1
+            self.emit(EventType.STEP_REPLAYED, {"seq": seq, "kind": kind, "name": name})
+            return rec.get("result")
+
+        step = StepInfo(seq=seq, kind=kind, name=name, input_tokens=input_tokens)
+        self.governor.before_step(step)
+        started = time.monotonic()
+        result, tin, tout, cost = await execute(step)
+        duration_ms = int((time.monotonic() - started) * 1000)
+        self.governor.account(kind, tin, tout, cost)
+        self.executed_steps += 1
+        record = {
+            "kind": kind,
+            "name": name,
+            "request_hash": req_hash,
+            "result": result,
+            "usage": {"in": tin, "out": tout, "cost_usd": cost},
+            "attempt": self.attempt,
+            "duration_ms": duration_ms,
+        }
+        self.emit(
+            EventType.STEP_COMPLETED,
+            {"seq": seq, "kind": kind, "name": name, "tokens_in": tin, "tokens_out": tout,
+             "duration_ms": duration_ms},
+        )
+        ok = await self.broker.record_step(
+            self.worker_id, self.job, seq, record, tin, tout, cost,
+            is_tool=kind == "tool", events=self.drain_events(),
+        )
+        if not ok:
+            raise StaleAttemptError(f"{self.run_id}/{self.node_id} attempt {self.attempt} is stale")
+        self.governor.after_step(step)
+        return result
+
+    async def llm(
+        self,
+        messages: list[dict[str, Any]] | str,
+        *,
+        model: str | None = None,
+        tools: list[str] | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+    ) -> ModelReply:
+        """One model call (a step). ``messages`` is an OpenAI message list or a user prompt.
+
+        ``model`` names a model of the spec (default: the agent's); ``tools`` names spec
+        tools offered to the model. Raises ``PolicyViolation`` when a budget is crossed,
+        mid-stream included; ``TransientError`` / ``PermanentError`` from the provider.
+        """
+        name = model or self.default_model
+        if name is None or name not in self.providers:
+            raise PermanentError(f"ctx.llm: unknown model {name!r}")
+        msgs = [{"role": "user", "content": messages}] if isinstance(messages, str) else messages
+        schemas = [self.tools[t].schema() for t in tools or [] if t in self.tools]
+        k = self._model_calls.get(name, 0)
+        self._model_calls[name] = k + 1
+        request = ModelRequest(
+            model=name, messages=msgs, tools=schemas, max_tokens=max_tokens,
+            temperature=temperature,
+            context={**self.template_vars(), "call_index": k},
+        )
+        provider = self.providers[name]
+
+        async def execute(step: StepInfo) -> tuple[Any, int, int, float]:
+            reply = await provider.complete(
+                request, lambda _delta, out: self.governor.on_chunk(step, out)
+            )
+            return reply.to_dict(), reply.usage.input_tokens, reply.usage.output_tokens, 0.0
+
+        result = await self._step(
+            "llm", name, {"kind": "llm", **request.hash_view()}, execute,
+            input_tokens=estimate_message_tokens(msgs),
+        )
+        return ModelReply.from_dict(result)
+
+    async def tool(self, name: str, **args: Any) -> Any:
+        """One tool call (a step): ``await ctx.tool("notes.search", query="x")``.
+
+        The result must be JSON-serializable (others are stored as ``str``). Raises
+        ``PolicyViolation`` for a tool outside the allow-list, ``PermanentError`` for an
+        unknown tool or bad arguments, and whatever the tool raises.
+        """
+        return (await self._tool(name, args, capture=False))["value"]
+
+    async def try_tool(self, name: str, args: dict[str, Any]) -> tuple[bool, Any]:
+        """Like :meth:`tool`, but an ordinary exception from the tool is recorded as the
+        step's result and returned as ``(False, "TypeName: message")``, so a replay sees
+        the same failure. OAO errors (policy, bad arguments, stale attempt) still raise."""
+        out = await self._tool(name, args, capture=True)
+        return (True, out["value"]) if out["ok"] else (False, out["error"])
+
+    async def _tool(self, name: str, args: dict[str, Any], capture: bool) -> dict[str, Any]:
+        canon = json.loads(canonical_json(args))
+        key = tool_idempotency_key(self.run_id, self.node_id, name, canon, self._seq + 1)
+        self.idempotency_key = key
+
+        async def execute(step: StepInfo) -> tuple[Any, int, int, float]:
+            if name not in self.tools:
+                raise PermanentError(f"unknown tool {name!r} (known: {', '.join(sorted(self.tools))})")
+            try:
+                value = await self.tools[name].call(args, key)
+            except OAOError:
+                raise
+            except Exception as e:
+                if not capture:
+                    raise
+                return {"ok": False, "error": f"{type(e).__name__}: {e}"}, 0, 0, 0.0
+            return {"ok": True, "value": json.loads(canonical_json(value))}, 0, 0, 0.0
+
+        result: dict[str, Any] = await self._step(
+            "tool", name, {"kind": "tool", "name": name, "args": canon}, execute
+        )
+        return result
+
+    async def invoke(self, name: str, fn: Callable[[], Awaitable[Any]]) -> Any:
+        """Run a whole non-step-aware agent call as one recorded step (kind ``invoke``)."""
+
+        async def execute(step: StepInfo) -> tuple[Any, int, int, float]:
+            value = await fn()
+            return json.loads(canonical_json(value)), 0, 0, 0.0
+
+        return await self._step("invoke", name, {"kind": "invoke", "name": name, "task": self.task},
+                                execute)
+
+    def node_fields(self) -> dict[str, str]:
+        """Figures written to the node hash at the end of the attempt."""
+        u = self.governor.usage
+        return {
+            "steps": str(u.steps),
+            "replayed_steps": str(self.replayed_steps),
+            "executed_steps": str(self.executed_steps),
+            "state_history": ",".join(self.lifecycle.history),
+            "tokens_total": str(u.tokens),
+        }

@@ -1,0 +1,22 @@
+"""Model providers: ``scripted`` (deterministic, offline) and ``openai`` (any
+OpenAI-compatible endpoint)."""
+
+from __future__ import annotations
+
+from oao_common.spec import OpenAIModelSpec, ScriptedModelSpec
+
+from .base import ModelReply, ModelRequest, Provider, ToolCall, Usage
+
+
+def make_provider(name: str, spec: ScriptedModelSpec | OpenAIModelSpec) -> Provider:
+    """The provider for model ``name`` of a spec."""
+    if isinstance(spec, ScriptedModelSpec):
+        from .scripted import ScriptedProvider
+
+        return ScriptedProvider(name, spec)
+    from .openai_provider import OpenAIProvider
+
+    return OpenAIProvider(name, spec)
+
+
+__all__ = ["ModelReply", "ModelRequest", "Provider", "ToolCall", "Usage", "make_provider"]

@@ -1,0 +1,67 @@
+"""Per-run state a worker builds once and reuses for every node of that run:
+the parsed spec, its inputs, agents, providers and tools (a small LRU cache)."""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from oao_common.broker import Broker
+from oao_common.errors import PermanentError
+from oao_common.spec import Spec
+
+from .agents import Agent, build_agent
+from .providers import Provider, make_provider
+from .tools import Tool, load_tools
+
+
+@dataclass(slots=True)
+class RunRuntime:
+    spec: Spec
+    inputs: dict[str, Any]
+    providers: dict[str, Provider]
+    tools: dict[str, Tool]
+    agents: dict[str, Agent] = field(default_factory=dict)
+
+    def agent(self, name: str) -> Agent:
+        """The agent ``name``, built on first use (imports its entrypoint)."""
+        a = self.agents.get(name)
+        if a is None:
+            a = self.agents[name] = build_agent(name, self.spec.agents[name])
+        return a
+
+
+class RuntimeCache:
+    """LRU of :class:`RunRuntime` by run id (``size`` runs)."""
+
+    def __init__(self, broker: Broker, size: int = 128) -> None:
+        self.broker = broker
+        self.size = size
+        self._items: OrderedDict[str, RunRuntime] = OrderedDict()
+
+    async def get(self, run_id: str) -> RunRuntime:
+        """The runtime of ``run_id``; raises :class:`PermanentError` if the run's spec is
+        missing or no longer valid, or a tool cannot be imported."""
+        rt = self._items.get(run_id)
+        if rt is not None:
+            self._items.move_to_end(run_id)
+            return rt
+        spec_json, inputs_json = await self.broker.get_spec_json(run_id)
+        if spec_json is None:
+            raise PermanentError(f"run {run_id} has no spec in Redis")
+        try:
+            spec = Spec.model_validate_json(spec_json)
+        except ValueError as e:
+            raise PermanentError(f"run {run_id}: stored spec no longer validates: {e}") from None
+        rt = RunRuntime(
+            spec=spec,
+            inputs=json.loads(inputs_json or "{}"),
+            providers={name: make_provider(name, m) for name, m in spec.models.items()},
+            tools=load_tools(spec.tools),
+        )
+        self._items[run_id] = rt
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+        return rt

@@ -1,0 +1,105 @@
+"""Tools: Python functions named in a spec's ``tools:`` section.
+
+A tool is ``module:function`` (sync or async). Its JSON schema for tool-calling
+models is derived from the signature with pydantic; its description is the spec's
+``description`` or the docstring's first line. While a tool runs,
+:func:`idempotency_key` returns the key of the current call (DESIGN.md guarantee 3),
+for a tool that passes it on to an external API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+from collections.abc import Callable
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import create_model
+
+from oao_common.errors import PermanentError
+from oao_common.spec import ToolSpec
+
+_current_key: ContextVar[str | None] = ContextVar("oao_tool_idempotency_key", default=None)
+
+
+def idempotency_key() -> str | None:
+    """The idempotency key of the tool call running in this context, else ``None``."""
+    return _current_key.get()
+
+
+def load_entrypoint(entrypoint: str) -> Any:
+    """Import ``module:attr.path``; raises :class:`PermanentError` with the cause."""
+    module_name, _, attr_path = entrypoint.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as e:
+        raise PermanentError(f"cannot import {entrypoint!r}: {e}") from None
+    for part in attr_path.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise PermanentError(f"{entrypoint!r}: {module_name} has no attribute {attr_path!r}") from None
+    return obj
+
+
+@dataclass(slots=True)
+class Tool:
+    name: str
+    func: Callable[..., Any]
+    spec: ToolSpec
+
+    @property
+    def description(self) -> str:
+        doc = inspect.getdoc(self.func) or ""
+        return self.spec.description or (doc.splitlines()[0] if doc else self.name)
+
+    def schema(self) -> dict[str, Any]:
+        """The OpenAI ``{"type": "function", "function": {...}}`` description of this tool."""
+        fields: dict[str, Any] = {}
+        for p in inspect.signature(self.func).parameters.values():
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                continue
+            ann = p.annotation if p.annotation is not inspect.Parameter.empty else Any
+            default = p.default if p.default is not inspect.Parameter.empty else ...
+            fields[p.name] = (ann, default)
+        params = create_model(f"{self.name.replace('.', '_')}_args", **fields).model_json_schema()
+        params.pop("title", None)
+        return {
+            "type": "function",
+            "function": {
+                "name": self.name,
+                "description": self.description,
+                "parameters": params,
+            },
+        }
+
+    async def call(self, args: dict[str, Any], key: str) -> Any:
+        """Run the tool with keyword ``args`` (sync tools in a thread) under ``key``.
+
+        A ``TypeError`` from binding the arguments becomes :class:`PermanentError`.
+        """
+        try:
+            inspect.signature(self.func).bind(**args)
+        except TypeError as e:
+            raise PermanentError(f"bad arguments for tool {self.name!r}: {e}") from None
+        token = _current_key.set(key)
+        try:
+            if inspect.iscoroutinefunction(self.func):
+                return await self.func(**args)
+            return await asyncio.to_thread(self.func, **args)
+        finally:
+            _current_key.reset(token)
+
+
+def load_tools(specs: dict[str, ToolSpec]) -> dict[str, Tool]:
+    """Resolve every tool of a spec; raises :class:`PermanentError` for a bad entrypoint."""
+    tools = {}
+    for name, s in specs.items():
+        func = load_entrypoint(s.entrypoint)
+        if not callable(func):
+            raise PermanentError(f"tool {name!r}: {s.entrypoint} is not callable")
+        tools[name] = Tool(name, func, s)
+    return tools

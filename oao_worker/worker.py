@@ -1,0 +1,346 @@
+"""The worker: claims nodes with ``BLMOVE``, runs up to ``concurrency`` at once on
+asyncio, heartbeats, and shuts down gracefully.
+
+Claiming: one loop per queue takes a free slot, blocks in ``BLMOVE`` (no polling)
+until a job moves into this worker's active list, then ``claim.lua`` turns it, and as
+many more ready jobs as there are free slots, into RUNNING attempts in one round trip.
+
+Heartbeat: ``SET <hb> PX ttl`` every ``ttl / 3``. If a refresh finds the key already
+gone (the process was paused past its TTL and may have been reaped), the worker checks
+its leases and abandons the nodes it lost; fencing rejects their writes anyway.
+
+Shutdown (SIGTERM / SIGINT): stop claiming, give in-flight nodes ``grace_period_s`` to
+finish, cancel the rest and hand every job of the active list back to the front of its
+ready list (``handback.lua``), then deregister.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from collections import deque
+from typing import Any
+
+from redis import exceptions as redis_exc
+
+from oao_common.broker import Broker, ClaimedJob
+from oao_common.errors import (
+    PermanentError,
+    PolicyViolation,
+    StaleAttemptError,
+    TransientError,
+)
+from oao_common.events import EventType, pending_event
+from oao_common.log import get_logger
+from oao_common.policy import backoff_delay_s
+from oao_common.templating import render
+
+from .context import AgentContext
+from .governance import Governor, StrictPolicy
+from .runtime import RuntimeCache
+
+REDIS_ERRORS = (redis_exc.ConnectionError, redis_exc.TimeoutError, OSError)
+
+
+def default_worker_id() -> str:
+    """``<host>-<pid>-<4 hex>``: unique per process life, readable in ``workers``."""
+    return f"{socket.gethostname()}-{os.getpid()}-{os.urandom(2).hex()}"
+
+
+def error_info(e: BaseException) -> dict[str, Any]:
+    """The JSON error record stored on a node and in its events."""
+    info: dict[str, Any] = {"type": type(e).__name__, "message": str(e)}
+    if isinstance(e, PolicyViolation):
+        info.update(e.to_dict())
+    return info
+
+
+class _Slots:
+    """A counting semaphore that can also take "as many as are free" at once.
+
+    ``release`` is synchronous so it is safe in ``finally`` blocks of cancelled tasks.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.free = n
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    async def acquire(self) -> None:
+        while self.free <= 0:
+            fut = asyncio.get_running_loop().create_future()
+            self._waiters.append(fut)
+            try:
+                await fut
+            finally:
+                if fut in self._waiters:
+                    self._waiters.remove(fut)
+        self.free -= 1
+
+    def take_free(self, most: int) -> int:
+        n = max(0, min(self.free, most))
+        self.free -= n
+        return n
+
+    def release(self, n: int = 1) -> None:
+        self.free += n
+        while n > 0 and self._waiters:
+            w = self._waiters.popleft()
+            if not w.done():
+                w.set_result(None)
+                n -= 1
+
+
+class Worker:
+    """One worker process' engine (``oao-worker`` runs one; ``run`` may run several).
+
+    ``heartbeat_ttl_s``: seconds a heartbeat lives; the reaper treats a worker whose
+    key expired as dead. ``claim_batch``: most extra jobs taken per claim round trip.
+    """
+
+    def __init__(
+        self,
+        broker: Broker,
+        queues: list[str] | None = None,
+        concurrency: int = 10,
+        worker_id: str | None = None,
+        heartbeat_ttl_s: float = 10.0,
+        grace_period_s: float = 30.0,
+        claim_timeout_s: float = 1.0,
+        claim_batch: int = 32,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
+        self.broker = broker
+        self.queues = queues or ["default"]
+        self.concurrency = concurrency
+        self.id = worker_id or default_worker_id()
+        self.heartbeat_ttl_s = heartbeat_ttl_s
+        self.grace_period_s = grace_period_s
+        self.claim_timeout_s = claim_timeout_s
+        self.claim_batch = claim_batch
+        self.runtimes = RuntimeCache(broker)
+        self.log = get_logger(worker_id=self.id)
+        self._slots = _Slots(concurrency)
+        self._stop = asyncio.Event()
+        self._inflight: dict[asyncio.Task[None], ClaimedJob] = {}
+        self.completed = 0
+        self.failed = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def request_stop(self) -> None:
+        """Stop claiming and begin the graceful shutdown (safe from a signal handler)."""
+        if not self._stop.is_set():
+            self.log.info("worker.stopping", inflight=len(self._inflight))
+            self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    async def run(self) -> None:
+        """Run until :meth:`request_stop`; then drain, hand back and deregister."""
+        info = {
+            "host": socket.gethostname(),
+            "pid": str(os.getpid()),
+            "queues": ",".join(self.queues),
+            "concurrency": str(self.concurrency),
+            "started_at": f"{time.time():.3f}",
+        }
+        await self.broker.heartbeat(self.id, self.heartbeat_ttl_s, info)
+        self.log.info("worker.started", queues=self.queues, concurrency=self.concurrency)
+        hb = asyncio.create_task(self._heartbeat_loop(), name=f"{self.id}-heartbeat")
+        loops = [
+            asyncio.create_task(self._claim_loop(q), name=f"{self.id}-claim-{q}")
+            for q in self.queues
+        ]
+        try:
+            await self._stop.wait()
+        finally:
+            for t in loops:
+                t.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
+            await self._drain()
+            hb.cancel()
+            await asyncio.gather(hb, return_exceptions=True)
+            await self._leave()
+
+    async def _drain(self) -> None:
+        tasks = list(self._inflight)
+        if tasks:
+            self.log.info("worker.draining", inflight=len(tasks), grace_s=self.grace_period_s)
+            _, pending = await asyncio.wait(tasks, timeout=self.grace_period_s)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _leave(self) -> None:
+        for delay in (0.0, 0.2, 0.5, 1.0, 2.0):
+            await asyncio.sleep(delay)
+            try:
+                n = await self.broker.handback(self.id)
+                await self.broker.deregister(self.id)
+                self.log.info("worker.stopped", handed_back=n, completed=self.completed,
+                              failed=self.failed)
+                return
+            except REDIS_ERRORS as e:
+                self.log.warning("worker.handback_failed", error=str(e))
+        self.log.error("worker.handback_gave_up",
+                       note="the reaper will requeue this worker's jobs after its heartbeat expires")
+
+    # ------------------------------------------------------------------ heartbeat
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self.heartbeat_ttl_s / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                alive = await self.broker.heartbeat(self.id, self.heartbeat_ttl_s)
+                if not alive:
+                    await self._check_leases()
+            except REDIS_ERRORS as e:
+                self.log.warning("worker.heartbeat_failed", error=str(e))
+
+    async def _check_leases(self) -> None:
+        """Our heartbeat had lapsed: abandon nodes whose attempt moved on."""
+        items = list(self._inflight.items())
+        if not items:
+            return
+        held = await self.broker.lease_holders([j for _, j in items])
+        lost = [(t, j) for (t, j), ok in zip(items, held, strict=True) if not ok]
+        self.log.warning("worker.heartbeat_lapsed", inflight=len(items), lost=len(lost))
+        for t, j in lost:
+            self.log.warning("node.lease_lost", run_id=j.run_id, node_id=j.node_id,
+                             attempt=j.attempt)
+            t.cancel()
+
+    # ------------------------------------------------------------------ claiming
+
+    async def _claim_loop(self, queue: str) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            await self._slots.acquire()
+            taken = 1
+            pause = 0.0
+            try:
+                job = await self.broker.wait_for_job(queue, self.id, self.claim_timeout_s)
+                if job is None:
+                    continue
+                taken += self._slots.take_free(self.claim_batch)
+                claimed = await self.broker.claim(self.id, queue, job, taken - 1)
+                for cj in claimed:
+                    t = asyncio.create_task(self._execute(cj), name=f"{cj.job}#{cj.attempt}")
+                    self._inflight[t] = cj
+                    t.add_done_callback(self._inflight.pop)
+                taken -= len(claimed)
+                if failures:
+                    await self._resync()
+                    failures = 0
+            except REDIS_ERRORS as e:
+                failures += 1
+                pause = min(10.0, 0.05 * 2 ** min(failures, 8))
+                self.log.warning("worker.redis_unavailable", queue=queue, error=str(e),
+                                 retry_in_s=round(pause, 2))
+            finally:
+                self._slots.release(taken)
+            if pause:
+                await asyncio.sleep(pause)
+
+    async def _resync(self) -> None:
+        """After a Redis error: hand back jobs in our active list that we are not running
+        (a claim or BLMOVE whose reply was lost)."""
+        n = await self.broker.handback(self.id, keep=[j.job for j in self._inflight.values()])
+        if n:
+            self.log.warning("worker.resync_handed_back", jobs=n)
+
+    # ------------------------------------------------------------------ executing
+
+    async def _execute(self, job: ClaimedJob) -> None:
+        log = self.log.bind(run_id=job.run_id, node_id=job.node_id, attempt=job.attempt)
+        ctx: AgentContext | None = None
+        started = time.monotonic()
+        try:
+            log.debug("node.started")
+            rt = await self.runtimes.get(job.run_id)
+            node = rt.spec.node(job.node_id)
+            agent_spec = rt.spec.agents[node.agent]
+            policy = rt.spec.effective_policy(node)
+            variables = {
+                "inputs": rt.inputs,
+                "nodes": {k: {"output": v} for k, v in job.dep_outputs.items()},
+            }
+            task = render(node.task, variables, f"nodes.{node.id}.task")
+            ctx = AgentContext(
+                broker=self.broker,
+                worker_id=self.id,
+                job=job,
+                spec=rt.spec,
+                inputs=rt.inputs,
+                task=task,
+                governor=Governor([StrictPolicy(policy, agent_spec.tools)]),
+                providers=rt.providers,
+                tools=rt.tools,
+                default_model=rt.spec.default_model(node.agent),
+            )
+            agent = rt.agent(node.agent)
+            try:
+                async with asyncio.timeout(policy.timeout_s):
+                    output = await agent.run(ctx)
+            except TimeoutError:
+                elapsed = round(time.monotonic() - started, 3)
+                raise PolicyViolation("timeout_s", policy.timeout_s, elapsed) from None
+            ok = await self.broker.complete(self.id, job, output, ctx.node_fields(),
+                                            ctx.drain_events())
+            if ok:
+                self.completed += 1
+                log.info("node.succeeded", steps=ctx.governor.usage.steps,
+                         replayed=ctx.replayed_steps,
+                         duration_ms=int((time.monotonic() - started) * 1000))
+            else:
+                log.warning("node.stale_completion_rejected")
+        except asyncio.CancelledError:
+            log.info("node.abandoned", reason="cancelled (shutdown or lease lost)")
+            raise
+        except StaleAttemptError as e:
+            log.warning("node.stale_attempt", error=str(e))
+        except Exception as e:
+            await self._fail(job, ctx, e, log)
+        finally:
+            self._slots.release()
+
+    async def _fail(self, job: ClaimedJob, ctx: AgentContext | None, e: Exception, log: Any) -> None:
+        events = ctx.drain_events() if ctx else []
+        if ctx and ctx.lifecycle.state != "TERMINATE":
+            ctx.lifecycle.terminate()
+            events += ctx.drain_events()
+        fields = ctx.node_fields() if ctx else {}
+        info = error_info(e)
+        delay: float | None = None
+        if isinstance(e, PolicyViolation):
+            events.append(pending_event(EventType.POLICY_VIOLATION, e.to_dict()))
+        elif not isinstance(e, PermanentError):
+            try:
+                rt = await self.runtimes.get(job.run_id)
+                retry = rt.spec.effective_retry(rt.spec.node(job.node_id))
+            except Exception:
+                retry = None
+            if retry is not None and job.retries < (retry.max_retries or 0):
+                delay = backoff_delay_s(retry, job.retries + 1)
+                if isinstance(e, TransientError) and e.retry_after_s:
+                    delay = max(delay, e.retry_after_s)
+        try:
+            r = await self.broker.fail(self.id, job, info, delay, fields, events)
+        except REDIS_ERRORS as re:
+            log.error("node.fail_not_recorded", error=str(re),
+                      note="the job stays in the active list; handback or the reaper requeues it")
+            return
+        if r == 2:
+            log.warning("node.retry_scheduled", error=info["message"], delay_s=round(delay or 0, 3),
+                        retry=job.retries + 1)
+        elif r == 1:
+            self.failed += 1
+            log.error("node.failed", error=info["message"], error_type=info["type"])
+        else:
+            log.warning("node.stale_failure_rejected", error=info["message"])

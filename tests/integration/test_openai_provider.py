@@ -1,0 +1,371 @@
+"""OpenAIProvider against a real (stub) OpenAI-compatible HTTP server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from email.utils import formatdate
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from oao_common.errors import PermanentError, PolicyViolation, TransientError
+from oao_common.spec import OpenAIModelSpec
+from oao_worker.providers.base import ModelRequest, ToolCall, Usage, estimate_tokens
+from oao_worker.providers.openai_provider import OpenAIProvider
+
+# tests/ is not a package (no __init__.py / pythonpath setting yet): import the stub
+# server module from its directory.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from openai_server import DEFAULT_MODEL, OpenAIStubServer
+
+KEY_ENV = "OAO_TEST_OPENAI_KEY"
+SECRET = "sk-test-Zq8XvN3pLmK7wR2tY5uB9cD4"
+MODEL = "gpt-test"
+MESSAGES = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Say something."},
+]
+SEARCH_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "search",
+        "description": "Search the web.",
+        "parameters": {"type": "object", "properties": {"q": {"type": "string"}}},
+    },
+}
+
+MakeProvider = Callable[..., OpenAIProvider]
+
+
+@pytest.fixture
+def server() -> Iterator[OpenAIStubServer]:
+    with OpenAIStubServer() as s:
+        yield s
+
+
+@pytest.fixture
+async def make_provider(
+    server: OpenAIStubServer, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[MakeProvider]:
+    """Providers pointed at the stub server (or ``base_url``), closed after the test."""
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    made: list[OpenAIProvider] = []
+
+    def make(base_url: str | None = None, **spec: Any) -> OpenAIProvider:
+        fields: dict[str, Any] = {
+            "provider": "openai",
+            "model": MODEL,
+            "base_url": base_url or server.base_url,
+            "api_key_env": KEY_ENV,
+            "timeout_s": 5.0,
+        }
+        fields.update(spec)
+        p = OpenAIProvider("llm", OpenAIModelSpec(**fields))
+        made.append(p)
+        return p
+
+    yield make
+    for p in made:
+        await p.aclose()
+
+
+class Chunks:
+    """An ``on_chunk`` recorder."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+
+    def __call__(self, text: str, tokens: int) -> None:
+        self.calls.append((text, tokens))
+
+    @property
+    def text(self) -> str:
+        return "".join(t for t, _ in self.calls)
+
+
+def request(**kw: Any) -> ModelRequest:
+    return ModelRequest(model="llm", messages=MESSAGES, **kw)
+
+
+def closed_port() -> int:
+    """A 127.0.0.1 port nothing listens on (bound, then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --------------------------------------------------------------------- streaming
+
+
+async def test_stream_text_reassembled_with_growing_token_counts(
+    server: OpenAIStubServer, make_provider: MakeProvider
+) -> None:
+    text = "The quick brown fox jumps over the lazy dog, twice over."
+    server.reply_text(text, usage=(31, 14))
+    chunks = Chunks()
+
+    reply = await make_provider().complete(request(), chunks)
+
+    assert reply.content == text
+    assert chunks.text == text
+    assert len(chunks.calls) == len(text.split())  # the stub sends one chunk per word
+    tokens = [n for _, n in chunks.calls]
+    assert tokens == sorted(tokens) and tokens[0] < tokens[-1]
+    prefix = ""
+    for delta, n in chunks.calls:
+        prefix += delta
+        assert n == estimate_tokens(prefix)
+    assert reply.usage == Usage(31, 14)  # from the server's usage chunk, not estimates
+    assert reply.model == DEFAULT_MODEL  # the name the server returned
+    assert reply.finish_reason == "stop"
+    assert reply.tool_calls == []
+
+    [req] = server.requests
+    assert req.path == "/v1/chat/completions"
+    assert req.headers["authorization"] == f"Bearer {SECRET}"
+    assert req.body["model"] == MODEL
+    assert req.body["messages"] == MESSAGES
+    assert req.body["stream"] is True
+    assert req.body["stream_options"] == {"include_usage": True}
+    for absent in ("tools", "max_tokens", "temperature"):
+        assert absent not in req.body
+
+
+async def test_request_parameters_sent(server: OpenAIStubServer, make_provider: MakeProvider) -> None:
+    provider = make_provider(temperature=0.7)
+    server.reply_text("a")
+    server.reply_text("b")
+
+    await provider.complete(request(tools=[SEARCH_TOOL], max_tokens=64, temperature=0.2), Chunks())
+    await provider.complete(request(), Chunks())
+
+    first, second = (r.body for r in server.requests)
+    assert first["tools"] == [SEARCH_TOOL]
+    assert first["max_tokens"] == 64
+    assert first["temperature"] == 0.2  # the request's own value wins
+    assert second["temperature"] == 0.7  # else the spec's
+    assert "tools" not in second and "max_tokens" not in second
+
+
+async def test_stream_tool_calls_decoded(server: OpenAIStubServer, make_provider: MakeProvider) -> None:
+    server.reply_tool_calls(
+        [
+            ("call_a1", "search", {"q": "redis streams", "k": 3}),
+            ("call_b2", "read_file", {"path": "/tmp/x", "lines": [1, 2]}),
+        ],
+        content="Let me check.",
+        usage=(40, 22),
+    )
+    chunks = Chunks()
+
+    reply = await make_provider().complete(request(tools=[SEARCH_TOOL]), chunks)
+
+    assert reply.tool_calls == [
+        ToolCall(id="call_a1", name="search", args={"q": "redis streams", "k": 3}),
+        ToolCall(id="call_b2", name="read_file", args={"path": "/tmp/x", "lines": [1, 2]}),
+    ]
+    assert reply.content == "Let me check." == chunks.text
+    assert reply.finish_reason == "tool_calls"
+    assert reply.usage == Usage(40, 22)
+    assert reply.assistant_message()["tool_calls"][1]["function"]["name"] == "read_file"
+
+
+async def test_invalid_tool_arguments_are_permanent(
+    server: OpenAIStubServer, make_provider: MakeProvider
+) -> None:
+    server.reply_tool_calls([("call_1", "write_file", '{"path": "/tmp/x", ')])
+
+    with pytest.raises(PermanentError, match="write_file") as exc_info:
+        await make_provider().complete(request(), Chunks())
+    assert not isinstance(exc_info.value, TransientError)
+
+
+async def test_usage_estimated_when_server_sends_none(
+    server: OpenAIStubServer, make_provider: MakeProvider
+) -> None:
+    text = "twelve chars" * 5
+    server.reply_text(text, omit_usage=True)
+
+    reply = await make_provider().complete(request(), Chunks())
+
+    assert reply.usage.output_tokens == estimate_tokens(text)
+    assert reply.usage.input_tokens > 0
+
+
+# --------------------------------------------------------------------- non-streaming
+
+
+async def test_non_stream_mode(server: OpenAIStubServer, make_provider: MakeProvider) -> None:
+    provider = make_provider(stream=False)
+    server.reply_text("All done here.", usage=(19, 4), model="")
+    server.reply_tool_calls([("call_9", "search", {"q": "x"})], usage=(25, 7))
+    chunks = Chunks()
+
+    reply = await provider.complete(request(), chunks)
+    tool_reply = await provider.complete(request(), Chunks())
+
+    assert reply.content == "All done here."
+    assert chunks.calls == [("All done here.", 4)]  # once, with the server's count
+    assert reply.usage == Usage(19, 4)
+    assert reply.model == MODEL  # server sent no model name: the spec's
+    assert reply.finish_reason == "stop"
+    assert tool_reply.tool_calls == [ToolCall(id="call_9", name="search", args={"q": "x"})]
+    assert tool_reply.finish_reason == "tool_calls"
+    assert tool_reply.model == DEFAULT_MODEL
+    for r in server.requests:
+        assert r.body.get("stream") in (False, None)
+        assert "stream_options" not in r.body
+
+
+# --------------------------------------------------------------------- errors
+
+
+async def test_429_with_retry_after_seconds_is_transient(
+    server: OpenAIStubServer, make_provider: MakeProvider
+) -> None:
+    server.reply_error(429, "Rate limit reached for requests", retry_after="2")
+
+    with pytest.raises(TransientError) as exc_info:
+        await make_provider().complete(request(), Chunks())
+
+    assert exc_info.value.retry_after_s == 2
+    assert "429" in str(exc_info.value) and MODEL in str(exc_info.value)
+    assert len(server.requests) == 1  # the SDK did not retry on its own
+
+
+async def test_429_with_retry_after_http_date(server: OpenAIStubServer, make_provider: MakeProvider) -> None:
+    server.reply_error(429, retry_after=formatdate(time.time() + 30, usegmt=True))
+
+    with pytest.raises(TransientError) as exc_info:
+        await make_provider().complete(request(), Chunks())
+
+    assert exc_info.value.retry_after_s is not None
+    assert 25 <= exc_info.value.retry_after_s <= 31
+
+
+@pytest.mark.parametrize("status", [500, 502, 503])
+async def test_5xx_is_transient(server: OpenAIStubServer, make_provider: MakeProvider, status: int) -> None:
+    server.reply_error(status, "The server had an error")
+
+    with pytest.raises(TransientError) as exc_info:
+        await make_provider().complete(request(), Chunks())
+
+    assert str(status) in str(exc_info.value) and MODEL in str(exc_info.value)
+    assert exc_info.value.retry_after_s is None
+    assert len(server.requests) == 1
+
+
+@pytest.mark.parametrize("status", [400, 404, 422])
+async def test_4xx_is_permanent(server: OpenAIStubServer, make_provider: MakeProvider, status: int) -> None:
+    server.reply_error(status, "Invalid value for 'messages'")
+
+    with pytest.raises(PermanentError) as exc_info:
+        await make_provider().complete(request(), Chunks())
+
+    assert not isinstance(exc_info.value, TransientError)
+    assert str(status) in str(exc_info.value)
+    assert "Invalid value for 'messages'" in str(exc_info.value)
+
+
+async def test_connection_refused_is_transient(make_provider: MakeProvider) -> None:
+    provider = make_provider(base_url=f"http://127.0.0.1:{closed_port()}/v1")
+
+    with pytest.raises(TransientError, match=MODEL):
+        await provider.complete(request(), Chunks())
+
+
+async def test_timeout_is_transient(server: OpenAIStubServer, make_provider: MakeProvider) -> None:
+    server.reply_text("too late", first_delay_s=1.0)
+
+    with pytest.raises(TransientError, match="timed out"):
+        await make_provider(timeout_s=0.3).complete(request(), Chunks())
+
+
+async def test_connection_cut_mid_stream_is_transient(
+    server: OpenAIStubServer, make_provider: MakeProvider
+) -> None:
+    server.reply_text("one two three four five six", drop_after=2)
+    chunks = Chunks()
+
+    with pytest.raises(TransientError):
+        await make_provider().complete(request(), chunks)
+    assert chunks.text == "one two "
+
+
+# --------------------------------------------------------------------- abort
+
+
+async def test_on_chunk_raising_closes_the_stream(
+    server: OpenAIStubServer, make_provider: MakeProvider
+) -> None:
+    n_chunks = 100
+    server.reply_slow_stream(n_chunks=n_chunks, delay_s=0.02)
+    server.reply_text("still usable")
+    provider = make_provider()
+    violation = PolicyViolation("max_tokens", 3, 4)
+    seen: list[int] = []
+
+    def on_chunk(text: str, tokens: int) -> None:
+        seen.append(tokens)
+        if len(seen) == 3:
+            raise violation
+
+    started = time.monotonic()
+    with pytest.raises(PolicyViolation) as exc_info:
+        await provider.complete(request(), on_chunk)
+    elapsed = time.monotonic() - started
+
+    assert exc_info.value is violation  # unchanged, not wrapped
+    assert len(seen) == 3 < n_chunks
+    assert elapsed < n_chunks * 0.02 / 2  # did not drain the stream
+    assert await asyncio.to_thread(server.wait_for_disconnect, 5.0)
+    assert server.disconnected_early == 1
+    assert server.chunks_sent < n_chunks
+    # The provider (and its connection pool) still works afterwards.
+    assert (await provider.complete(request(), Chunks())).content == "still usable"
+
+
+# --------------------------------------------------------------------- the API key
+
+
+async def test_api_key_is_sent_as_bearer_and_never_in_errors(
+    server: OpenAIStubServer, make_provider: MakeProvider
+) -> None:
+    provider = make_provider()
+    server.reply_error(401, echo_key=True)  # like OpenAI: "Incorrect API key provided: ..."
+    server.reply_error(500, echo_key=True)
+    server.reply_error(429, echo_key=True, retry_after="1")
+
+    errors: list[BaseException] = []
+    for _ in range(3):
+        with pytest.raises((PermanentError, TransientError)) as exc_info:
+            await provider.complete(request(), Chunks())
+        errors.append(exc_info.value)
+    refused = make_provider(base_url=f"http://127.0.0.1:{closed_port()}/v1")
+    with pytest.raises(TransientError) as exc_info:
+        await refused.complete(request(), Chunks())
+    errors.append(exc_info.value)
+
+    assert [r.headers["authorization"] for r in server.requests] == [f"Bearer {SECRET}"] * 3
+    assert isinstance(errors[0], PermanentError) and "401" in str(errors[0])
+    assert "Incorrect API key provided" in str(errors[0])  # the server's words survive
+    for err in errors:
+        assert SECRET not in str(err) and SECRET not in repr(err)
+        assert err.__cause__ is None or SECRET not in str(err.__cause__)
+
+
+async def test_missing_key_env_sends_placeholder(
+    server: OpenAIStubServer, make_provider: MakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("OAO_TEST_UNSET_KEY_VAR", raising=False)
+    provider = make_provider(api_key_env="OAO_TEST_UNSET_KEY_VAR")
+    server.reply_text("ok")
+
+    await provider.complete(request(), Chunks())
+
+    assert server.requests[0].headers["authorization"] == "Bearer not-needed"
