@@ -37,7 +37,9 @@ class ClaimedJob:
     """A job this worker now runs: ``attempt`` is its fencing token.
 
     ``dep_outputs`` maps each dependency's id to its decoded output; ``ledger`` holds
-    the node's recorded steps in order (``None`` for a gap), decoded from JSON.
+    the node's recorded steps in order (``None`` for a gap), decoded from JSON;
+    ``started`` maps the sequence number of each step that an earlier attempt began
+    (``begin_step``) but never recorded to its marker.
     """
 
     job: str
@@ -47,6 +49,7 @@ class ClaimedJob:
     dep_outputs: dict[str, Any] = field(default_factory=dict)
     ledger: list[dict[str, Any] | None] = field(default_factory=list)
     retries: int = 0
+    started: dict[int, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -110,7 +113,7 @@ class Broker:
             [worker_id, moved_job or "", max(0, extra)],
         )
         out: list[ClaimedJob] = []
-        for job, attempt, outs, ledger, retries in reply:
+        for job, attempt, outs, ledger, retries, started in reply:
             rid, nid = parse_job(job)
             deps = {outs[i]: json.loads(outs[i + 1]) for i in range(0, len(outs), 2)}
             out.append(
@@ -122,11 +125,31 @@ class Broker:
                     dep_outputs=deps,
                     ledger=[json.loads(r) if r else None for r in ledger],
                     retries=int(retries),
+                    started={
+                        int(started[i]): json.loads(started[i + 1])
+                        for i in range(0, len(started), 2)
+                    },
                 )
             )
         return out
 
     # ---------------------------------------------------------------- fenced writes
+
+    async def begin_step(
+        self,
+        worker_id: str,
+        job: ClaimedJob,
+        seq: int,
+        marker: dict[str, Any],
+        events: list[list[Any]] | None = None,
+    ) -> bool:
+        """Mark step ``seq`` as started before it executes; False if the attempt is stale."""
+        ok = await self.scripts.call(
+            "begin_step",
+            [self.keys.active(worker_id)],
+            [worker_id, job.job, job.attempt, seq, _json(marker), _json(events or [])],
+        )
+        return bool(ok)
 
     async def record_step(
         self,

@@ -97,6 +97,12 @@ class NonDeterminismError(PermanentError):
         )
 
 
+class UncertainSideEffect(PermanentError):
+    """A non-idempotent tool call was started by an earlier attempt that died before
+    recording its result: the side effect may or may not have happened, so OAO does not
+    run it again. Declare the tool ``idempotent: true`` to allow re-execution."""
+
+
 class StaleAttemptError(OAOError):
     """A write on behalf of a node was rejected because the node's attempt moved on.
 

@@ -19,6 +19,7 @@ from .keys import Keys
 SCRIPT_NAMES = (
     "submit",
     "claim",
+    "begin_step",
     "record_step",
     "complete",
     "fail",

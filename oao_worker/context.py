@@ -24,6 +24,7 @@ from oao_common.errors import (
     OAOError,
     PermanentError,
     StaleAttemptError,
+    UncertainSideEffect,
 )
 from oao_common.events import EventType, pending_event
 from oao_common.hashing import canonical_json, sha256_hex
@@ -140,6 +141,8 @@ class AgentContext:
 
         step = StepInfo(seq=seq, kind=kind, name=name, input_tokens=input_tokens)
         self.governor.before_step(step)
+        if kind == "tool":
+            await self._begin_tool_step(seq, name, req_hash)
         started = time.monotonic()
         result, tin, tout, cost = await execute(step)
         duration_ms = int((time.monotonic() - started) * 1000)
@@ -167,6 +170,26 @@ class AgentContext:
             raise StaleAttemptError(f"{self.run_id}/{self.node_id} attempt {self.attempt} is stale")
         self.governor.after_step(step)
         return result
+
+    async def _begin_tool_step(self, seq: int, name: str, req_hash: str) -> None:
+        """Guard a side effect: refuse to repeat an unrecorded non-idempotent call, and
+        write a fenced "started" marker before executing (DESIGN.md guarantee 3)."""
+        tool = self.tools.get(name)
+        idempotent = bool(tool and tool.spec.idempotent)
+        prior = self.job.started.get(seq)
+        if prior is not None and not idempotent:
+            raise UncertainSideEffect(
+                f"tool {name!r} (step {seq}) was started by attempt {prior.get('attempt')} "
+                "which died before recording a result; the side effect may have happened, so "
+                "it is not run again (declare the tool idempotent: true to allow that)"
+            )
+        self.emit(EventType.STEP_STARTED, {"seq": seq, "kind": "tool", "name": name,
+                                           "retry_of_attempt": prior.get("attempt") if prior else None})
+        marker = {"kind": "tool", "name": name, "request_hash": req_hash,
+                  "attempt": self.attempt, "idempotent": idempotent}
+        if not await self.broker.begin_step(self.worker_id, self.job, seq, marker,
+                                            self.drain_events()):
+            raise StaleAttemptError(f"{self.run_id}/{self.node_id} attempt {self.attempt} is stale")
 
     async def llm(
         self,

@@ -5,7 +5,10 @@
 -- KEYS[1] the worker's active list   KEYS[2] the ready list
 -- ARGV[6] worker id   ARGV[7] job already moved ('' for none)   ARGV[8] extra jobs to take
 -- Returns an array, one entry per claimed job:
---   {job, attempt, {dep_id, dep_output_json, ...}, {ledger record or false, ...}, retries}
+--   {job, attempt, {dep_id, dep_output_json, ...}, {ledger record or false, ...}, retries,
+--    {seq, started_marker_json, ...}}
+-- The ledger covers steps 1..max(steps_recorded, steps_started); started markers are
+-- returned for the steps among those that have no recorded result.
 -- A job whose node is not READY (cancelled, duplicate) is removed and not returned;
 -- a job no longer in the active list (handed back meanwhile) is not claimed.
 local wid = ARGV[6]
@@ -13,7 +16,7 @@ local wid = ARGV[6]
 local function claim_one(job)
   local rid, nid = split_job(job)
   local nk = node_key(rid, nid)
-  local s = redis.call('HMGET', nk, 'status', 'deps', 'steps_recorded', 'retries')
+  local s = redis.call('HMGET', nk, 'status', 'deps', 'steps_recorded', 'retries', 'steps_started')
   if s[1] ~= 'READY' then
     redis.call('LREM', KEYS[1], 1, job)
     return nil
@@ -32,13 +35,17 @@ local function claim_one(job)
     table.insert(outs, d)
     table.insert(outs, redis.call('HGET', node_key(rid, d), 'output') or 'null')
   end
-  local ledger = {}
-  local n = tonumber(s[3] or '0')
-  if n > 0 then
-    local sk = steps_key(rid)
-    for i = 1, n do ledger[i] = redis.call('HGET', sk, nid .. ':' .. i) end
+  local ledger, started = {}, {}
+  local n = math.max(tonumber(s[3] or '0'), tonumber(s[5] or '0'))
+  local sk = steps_key(rid)
+  for i = 1, n do
+    ledger[i] = redis.call('HGET', sk, nid .. ':' .. i)
+    if not ledger[i] then
+      local m = redis.call('HGET', sk, nid .. ':' .. i .. ':started')
+      if m then table.insert(started, i); table.insert(started, m) end
+    end
   end
-  return {job, attempt, outs, ledger, tonumber(s[4] or '0')}
+  return {job, attempt, outs, ledger, tonumber(s[4] or '0'), started}
 end
 
 local out = {}

@@ -113,10 +113,12 @@ class OpenAIProvider(Provider):
         ``model`` is the model name the server returned (else ``spec.model``) and whose
         tool calls carry decoded ``args`` dicts.
 
-        Raises :class:`TransientError` on connection failure, timeout, HTTP 429 or
-        5xx (``retry_after_s`` from the ``Retry-After`` header, in seconds, if sent),
-        :class:`PermanentError` on other HTTP 4xx errors and on tool-call arguments
-        that are not a JSON object.
+        Raises :class:`TransientError` on connection failure (also mid-stream), timeout,
+        HTTP 429 or 5xx, or an error event inside the stream (``retry_after_s`` from the
+        ``retry-after-ms``/``Retry-After`` header, in seconds, if sent);
+        :class:`PermanentError` on other HTTP 4xx errors, on tool-call arguments that
+        are not a JSON object (naming the tool) and on non-function tool calls.
+        Whatever ``on_chunk`` raises propagates unchanged.
         """
         kwargs: dict[str, Any] = {"model": self.spec.model, "messages": request.messages}
         if request.tools:

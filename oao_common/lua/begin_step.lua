@@ -1,0 +1,23 @@
+-- begin_step.lua: mark a tool step as started before it executes (fenced).
+-- A zombie worker (paused, reaped, resumed) is stopped here, before its side effect;
+-- and a marker without a result tells the next attempt that the call may have
+-- happened (re-executed only for tools declared idempotent).
+-- KEYS[1] the worker's active list
+-- ARGV[6] worker id   ARGV[7] job   ARGV[8] attempt   ARGV[9] step sequence number
+-- ARGV[10] marker (JSON: kind, name, request_hash, attempt, idempotent)
+-- ARGV[11] buffered events (JSON array of [type, data_json])
+-- Returns 1 when marked, 0 when the attempt is stale (nothing written).
+local wid, job, attempt, seq = ARGV[6], ARGV[7], ARGV[8], tonumber(ARGV[9])
+local rid, nid = split_job(job)
+local nk = node_key(rid, nid)
+local ok, s = fenced(nk, wid, attempt)
+if not ok then
+  reject_stale(KEYS[1], job, rid, nid, wid, attempt, s, 'begin_step')
+  return 0
+end
+redis.call('HSET', steps_key(rid), nid .. ':' .. seq .. ':started', ARGV[10])
+if seq > tonumber(redis.call('HGET', nk, 'steps_started') or '0') then
+  redis.call('HSET', nk, 'steps_started', seq)
+end
+flush(rid, nid, attempt, ARGV[11])
+return 1

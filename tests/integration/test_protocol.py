@@ -1,0 +1,272 @@
+"""The queue protocol against a real server: submit, claim, complete, dependents,
+concurrency, retries, policy, fencing, handback, reaper, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from oao_common.broker import Broker
+from oao_common.keys import job_id
+from oao_scheduler.reaper import Reaper
+from oao_scheduler.submit import submit_spec
+from oao_testkit import fleet, make_spec, of_type, run_spec
+
+
+async def test_submit_writes_run_and_pushes_roots_only(broker: Broker) -> None:
+    spec = make_spec([
+        {"id": "a", "agent": "noop"},
+        {"id": "b", "agent": "noop", "depends_on": ["a"]},
+        {"id": "c", "agent": "noop", "queue": "other"},
+    ])
+    s = await submit_spec(broker, spec)
+    run = await broker.get_run(s.run_id)
+    assert run["status"] == "PENDING" and run["nodes_total"] == "3"
+    assert run["exec_hash"] == s.exec_hash
+    r = broker.redis
+    assert await r.lrange(broker.keys.queue("default"), 0, -1) == [job_id(s.run_id, "a")]
+    assert await r.lrange(broker.keys.queue("other"), 0, -1) == [job_id(s.run_id, "c")]
+    nodes = {n["id"]: n for n in await broker.get_nodes(s.run_id, ["a", "b", "c"])}
+    assert nodes["b"]["status"] == "PENDING" and nodes["b"]["pending"] == "1"
+    assert [e.type for e in await broker.events(s.run_id)][0] == "RUN_SUBMITTED"
+
+
+async def test_idempotency_key_returns_first_run(broker: Broker) -> None:
+    spec = make_spec([{"id": "a", "agent": "noop"}])
+    first = await submit_spec(broker, spec, idempotency_key="k1")
+    second = await submit_spec(broker, spec, idempotency_key="k1")
+    assert first.created and not second.created and second.run_id == first.run_id
+    assert await broker.redis.llen(broker.keys.queue("default")) == 1
+
+
+async def test_claim_and_complete_release_dependents(broker: Broker) -> None:
+    spec = make_spec([
+        {"id": "a", "agent": "noop"},
+        {"id": "b", "agent": "noop", "depends_on": ["a"]},
+        {"id": "c", "agent": "noop", "depends_on": ["a", "b"]},
+    ])
+    s = await submit_spec(broker, spec)
+    job = await broker.wait_for_job("default", "w1", 1)
+    [c] = await broker.claim("w1", "default", job, 5)
+    assert (c.node_id, c.attempt) == ("a", 1)
+    assert await broker.redis.lrange(broker.keys.active("w1"), 0, -1) == [c.job]
+    assert (await broker.get_run(s.run_id))["status"] == "RUNNING"
+    assert await broker.complete("w1", c, "A-out")
+    assert await broker.redis.llen(broker.keys.active("w1")) == 0
+    # b released, c still waits for b
+    job = await broker.wait_for_job("default", "w1", 1)
+    [cb] = await broker.claim("w1", "default", job, 5)
+    assert cb.node_id == "b" and cb.dep_outputs == {"a": "A-out"}
+    nodes = {n["id"]: n for n in await broker.get_nodes(s.run_id, ["c"])}
+    assert nodes["c"]["status"] == "PENDING" and nodes["c"]["pending"] == "1"
+    assert await broker.complete("w1", cb, {"b": 1})
+    job = await broker.wait_for_job("default", "w1", 1)
+    [cc] = await broker.claim("w1", "default", job, 5)
+    assert cc.dep_outputs == {"a": "A-out", "b": {"b": 1}}
+    assert await broker.complete("w1", cc, None)
+    run = await broker.get_run(s.run_id)
+    assert run["status"] == "SUCCEEDED" and run["nodes_done"] == "3"
+    assert of_type(await broker.events(s.run_id), "RUN_SUCCEEDED")
+
+
+async def test_dag_runs_in_topological_order(broker: Broker) -> None:
+    # diamond plus a tail: a -> (b, c) -> d -> e
+    spec = make_spec([
+        {"id": "a", "agent": "noop"},
+        {"id": "b", "agent": "noop", "depends_on": ["a"]},
+        {"id": "c", "agent": "noop", "depends_on": ["a"]},
+        {"id": "d", "agent": "noop", "depends_on": ["b", "c"]},
+        {"id": "e", "agent": "noop", "depends_on": ["d"]},
+    ])
+    rid = await run_spec(broker, spec, workers=2)
+    events = await broker.events(rid)
+    assert (await broker.get_run(rid))["status"] == "SUCCEEDED"
+    started = {e.node: e.id for e in of_type(events, "NODE_STARTED")}
+    done = {e.node: e.id for e in of_type(events, "NODE_SUCCEEDED")}
+    sid = lambda x: tuple(int(p) for p in x.split("-"))  # noqa: E731
+    for node in spec.nodes:
+        for dep in node.depends_on:
+            assert sid(done[dep]) < sid(started[node.id]), (dep, node.id)
+
+
+async def test_parallel_branches_overlap(broker: Broker) -> None:
+    spec = make_spec([
+        {"id": "root", "agent": "noop"},
+        {"id": "x", "agent": "sleeper", "task": "0.3", "depends_on": ["root"]},
+        {"id": "y", "agent": "sleeper", "task": "0.3", "depends_on": ["root"]},
+    ])
+    rid = await run_spec(broker, spec, workers=1, concurrency=2)
+    ev = await broker.events(rid)
+    sx, sy = (of_type(ev, "NODE_STARTED", node=n)[0].ts_ms for n in "xy")
+    ex, ey = (of_type(ev, "NODE_SUCCEEDED", node=n)[0].ts_ms for n in "xy")
+    assert sx < ey and sy < ex  # the two intervals overlap on one worker
+
+
+async def test_transient_failure_retries_with_backoff(broker: Broker) -> None:
+    spec = make_spec(
+        [{"id": "f", "agent": "flaky", "task": f"{broker.keys.prefix}:2"}],
+        defaults={"retry": {"max_retries": 3, "retry_delay_s": 0.1, "backoff": 2.0, "jitter": False}},
+    )
+    rid = await run_spec(broker, spec)
+    [node] = await broker.get_nodes(rid, ["f"])
+    assert node["status"] == "SUCCEEDED" and node["retries"] == "2" and node["attempt"] == "3"
+    assert json.loads(node["output"]) == "ok after 3 calls"
+    ev = await broker.events(rid)
+    delays = [e.data["delay_ms"] for e in of_type(ev, "NODE_RETRY_SCHEDULED")]
+    assert delays == [100, 200]
+    assert of_type(ev, "NODE_RETRY_SCHEDULED")[0].data["error"]["type"] == "ConnectionError"
+
+
+async def test_retries_exhausted_fail_node_and_skip_dependents(broker: Broker) -> None:
+    spec = make_spec(
+        [
+            {"id": "bad", "agent": "broken"},
+            {"id": "after", "agent": "noop", "depends_on": ["bad"]},
+            {"id": "free", "agent": "noop"},
+        ],
+        defaults={"retry": {"max_retries": 1, "retry_delay_s": 0.05, "jitter": False}},
+    )
+    rid = await run_spec(broker, spec)
+    nodes = {n["id"]: n for n in await broker.get_nodes(rid, ["bad", "after", "free"])}
+    assert nodes["bad"]["status"] == "FAILED" and nodes["bad"]["retries"] == "1"
+    assert json.loads(nodes["bad"]["error"])["type"] == "ValueError"
+    assert nodes["after"]["status"] == "SKIPPED"
+    assert nodes["free"]["status"] == "SUCCEEDED"
+    run = await broker.get_run(rid)
+    assert run["status"] == "FAILED" and run["nodes_failed"] == "1" and run["nodes_done"] == "3"
+
+
+async def test_policy_violation_is_not_retried(broker: Broker) -> None:
+    spec = make_spec(
+        [{"id": "loop", "agent": "runaway"}],
+        agents={"runaway": {"kind": "python", "entrypoint": "examples.agents:runaway"}},
+        models={"m": {"provider": "scripted", "replies": ["word " * 50]}},
+        defaults={"policy": {"max_tokens": 300, "max_steps": 100},
+                  "retry": {"max_retries": 3, "retry_delay_s": 0.01}},
+    )
+    rid = await run_spec(broker, spec)
+    [node] = await broker.get_nodes(rid, ["loop"])
+    assert node["status"] == "FAILED" and node["retries"] == "0" and node["attempt"] == "1"
+    err = json.loads(node["error"])
+    assert err["rule"] == "max_tokens" and err["limit"] == 300 and err["value"] > 300
+    assert err["reason"].startswith("PolicyViolation: Max Token Limit Exceeded")
+    ev = await broker.events(rid)
+    [pv] = of_type(ev, "POLICY_VIOLATION")
+    assert pv.data["rule"] == "max_tokens"
+    assert len(of_type(ev, "NODE_STARTED")) == 1 and not of_type(ev, "NODE_RETRY_SCHEDULED")
+
+
+async def test_timeout_is_a_policy_violation(broker: Broker) -> None:
+    spec = make_spec([{"id": "s", "agent": "sleeper", "task": "5", "policy": {"timeout_s": 0.2}}])
+    rid = await run_spec(broker, spec)
+    [node] = await broker.get_nodes(rid, ["s"])
+    assert node["status"] == "FAILED" and json.loads(node["error"])["rule"] == "timeout_s"
+
+
+async def test_stale_completion_is_rejected(broker: Broker) -> None:
+    spec = make_spec([{"id": "a", "agent": "noop"}, {"id": "b", "agent": "noop", "depends_on": ["a"]}])
+    s = await submit_spec(broker, spec)
+    await broker.heartbeat("zombie", 0.05)
+    job = await broker.wait_for_job("default", "zombie", 1)
+    [old] = await broker.claim("zombie", "default", job, 0)
+    while await broker.redis.exists(broker.keys.heartbeat("zombie")):
+        await asyncio.sleep(0.02)
+    res = await broker.reap("zombie", max_requeues=5)
+    assert res is not None and res.requeued == 1
+    job = await broker.wait_for_job("default", "fresh", 1)
+    [new] = await broker.claim("fresh", "default", job, 0)
+    assert new.attempt == old.attempt + 1
+    assert not await broker.complete("zombie", old, "zombie-output")
+    assert not await broker.record_step("zombie", old, 1, {"x": 1})
+    assert await broker.complete("fresh", new, "fresh-output")
+    [a] = await broker.get_nodes(s.run_id, ["a"])
+    assert json.loads(a["output"]) == "fresh-output" and a["attempt"] == "2"
+    ev = await broker.events(s.run_id)
+    stale = of_type(ev, "STALE_ATTEMPT_REJECTED")
+    assert [e.data["write"] for e in stale] == ["complete", "record_step"]
+    assert stale[0].data["current_attempt"] == 2
+    assert await broker.redis.lrange(broker.keys.queue("default"), 0, -1) == [job_id(s.run_id, "b")]
+
+
+async def test_reaper_requeues_dead_worker_jobs_once(broker: Broker) -> None:
+    spec = make_spec([{"id": f"n{i}", "agent": "noop"} for i in range(3)])
+    s = await submit_spec(broker, spec)
+    await broker.heartbeat("dead", 0.05)
+    job = await broker.wait_for_job("default", "dead", 1)
+    claimed = await broker.claim("dead", "default", job, 1)
+    assert len(claimed) == 2
+    while await broker.redis.exists(broker.keys.heartbeat("dead")):
+        await asyncio.sleep(0.02)
+    reapers = [Reaper(broker, heartbeat_ttl_s=0.05, max_requeues=5) for _ in range(5)]
+    results = await asyncio.gather(*(r.tick() for r in reapers))
+    assert sum(len(r) for r in results) == 1  # exactly one reaper acted
+    q = await broker.redis.lrange(broker.keys.queue("default"), 0, -1)
+    assert sorted(q) == sorted(job_id(s.run_id, f"n{i}") for i in range(3))
+    assert q[-1] == claimed[0].job  # requeued jobs go to the front (popped first)
+    assert not await broker.redis.exists(broker.keys.active("dead"))
+    assert await broker.redis.zscore(broker.keys.workers, "dead") is None
+    nodes = await broker.get_nodes(s.run_id, [c.node_id for c in claimed])
+    assert all(n["status"] == "READY" and n["requeues"] == "1" and "lease" not in n for n in nodes)
+    assert len(of_type(await broker.events(s.run_id), "NODE_REQUEUED")) == 2
+
+
+async def test_live_worker_is_not_reaped(broker: Broker) -> None:
+    await broker.heartbeat("alive", 30)
+    assert await broker.reap("alive", 5) is None
+    assert await broker.redis.zscore(broker.keys.workers, "alive") is not None
+
+
+async def test_poison_job_is_dead_lettered(broker: Broker) -> None:
+    spec = make_spec([{"id": "p", "agent": "noop"}])
+    s = await submit_spec(broker, spec)
+    for i in range(3):
+        wid = f"victim{i}"
+        await broker.heartbeat(wid, 0.05)
+        job = await broker.wait_for_job("default", wid, 1)
+        if job is None:
+            break
+        await broker.claim(wid, "default", job, 0)
+        while await broker.redis.exists(broker.keys.heartbeat(wid)):
+            await asyncio.sleep(0.02)
+        await broker.reap(wid, max_requeues=1)
+    [p] = await broker.get_nodes(s.run_id, ["p"])
+    assert p["status"] == "FAILED" and json.loads(p["error"])["reason"] == "poison"
+    assert (await broker.get_run(s.run_id))["status"] == "FAILED"
+    assert await broker.redis.llen(broker.keys.queue("default")) == 0
+
+
+async def test_graceful_stop_hands_back_running_node(broker: Broker) -> None:
+    spec = make_spec([{"id": "slow", "agent": "sleeper", "task": "30"}])
+    s = await submit_spec(broker, spec)
+    async with fleet(broker, reaper=False) as [w]:
+        while (await broker.get_nodes(s.run_id, ["slow"]))[0]["status"] != "RUNNING":
+            await asyncio.sleep(0.02)
+        w.grace_period_s = 0.1
+    [n] = await broker.get_nodes(s.run_id, ["slow"])
+    assert n["status"] == "READY" and "lease" not in n and n["requeues"] == "0"
+    assert await broker.redis.lrange(broker.keys.queue("default"), 0, -1) == [job_id(s.run_id, "slow")]
+    assert of_type(await broker.events(s.run_id), "NODE_HANDED_BACK")
+    assert await broker.redis.zscore(broker.keys.workers, w.id) is None
+
+
+async def test_cancel_stops_run_and_rejects_late_completion(broker: Broker) -> None:
+    spec = make_spec([{"id": "a", "agent": "noop"}, {"id": "b", "agent": "noop", "depends_on": ["a"]}])
+    s = await submit_spec(broker, spec)
+    job = await broker.wait_for_job("default", "w", 1)
+    [c] = await broker.claim("w", "default", job, 0)
+    assert await broker.cancel(s.run_id) == 2
+    assert await broker.cancel(s.run_id) == -1
+    assert not await broker.complete("w", c, "late")
+    nodes = await broker.get_nodes(s.run_id, ["a", "b"])
+    assert [n["status"] for n in nodes] == ["CANCELLED", "CANCELLED"]
+    assert (await broker.get_run(s.run_id))["status"] == "CANCELLED"
+    assert await broker.redis.llen(broker.keys.active("w")) == 0  # late entry cleaned up
+
+
+async def test_claim_drops_jobs_of_cancelled_runs(broker: Broker) -> None:
+    spec = make_spec([{"id": "a", "agent": "noop"}])
+    s = await submit_spec(broker, spec)
+    await broker.cancel(s.run_id)
+    job = await broker.wait_for_job("default", "w", 1)
+    assert await broker.claim("w", "default", job, 0) == []
+    assert await broker.redis.llen(broker.keys.active("w")) == 0

@@ -1,0 +1,125 @@
+"""The step loop against a real server: ledger replay (resume from the first
+incomplete step), non-determinism detection, the llm agent with real tools."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from oao_common.broker import Broker
+from oao_common.spec import load_spec
+from oao_scheduler.submit import submit_spec
+from oao_testkit import make_spec, of_type, run_spec
+
+
+async def test_resume_from_first_incomplete_step(
+    broker: Broker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from oao_worker.worker import Worker
+
+    ledger = tmp_path / "ledger.txt"
+    marker = tmp_path / "block"
+    marker.touch()
+    monkeypatch.setenv("OAO_TEST_LEDGER", str(ledger))
+    monkeypatch.setenv("OAO_TEST_BLOCK_MARKER", str(marker))
+    spec = make_spec([{"id": "s", "agent": "steps"}, {"id": "t", "agent": "noop", "depends_on": ["s"]}])
+    s = await submit_spec(broker, spec)
+
+    # worker A records two side-effect steps, then is frozen at the crash point
+    a = Worker(broker, worker_id="A", heartbeat_ttl_s=0.3, claim_timeout_s=0.2)
+    a_task = asyncio.create_task(a.run())
+    while (await broker.get_nodes(s.run_id, ["s"]))[0].get("steps_recorded") != "2":
+        await asyncio.sleep(0.02)
+    # A dies: its heartbeat task stops refreshing; its node task stays blocked
+    for t in asyncio.all_tasks():
+        if t.get_name() == "A-heartbeat" or t.get_name().startswith("A-claim"):
+            t.cancel()
+    while await broker.redis.exists(broker.keys.heartbeat("A")):
+        await asyncio.sleep(0.02)
+    assert (await broker.reap("A", max_requeues=5)).requeued == 1  # type: ignore[union-attr]
+
+    # worker B resumes the node: steps 1-2 come from the ledger, step 3 runs live
+    marker.unlink()
+    from oao_testkit import fleet
+
+    async with fleet(broker, workers=1):
+        from oao_scheduler.progress import wait_for_run
+
+        await wait_for_run(broker, s.run_id, interval_s=0.02, timeout_s=20)
+    # A's frozen attempt wakes up now: every write it tries is fenced off
+    await asyncio.sleep(0.3)
+    a.request_stop()
+    a.grace_period_s = 2
+    await asyncio.wait_for(a_task, 10)
+
+    assert ledger.read_text().splitlines() == ["a", "b", "c"]  # each side effect exactly once
+    [node] = await broker.get_nodes(s.run_id, ["s"])
+    assert node["status"] == "SUCCEEDED" and node["attempt"] == "2"
+    assert node["replayed_steps"] == "2" and node["executed_steps"] == "1"
+    assert json.loads(node["output"]) == "abc"
+    ev = await broker.events(s.run_id)
+    replayed = of_type(ev, "STEP_REPLAYED", node="s")
+    assert [(e.attempt, e.data["seq"]) for e in replayed] == [(2, 1), (2, 2)]
+    completed = of_type(ev, "STEP_COMPLETED", node="s")
+    assert [(e.attempt, e.data["seq"]) for e in completed] == [(1, 1), (1, 2), (2, 3)]
+    # the zombie's late step / completion was rejected, not applied
+    assert of_type(ev, "STALE_ATTEMPT_REJECTED", node="s")
+    assert len(of_type(ev, "NODE_SUCCEEDED", node="s")) == 1
+    assert (await broker.get_run(s.run_id))["status"] == "SUCCEEDED"
+
+
+async def test_nondeterminism_is_detected(broker: Broker) -> None:
+    spec = make_spec([{"id": "c", "agent": "chatty"}])
+    s = await submit_spec(broker, spec)
+    job = await broker.wait_for_job("default", "w", 1)
+    [cj] = await broker.claim("w", "default", job, 0)
+    # a previous attempt recorded step 1 with a different request
+    assert await broker.record_step("w", cj, 1, {"kind": "llm", "request_hash": "0" * 64,
+                                                 "result": {"content": "x"}})
+    await broker.handback("w")
+    from oao_scheduler.progress import wait_for_run
+    from oao_testkit import fleet
+
+    async with fleet(broker):
+        await wait_for_run(broker, s.run_id, interval_s=0.02, timeout_s=20)
+    [node] = await broker.get_nodes(s.run_id, ["c"])
+    err = json.loads(node["error"])
+    assert node["status"] == "FAILED" and err["type"] == "NonDeterminismError"
+    assert "c#1" in err["message"] and node["retries"] == "0"
+
+
+async def test_llm_agent_blog_example(broker: Broker) -> None:
+    spec = load_spec("examples/blog_post.yaml")
+    rid = await run_spec(broker, spec, workers=2)
+    assert (await broker.get_run(rid))["status"] == "SUCCEEDED"
+    nodes = {n["id"]: n for n in await broker.get_nodes(rid, ["research", "draft", "critique", "polish"])}
+    research = json.loads(nodes["research"]["output"])
+    # the real notes.search tool found these sentences in examples/notes
+    assert "Budgets cap the tokens, tool calls, wall time and money an agent may spend." in research
+    assert json.loads(nodes["polish"]["output"]).startswith("# Why AI governance needs guardrails")
+    assert nodes["research"]["tool_calls"] == "1" and nodes["research"]["steps"] == "3"
+    assert nodes["research"]["state_history"] == "INIT,PLAN,EXECUTE,REVIEW,PLAN,REVIEW,TERMINATE"
+    steps = await broker.get_steps(rid)
+    tool_step = steps["research:2"]
+    assert tool_step["kind"] == "tool" and tool_step["name"] == "notes.search"
+    assert tool_step["result"]["ok"] and len(tool_step["result"]["value"]) == 4
+    ev = await broker.events(rid)
+    assert len(of_type(ev, "STATE_ENTER", node="research")) == 7
+    run = await broker.get_run(rid)
+    assert int(run["tokens_in"]) > 0 and run["tool_calls"] == "3" and run["steps"] == "10"
+
+
+async def test_tool_outside_allow_list_is_a_policy_violation(broker: Broker) -> None:
+    spec = make_spec(
+        [{"id": "x", "agent": "caller"}],
+        models={"m": {"provider": "scripted", "replies": [
+            {"content": "", "tool_calls": [{"name": "side_effect", "args": {"label": "z"}}]}]}},
+        agents={"caller": {"kind": "llm", "model": "m", "tools": []}},
+    )
+    rid = await run_spec(broker, spec)
+    [node] = await broker.get_nodes(rid, ["x"])
+    err = json.loads(node["error"])
+    assert node["status"] == "FAILED" and err["rule"] == "tool_not_allowed"

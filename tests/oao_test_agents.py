@@ -1,0 +1,64 @@
+"""Agents and tools used by the tests (importable as ``oao_test_agents``).
+
+Counters that must survive worker processes live in files named by the task or
+an env var, never in the runtime's own Redis keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+_calls: dict[str, int] = {}
+
+
+def flaky(task: str) -> str:
+    """Fails the first N calls per task (task = "<key>:<N>"), then succeeds."""
+    key, _, n = task.partition(":")
+    _calls[key] = _calls.get(key, 0) + 1
+    if _calls[key] <= int(n or 0):
+        raise ConnectionError(f"transient failure {_calls[key]} of {key}")
+    return f"ok after {_calls[key]} calls"
+
+
+def broken(task: str) -> str:
+    raise ValueError(f"always broken: {task}")
+
+
+async def sleeper(ctx: Any) -> str:
+    """Sleeps float(task) seconds (cancellable), then returns."""
+    await asyncio.sleep(float(ctx.task or 0))
+    return f"slept {ctx.task}"
+
+
+async def two_tools_then_wait(ctx: Any) -> str:
+    """Two recorded side-effect steps, then blocks if the marker file exists (simulated crash
+    point), then a third step."""
+    a = await ctx.tool("side_effect", label="a")
+    b = await ctx.tool("side_effect", label="b")
+    marker = os.environ.get("OAO_TEST_BLOCK_MARKER")
+    while marker and Path(marker).exists():
+        await asyncio.sleep(0.05)
+    c = await ctx.tool("side_effect", label="c")
+    return f"{a}{b}{c}"
+
+
+def side_effect(label: str) -> str:
+    """Appends ``label`` to the ledger file named by OAO_TEST_LEDGER: an external effect."""
+    path = os.environ["OAO_TEST_LEDGER"]
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(label + "\n")
+    return label
+
+
+async def chatty(ctx: Any) -> str:
+    """Calls the model twice."""
+    r1 = await ctx.llm("first")
+    r2 = await ctx.llm("second " + r1.content)
+    return r2.content
+
+
+async def noop(ctx: Any) -> str:
+    return "ok"

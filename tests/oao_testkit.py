@@ -1,0 +1,80 @@
+"""Helpers shared by integration and chaos tests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import yaml
+
+from oao_common.broker import Broker
+from oao_common.events import Event
+from oao_common.spec import Spec, parse_spec
+from oao_scheduler.progress import wait_for_run
+from oao_scheduler.reaper import Reaper
+from oao_scheduler.submit import submit_spec
+from oao_worker.worker import Worker
+
+TOOLS = {
+    "side_effect": {"entrypoint": "oao_test_agents:side_effect"},
+}
+
+
+def make_spec(nodes: list[dict[str, Any]], **extra: Any) -> Spec:
+    """A spec from node dicts; agents / models / tools / defaults may be overridden."""
+    doc: dict[str, Any] = {
+        "name": extra.pop("name", "test"),
+        "models": extra.pop("models", {"m": {"provider": "scripted", "replies": ["hello"]}}),
+        "agents": extra.pop(
+            "agents",
+            {
+                "noop": {"kind": "python", "entrypoint": "oao_test_agents:noop"},
+                "sleeper": {"kind": "python", "entrypoint": "oao_test_agents:sleeper"},
+                "flaky": {"kind": "python", "entrypoint": "oao_test_agents:flaky"},
+                "broken": {"kind": "python", "entrypoint": "oao_test_agents:broken"},
+                "chatty": {"kind": "python", "entrypoint": "oao_test_agents:chatty"},
+                "steps": {"kind": "python", "entrypoint": "oao_test_agents:two_tools_then_wait",
+                          "tools": ["side_effect"]},
+            },
+        ),
+        "tools": extra.pop("tools", TOOLS),
+        "nodes": nodes,
+    }
+    doc.update(extra)
+    return parse_spec(yaml.safe_dump(doc), "test")
+
+
+@contextlib.asynccontextmanager
+async def fleet(
+    broker: Broker, workers: int = 1, concurrency: int = 4, reaper: bool = True, **kw: Any
+) -> AsyncIterator[list[Worker]]:
+    """In-process workers (and a reaper) running until the block exits."""
+    ws = [Worker(broker, concurrency=concurrency, claim_timeout_s=0.2,
+                 heartbeat_ttl_s=kw.pop("heartbeat_ttl_s", 2.0), grace_period_s=1.0, **kw)
+          for _ in range(workers)]
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(w.run()) for w in ws]
+    if reaper:
+        tasks.append(asyncio.create_task(
+            Reaper(broker, interval_s=0.1, heartbeat_ttl_s=2.0).run(stop)))
+    try:
+        yield ws
+    finally:
+        for w in ws:
+            w.request_stop()
+        stop.set()
+        await asyncio.gather(*tasks)
+
+
+async def run_spec(broker: Broker, spec: Spec, timeout_s: float = 30, **fleet_kw: Any) -> str:
+    """Submit ``spec``, run it on an in-process fleet; returns the run id."""
+    async with fleet(broker, **fleet_kw):
+        s = await submit_spec(broker, spec)
+        await wait_for_run(broker, s.run_id, interval_s=0.02, timeout_s=timeout_s)
+    return s.run_id
+
+
+def of_type(events: list[Event], *types: str, node: str | None = None) -> list[Event]:
+    return [e for e in events if e.type in types and (node is None or e.node == node)]
