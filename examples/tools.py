@@ -8,13 +8,14 @@ from pathlib import Path
 
 NOTES_DIR = Path(__file__).parent / "notes"
 
-STOPWORDS = frozenset(
-    """a an the and or of to in on at by for with from is are be been it its that this
-    these those as so not no every each what who which when where how do does did can
-    may must than then they them their there what while after before into over under
-    about our your you we i he she his her was were will would should could has have had
-    but if else also only more most less least just very too same such other others""".split()
-)
+_STOPWORDS_TEXT = """
+a an the and or of to in on at by for with from is are be been it its that this
+these those as so not no every each what who which when where how do does did can
+may must than then they them their there what while after before into over under
+about our your you we i he she his her was were will would should could has have had
+but if else also only more most less least just very too same such other others
+"""
+STOPWORDS = frozenset(_STOPWORDS_TEXT.split())
 
 
 def _words(text: str) -> list[str]:

@@ -64,7 +64,9 @@ class Broker:
     """OAO's Redis protocol. ``redis`` must use ``decode_responses=True``."""
 
     def __init__(self, redis: Redis, prefix: str = "oao") -> None:
-        self.redis = redis
+        # Typed Any: redis-py's annotations describe replies as ``bytes | str`` whatever
+        # ``decode_responses`` says; with ``decode_responses=True`` they are ``str``.
+        self.redis: Any = redis
         self.keys = Keys(prefix)
         self.scripts = Scripts(redis, self.keys)
 
@@ -102,9 +104,7 @@ class Broker:
         )
         return str(job) if job is not None else None
 
-    async def claim(
-        self, worker_id: str, queue: str, moved_job: str | None, extra: int
-    ) -> list[ClaimedJob]:
+    async def claim(self, worker_id: str, queue: str, moved_job: str | None, extra: int) -> list[ClaimedJob]:
         """Claim ``moved_job`` (already in the active list) and up to ``extra`` more jobs
         of ``queue`` in one round trip (``claim.lua``)."""
         reply = await self.scripts.call(
@@ -125,10 +125,7 @@ class Broker:
                     dep_outputs=deps,
                     ledger=[json.loads(r) if r else None for r in ledger],
                     retries=int(retries),
-                    started={
-                        int(started[i]): json.loads(started[i + 1])
-                        for i in range(0, len(started), 2)
-                    },
+                    started={int(started[i]): json.loads(started[i + 1]) for i in range(0, len(started), 2)},
                 )
             )
         return out
@@ -194,8 +191,7 @@ class Broker:
         ok = await self.scripts.call(
             "complete",
             [self.keys.active(worker_id)],
-            [worker_id, job.job, job.attempt, _json(output), _json(fields or {}),
-             _json(events or [])],
+            [worker_id, job.job, job.attempt, _json(output), _json(fields or {}), _json(events or [])],
         )
         return bool(ok)
 
@@ -217,16 +213,21 @@ class Broker:
             await self.scripts.call(
                 "fail",
                 [self.keys.active(worker_id), self.keys.delayed],
-                [worker_id, job.job, job.attempt, _json(error), delay_ms,
-                 _json(fields or {}), _json(events or [])],
+                [
+                    worker_id,
+                    job.job,
+                    job.attempt,
+                    _json(error),
+                    delay_ms,
+                    _json(fields or {}),
+                    _json(events or []),
+                ],
             )
         )
 
     # ---------------------------------------------------------------- workers
 
-    async def heartbeat(
-        self, worker_id: str, ttl_s: float, info: dict[str, str] | None = None
-    ) -> bool:
+    async def heartbeat(self, worker_id: str, ttl_s: float, info: dict[str, str] | None = None) -> bool:
         """Refresh the worker's heartbeat (``SET .. PX``) and its entry in the worker index.
 
         Returns False if the previous heartbeat had already expired: the worker may have
@@ -252,9 +253,7 @@ class Broker:
         """Return the jobs of the worker's active list, except ``keep``, to the front of
         their ready lists; returns how many were requeued."""
         return int(
-            await self.scripts.call(
-                "handback", [self.keys.active(worker_id)], [worker_id, _json(keep or [])]
-            )
+            await self.scripts.call("handback", [self.keys.active(worker_id)], [worker_id, _json(keep or [])])
         )
 
     async def lease_holders(self, jobs: list[ClaimedJob]) -> list[bool]:
@@ -316,9 +315,7 @@ class Broker:
         raw = await self.redis.hgetall(self.keys.steps(run_id))
         return {k: json.loads(v) for k, v in raw.items()}
 
-    async def events(
-        self, run_id: str, after: str = "-", count: int | None = None
-    ) -> list[Event]:
+    async def events(self, run_id: str, after: str = "-", count: int | None = None) -> list[Event]:
         """Events of a run after stream id ``after`` (exclusive unless ``-``)."""
         start = after if after == "-" else f"({after}"
         entries = await self.redis.xrange(self.keys.events(run_id), start, "+", count=count)
@@ -340,8 +337,18 @@ class Broker:
     async def recent_runs(self, limit: int = 20) -> list[dict[str, str]]:
         """The newest runs first, each its run hash plus ``id`` (without the spec)."""
         rids = await self.redis.zrevrange(self.keys.runs, 0, max(0, limit - 1))
-        fields = ["name", "status", "created_at", "finished_at", "nodes_total", "nodes_done",
-                  "nodes_failed", "tokens_in", "tokens_out", "exec_hash"]
+        fields = [
+            "name",
+            "status",
+            "created_at",
+            "finished_at",
+            "nodes_total",
+            "nodes_done",
+            "nodes_failed",
+            "tokens_in",
+            "tokens_out",
+            "exec_hash",
+        ]
         async with self.redis.pipeline(transaction=False) as p:
             for rid in rids:
                 p.hmget(self.keys.run(rid), fields)
@@ -364,8 +371,13 @@ class Broker:
         for i, (wid, score) in enumerate(entries):
             alive, active, info = res[3 * i : 3 * i + 3]
             out.append(
-                {"id": wid, "last_heartbeat": float(score), "alive": bool(alive),
-                 "active": list(active), **info}
+                {
+                    "id": wid,
+                    "last_heartbeat": float(score),
+                    "alive": bool(alive),
+                    "active": list(active),
+                    **info,
+                }
             )
         return out
 

@@ -7,7 +7,7 @@ import functools
 import json
 import os
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import click
@@ -48,13 +48,13 @@ def add_app_dir(path: str | None = None) -> None:
         sys.path.insert(0, p)
 
 
-def run_async(fn: Callable[..., Awaitable[int | None]]) -> Callable[..., None]:
+def run_async(fn: Callable[..., Coroutine[Any, Any, int | None]]) -> Callable[..., None]:
     """Wrap an async command: run it, map OAO's errors to one line and an exit code."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> None:
         try:
-            code = asyncio.run(fn(*args, **kwargs))
+            code: int | None = asyncio.run(fn(*args, **kwargs))
         except SpecError as e:
             for p in e.problems:
                 click.echo(f"error: {e.source}: {p}", err=True)

@@ -77,9 +77,7 @@ class EmbeddedServer:
         config: dict[str, Any] = {"save": '""'}
         if appendonly:
             config.update({"appendonly": "yes", "appendfsync": "everysec"})
-        self._server = ValkeyServer(
-            data_dir=data_dir, persist=data_dir is not None, config=config
-        )
+        self._server = ValkeyServer(data_dir=data_dir, persist=data_dir is not None, config=config)
 
     @property
     def url(self) -> str:

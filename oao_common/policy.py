@@ -40,9 +40,7 @@ class RetrySpec(BaseModel):
     jitter: bool | None = None
 
 
-DEFAULT_RETRY = RetrySpec(
-    max_retries=3, retry_delay_s=1.0, backoff=2.0, max_delay_s=300.0, jitter=True
-)
+DEFAULT_RETRY = RetrySpec(max_retries=3, retry_delay_s=1.0, backoff=2.0, max_delay_s=300.0, jitter=True)
 
 
 def merge(base: BaseModel, *overrides: BaseModel | None) -> Any:
@@ -63,9 +61,7 @@ def backoff_delay_s(retry: RetrySpec, retry_number: int, rng: random.Random | No
     other half (M. Brooker, "Exponential Backoff And Jitter", AWS Architecture Blog, 2015),
     so retries of many nodes spread out but never fire immediately.
     """
-    base = float(retry.retry_delay_s or 0.0) * float(retry.backoff or 1.0) ** max(
-        0, retry_number - 1
-    )
+    base = float(retry.retry_delay_s or 0.0) * float(retry.backoff or 1.0) ** max(0, retry_number - 1)
     if retry.max_delay_s is not None:
         base = min(base, float(retry.max_delay_s))
     if retry.jitter and base > 0:

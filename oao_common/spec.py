@@ -145,10 +145,10 @@ class Spec(_Strict):
         raise KeyError(nid)
 
     def effective_policy(self, node: NodeSpec) -> PolicySpec:
-        return merge(DEFAULT_POLICY, self.defaults.policy, node.policy)  # type: ignore[no-any-return]
+        return merge(DEFAULT_POLICY, self.defaults.policy, node.policy)  # type: ignore[no-any-return,unused-ignore]
 
     def effective_retry(self, node: NodeSpec) -> RetrySpec:
-        return merge(DEFAULT_RETRY, self.defaults.retry, node.retry)  # type: ignore[no-any-return]
+        return merge(DEFAULT_RETRY, self.defaults.retry, node.retry)  # type: ignore[no-any-return,unused-ignore]
 
     def default_model(self, agent: str) -> str | None:
         """The model ``ctx.llm`` uses for ``agent``: its own, else the spec's only model."""
@@ -184,11 +184,7 @@ def template_node_refs(source: str) -> set[str]:
         if isinstance(g.node, nodes.Name) and g.node.name == "nodes":
             refs.add(g.attr)
     for s in tree.find_all(nodes.Getitem):
-        if (
-            isinstance(s.node, nodes.Name)
-            and s.node.name == "nodes"
-            and isinstance(s.arg, nodes.Const)
-        ):
+        if isinstance(s.node, nodes.Name) and s.node.name == "nodes" and isinstance(s.arg, nodes.Const):
             refs.add(str(s.arg.value))
     return refs
 
@@ -248,18 +244,13 @@ def cross_reference_problems(spec: Spec) -> list[str]:
     seen: dict[str, int] = {}
     for i, n in enumerate(spec.nodes):
         if n.id in seen:
-            problems.append(
-                f"{_where(i, n)}.id: duplicate node id {n.id!r} (first at nodes[{seen[n.id]}])"
-            )
+            problems.append(f"{_where(i, n)}.id: duplicate node id {n.id!r} (first at nodes[{seen[n.id]}])")
         else:
             seen[n.id] = i
     for i, n in enumerate(spec.nodes):
         w = _where(i, n)
         if n.agent not in spec.agents:
-            problems.append(
-                f"{w}.agent: unknown agent {n.agent!r}"
-                f" (known: {', '.join(sorted(spec.agents))})"
-            )
+            problems.append(f"{w}.agent: unknown agent {n.agent!r} (known: {', '.join(sorted(spec.agents))})")
         for d in n.depends_on:
             if d not in seen:
                 problems.append(f"{w}.depends_on: unknown node {d!r}")
@@ -274,8 +265,7 @@ def cross_reference_problems(spec: Spec) -> list[str]:
             continue
         for r in sorted(refs - set(n.depends_on)):
             problems.append(
-                f"{w}.task: reads nodes.{r} but {r!r} is not in depends_on"
-                " (its output would not exist yet)"
+                f"{w}.task: reads nodes.{r} but {r!r} is not in depends_on (its output would not exist yet)"
             )
     for mname, m in spec.models.items():
         if isinstance(m, ScriptedModelSpec):
@@ -390,17 +380,11 @@ def _resolve_files(spec: Spec, base: Path, source: str) -> Spec:
                     [f"models.{mname}.replies_file: cannot load {m.replies_file}: {e}"], source
                 ) from None
             if not isinstance(data, list):
-                raise SpecError(
-                    [f"models.{mname}.replies_file: must hold a list of replies"], source
-                )
+                raise SpecError([f"models.{mname}.replies_file: must hold a list of replies"], source)
             try:
-                extra = ScriptedModelSpec.model_validate(
-                    {"provider": "scripted", "replies": data}
-                ).replies
+                extra = ScriptedModelSpec.model_validate({"provider": "scripted", "replies": data}).replies
             except ValidationError as e:
-                raise SpecError(
-                    [f"models.{mname}.replies_file: {e.errors()[0]['msg']}"], source
-                ) from None
+                raise SpecError([f"models.{mname}.replies_file: {e.errors()[0]['msg']}"], source) from None
             m.replies = [*m.replies, *extra]
             m.replies_file = None
     return spec

@@ -48,6 +48,4 @@ class RunState(StrEnum):
         return self in TERMINAL_RUN_STATES
 
 
-TERMINAL_RUN_STATES = frozenset(
-    {RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED, RunState.PARTIAL}
-)
+TERMINAL_RUN_STATES = frozenset({RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED, RunState.PARTIAL})

@@ -38,6 +38,7 @@ from .reaper import Reaper
 from .report import collect, render_report, render_status
 from .submit import submit_spec
 
+
 def _console(stderr: bool = False) -> Console:
     c = Console(stderr=stderr)
     if not c.is_terminal:  # pipes and CI logs: do not wrap tables at 80 columns
@@ -72,7 +73,11 @@ def _exit_for(status: str) -> int:
 
 
 input_option = click.option(
-    "--input", "-i", "inputs", multiple=True, metavar="KEY=VALUE",
+    "--input",
+    "-i",
+    "inputs",
+    multiple=True,
+    metavar="KEY=VALUE",
     help="Override an entry of the spec's inputs (repeatable; values parsed as YAML).",
 )
 
@@ -111,11 +116,11 @@ def validate(spec_file: str, inputs: tuple[str, ...], as_json: bool) -> None:
         for p in e.problems:
             click.echo(f"error: {e.source}: {p}", err=True)
         sys.exit(EXIT_USAGE)
-    info = {"name": spec.name, "nodes": len(spec.nodes), "exec_hash": execution_hash(spec)}
+    h = execution_hash(spec)
     if as_json:
-        print_json(info)
+        print_json({"name": spec.name, "nodes": len(spec.nodes), "exec_hash": h})
     else:
-        click.echo(f"{spec_file}: valid ({info['nodes']} nodes, exec hash {info['exec_hash'][:16]})")
+        click.echo(f"{spec_file}: valid ({len(spec.nodes)} nodes, exec hash {h[:16]})")
 
 
 @main.command()
@@ -126,12 +131,21 @@ def validate(spec_file: str, inputs: tuple[str, ...], as_json: bool) -> None:
 @click.option("--workers", "-w", default=2, show_default=True, help="In-process workers.")
 @click.option("--concurrency", "-c", default=8, show_default=True, help="Nodes each worker runs at once.")
 @click.option("--timeout", "timeout_s", type=float, default=None, help="Give up after this many seconds.")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Show node states while running.")
+@click.option(
+    "--progress/--no-progress", default=True, show_default=True, help="Show node states while running."
+)
 @json_option
 @run_async
 async def run(
-    spec_file: str, inputs: tuple[str, ...], redis_url: str | None, prefix: str, workers: int,
-    concurrency: int, timeout_s: float | None, progress: bool, as_json: bool,
+    spec_file: str,
+    inputs: tuple[str, ...],
+    redis_url: str | None,
+    prefix: str,
+    workers: int,
+    concurrency: int,
+    timeout_s: float | None,
+    progress: bool,
+    as_json: bool,
 ) -> int:
     """Run a DAG to completion in this process and print the execution report.
 
@@ -150,8 +164,10 @@ async def run(
         redis_url = server.url
     try:
         broker = await _broker(redis_url, prefix)
-        fleet = [Worker(broker, concurrency=concurrency, heartbeat_ttl_s=5.0, grace_period_s=5.0)
-                 for _ in range(workers)]
+        fleet = [
+            Worker(broker, concurrency=concurrency, heartbeat_ttl_s=5.0, grace_period_s=5.0)
+            for _ in range(workers)
+        ]
         reaper = Reaper(broker, interval_s=0.5, heartbeat_ttl_s=5.0)
         stop = asyncio.Event()
         tasks = [asyncio.create_task(w.run()) for w in fleet]
@@ -159,11 +175,12 @@ async def run(
         try:
             submitted = await submit_spec(broker, spec)
             where = "embedded Valkey" if server else redact(redis_url)
-            err.print(f"run {submitted.run_id} ({spec.name}, {len(spec.nodes)} nodes) on {where}",
-                      highlight=False)
-            status = await wait_for_run(broker, submitted.run_id,
-                                        err if progress and not as_json else None,
-                                        timeout_s=timeout_s)
+            err.print(
+                f"run {submitted.run_id} ({spec.name}, {len(spec.nodes)} nodes) on {where}", highlight=False
+            )
+            status = await wait_for_run(
+                broker, submitted.run_id, err if progress and not as_json else None, timeout_s=timeout_s
+            )
         finally:
             for w in fleet:
                 w.request_stop()
@@ -188,13 +205,21 @@ async def run(
 @redis_url_option
 @prefix_option
 @click.option("--wait", is_flag=True, help="Wait for the run to finish; exit 0 if it SUCCEEDED.")
-@click.option("--timeout", "timeout_s", type=float, default=None, help="With --wait: give up after N seconds.")
+@click.option(
+    "--timeout", "timeout_s", type=float, default=None, help="With --wait: give up after N seconds."
+)
 @click.option("--idempotency-key", default=None, help="Submitting twice with one key returns the first run.")
 @json_option
 @run_async
 async def submit(
-    spec_file: str, inputs: tuple[str, ...], redis_url: str | None, prefix: str, wait: bool,
-    timeout_s: float | None, idempotency_key: str | None, as_json: bool,
+    spec_file: str,
+    inputs: tuple[str, ...],
+    redis_url: str | None,
+    prefix: str,
+    wait: bool,
+    timeout_s: float | None,
+    idempotency_key: str | None,
+    as_json: bool,
 ) -> int:
     """Validate SPEC_FILE and submit it as a new run; print the run id.
 
@@ -353,9 +378,14 @@ async def runs(redis_url: str | None, prefix: str, limit: int, as_json: bool) ->
     for c in ("run", "name", "status", "nodes", "failed", "tokens in/out"):
         t.add_column(c)
     for r in items:
-        t.add_row(r["id"], r.get("name", ""), _styled(r.get("status", "?")),
-                  f"{r.get('nodes_done', 0)}/{r.get('nodes_total', 0)}", r.get("nodes_failed", "0"),
-                  f"{r.get('tokens_in', 0)}/{r.get('tokens_out', 0)}")
+        t.add_row(
+            r["id"],
+            r.get("name", ""),
+            _styled(r.get("status", "?")),
+            f"{r.get('nodes_done', 0)}/{r.get('nodes_total', 0)}",
+            r.get("nodes_failed", "0"),
+            f"{r.get('tokens_in', 0)}/{r.get('tokens_out', 0)}",
+        )
     out.print(t)
     return EXIT_OK
 
@@ -383,9 +413,14 @@ async def workers(redis_url: str | None, prefix: str, as_json: bool) -> int:
     for c in ("worker", "state", "heartbeat age", "queues", "concurrency", "active jobs"):
         t.add_column(c)
     for w in items:
-        t.add_row(w["id"], "[green]alive[/]" if w["alive"] else "[red]dead[/]",
-                  f"{w['heartbeat_age_s']}s", w.get("queues", ""), w.get("concurrency", ""),
-                  str(len(w["active"])))
+        t.add_row(
+            w["id"],
+            "[green]alive[/]" if w["alive"] else "[red]dead[/]",
+            f"{w['heartbeat_age_s']}s",
+            w.get("queues", ""),
+            w.get("concurrency", ""),
+            str(len(w["active"])),
+        )
     out.print(t)
     return EXIT_OK
 
@@ -394,11 +429,21 @@ async def workers(redis_url: str | None, prefix: str, as_json: bool) -> int:
 @redis_url_option
 @prefix_option
 @click.option("--reaper-interval", default=1.0, show_default=True, help="Seconds between reaper passes.")
-@click.option("--heartbeat-ttl", default=10.0, show_default=True, help="Must match the workers' --heartbeat-ttl.")
-@click.option("--max-requeues", default=5, show_default=True, help="Requeues after worker deaths before a node is dead-lettered (poison).")
+@click.option(
+    "--heartbeat-ttl", default=10.0, show_default=True, help="Must match the workers' --heartbeat-ttl."
+)
+@click.option(
+    "--max-requeues",
+    default=5,
+    show_default=True,
+    help="Requeues after worker deaths before a node is dead-lettered (poison).",
+)
 @run_async
 async def serve(
-    redis_url: str | None, prefix: str, reaper_interval: float, heartbeat_ttl: float,
+    redis_url: str | None,
+    prefix: str,
+    reaper_interval: float,
+    heartbeat_ttl: float,
     max_requeues: int,
 ) -> int:
     """Run the reaper (dead-worker recovery) and the delayed-retry promoter.
@@ -414,10 +459,12 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    reaper = Reaper(broker, interval_s=reaper_interval, heartbeat_ttl_s=heartbeat_ttl,
-                    max_requeues=max_requeues)
-    log.info("serve.started", redis=redact(url), reaper_interval_s=reaper_interval,
-             heartbeat_ttl_s=heartbeat_ttl)
+    reaper = Reaper(
+        broker, interval_s=reaper_interval, heartbeat_ttl_s=heartbeat_ttl, max_requeues=max_requeues
+    )
+    log.info(
+        "serve.started", redis=redact(url), reaper_interval_s=reaper_interval, heartbeat_ttl_s=heartbeat_ttl
+    )
     await reaper.run(stop)
     log.info("serve.stopped", passes=reaper.stats.passes, requeued=reaper.stats.requeued)
     return EXIT_OK

@@ -75,8 +75,7 @@ async def wait_for_run(
             elif console is not None and len(node_ids) <= TABLE_LIMIT:
                 for i, st in enumerate(states):
                     if not last or last[i] != st:
-                        console.print(f"[{time.monotonic() - t0:7.2f}s] {node_ids[i]}: {st}",
-                                      highlight=False)
+                        console.print(f"[{time.monotonic() - t0:7.2f}s] {node_ids[i]}: {st}", highlight=False)
             last = states
             if status in RunState.__members__ and RunState(status).terminal:
                 return status

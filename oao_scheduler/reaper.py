@@ -69,8 +69,13 @@ class Reaper:
             self.stats.requeued += r.requeued
             self.stats.poisoned += r.poisoned
             self.stats.reaped_workers.append(wid)
-            self.log.warning("reaper.worker_dead", dead_worker=wid, requeued=r.requeued,
-                             poisoned=r.poisoned, dropped=r.dropped)
+            self.log.warning(
+                "reaper.worker_dead",
+                dead_worker=wid,
+                requeued=r.requeued,
+                poisoned=r.poisoned,
+                dropped=r.dropped,
+            )
         return results
 
     async def run(self, stop: asyncio.Event) -> None:

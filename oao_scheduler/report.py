@@ -74,8 +74,7 @@ async def collect(broker: Broker, run_id: str, with_events: bool = True) -> dict
     for ev in events:
         state = _NODE_EVENT_STATE.get(EventType(ev.type)) if ev.type in EventType.__members__ else None
         if state and ev.node in history:
-            history[ev.node].append({"state": state, "t_ms": ev.ts_ms - created,
-                                     "attempt": ev.attempt})
+            history[ev.node].append({"state": state, "t_ms": ev.ts_ms - created, "attempt": ev.attempt})
     out_nodes = []
     replayed = 0
     for n in nodes:
@@ -142,14 +141,18 @@ def _error_text(err: Any) -> str:
 def node_table(report: dict[str, Any], title: str | None = None) -> Table:
     """The node table shared by ``status`` and the report."""
     t = Table(title=title, title_justify="left", expand=False)
-    for col in ("node", "agent", "status", "att", "steps", "tok in/out", "tools", "time s",
-                "error"):
+    for col in ("node", "agent", "status", "att", "steps", "tok in/out", "tools", "time s", "error"):
         t.add_column(col, overflow="fold")
     for n in report["nodes"]:
         steps = str(n["steps"]) + (f" ({n['replayed_steps']} replayed)" if n["replayed_steps"] else "")
         t.add_row(
-            n["id"], n["agent"], _styled(n["status"]), str(n["attempt"]), steps,
-            f"{n['tokens_in']}/{n['tokens_out']}", str(n["tool_calls"]),
+            n["id"],
+            n["agent"],
+            _styled(n["status"]),
+            str(n["attempt"]),
+            steps,
+            f"{n['tokens_in']}/{n['tokens_out']}",
+            str(n["tool_calls"]),
             "" if n["duration_s"] is None else f"{n['duration_s']:.2f}",
             _error_text(n["error"])[:120],
         )
@@ -159,9 +162,7 @@ def node_table(report: dict[str, Any], title: str | None = None) -> Table:
 def _header(report: dict[str, Any], console: Console) -> None:
     tot = report["totals"]
     dur = "" if report["duration_s"] is None else f" in {report['duration_s']:.2f}s"
-    console.print(
-        f"[bold]run {report['run_id']}[/] ({report['name']}): {_styled(report['status'])}{dur}"
-    )
+    console.print(f"[bold]run {report['run_id']}[/] ({report['name']}): {_styled(report['status'])}{dur}")
     console.print(f"execution hash {report['exec_hash']}")
     console.print(
         f"nodes {tot['nodes_done']}/{tot['nodes']} done, {tot['nodes_failed']} failed · "
@@ -191,7 +192,8 @@ def render_report(report: dict[str, Any], console: Console, output_chars: int = 
             text = n["output"] if isinstance(n["output"], str) else json.dumps(n["output"])
             if len(text) > output_chars:
                 text = text[:output_chars] + f"… ({len(text)} chars)"
-            console.print("  output:    " + text.replace("\n", "\n             "),
-                          highlight=False, markup=False)
+            console.print(
+                "  output:    " + text.replace("\n", "\n             "), highlight=False, markup=False
+            )
         if n["error"]:
             console.print(f"  error:     [red]{_error_text(n['error'])}[/]", highlight=False)

@@ -22,21 +22,38 @@ from .worker import Worker
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @redis_url_option
 @prefix_option
-@click.option("--queues", "-q", default="default", show_default=True,
-              help="Comma-separated queues to claim from.")
-@click.option("--concurrency", "-c", default=10, show_default=True,
-              help="Most nodes run at once (asyncio tasks).")
-@click.option("--heartbeat-ttl", default=10.0, show_default=True,
-              help="Seconds a heartbeat lives; refreshed every third of it.")
-@click.option("--grace-period", default=30.0, show_default=True,
-              help="Seconds in-flight nodes get to finish on SIGTERM before being handed back.")
+@click.option(
+    "--queues", "-q", default="default", show_default=True, help="Comma-separated queues to claim from."
+)
+@click.option(
+    "--concurrency", "-c", default=10, show_default=True, help="Most nodes run at once (asyncio tasks)."
+)
+@click.option(
+    "--heartbeat-ttl",
+    default=10.0,
+    show_default=True,
+    help="Seconds a heartbeat lives; refreshed every third of it.",
+)
+@click.option(
+    "--grace-period",
+    default=30.0,
+    show_default=True,
+    help="Seconds in-flight nodes get to finish on SIGTERM before being handed back.",
+)
 @click.option("--worker-id", default=None, help="Default: <host>-<pid>-<random>.")
 @click.option("--app-dir", default=None, help="Directory put on sys.path for entrypoints (default: cwd).")
 @click.option("--log-level", default=None, help="debug, info, warning, error (env OAO_LOG_LEVEL).")
 @run_async
 async def main(
-    redis_url: str | None, prefix: str, queues: str, concurrency: int, heartbeat_ttl: float,
-    grace_period: float, worker_id: str | None, app_dir: str | None, log_level: str | None,
+    redis_url: str | None,
+    prefix: str,
+    queues: str,
+    concurrency: int,
+    heartbeat_ttl: float,
+    grace_period: float,
+    worker_id: str | None,
+    app_dir: str | None,
+    log_level: str | None,
 ) -> int:
     """Claim nodes from Redis and run their agents until SIGTERM / SIGINT.
 

@@ -130,11 +130,13 @@ class AgentContext:
         rec = ledger[seq - 1] if seq <= len(ledger) else None
         if rec is not None:
             if rec.get("request_hash") != req_hash:
-                raise NonDeterminismError(f"{self.node_id}#{seq} ({kind} {name})",
-                                          str(rec.get("request_hash")), req_hash)
+                raise NonDeterminismError(
+                    f"{self.node_id}#{seq} ({kind} {name})", str(rec.get("request_hash")), req_hash
+                )
             u = rec.get("usage") or {}
-            self.governor.account(kind, int(u.get("in", 0)), int(u.get("out", 0)),
-                                  float(u.get("cost_usd", 0.0)))
+            self.governor.account(
+                kind, int(u.get("in", 0)), int(u.get("out", 0)), float(u.get("cost_usd", 0.0))
+            )
             self.replayed_steps += 1
             self.emit(EventType.STEP_REPLAYED, {"seq": seq, "kind": kind, "name": name})
             return rec.get("result")
@@ -159,12 +161,25 @@ class AgentContext:
         }
         self.emit(
             EventType.STEP_COMPLETED,
-            {"seq": seq, "kind": kind, "name": name, "tokens_in": tin, "tokens_out": tout,
-             "duration_ms": duration_ms},
+            {
+                "seq": seq,
+                "kind": kind,
+                "name": name,
+                "tokens_in": tin,
+                "tokens_out": tout,
+                "duration_ms": duration_ms,
+            },
         )
         ok = await self.broker.record_step(
-            self.worker_id, self.job, seq, record, tin, tout, cost,
-            is_tool=kind == "tool", events=self.drain_events(),
+            self.worker_id,
+            self.job,
+            seq,
+            record,
+            tin,
+            tout,
+            cost,
+            is_tool=kind == "tool",
+            events=self.drain_events(),
         )
         if not ok:
             raise StaleAttemptError(f"{self.run_id}/{self.node_id} attempt {self.attempt} is stale")
@@ -183,12 +198,23 @@ class AgentContext:
                 "which died before recording a result; the side effect may have happened, so "
                 "it is not run again (declare the tool idempotent: true to allow that)"
             )
-        self.emit(EventType.STEP_STARTED, {"seq": seq, "kind": "tool", "name": name,
-                                           "retry_of_attempt": prior.get("attempt") if prior else None})
-        marker = {"kind": "tool", "name": name, "request_hash": req_hash,
-                  "attempt": self.attempt, "idempotent": idempotent}
-        if not await self.broker.begin_step(self.worker_id, self.job, seq, marker,
-                                            self.drain_events()):
+        self.emit(
+            EventType.STEP_STARTED,
+            {
+                "seq": seq,
+                "kind": "tool",
+                "name": name,
+                "retry_of_attempt": prior.get("attempt") if prior else None,
+            },
+        )
+        marker = {
+            "kind": "tool",
+            "name": name,
+            "request_hash": req_hash,
+            "attempt": self.attempt,
+            "idempotent": idempotent,
+        }
+        if not await self.broker.begin_step(self.worker_id, self.job, seq, marker, self.drain_events()):
             raise StaleAttemptError(f"{self.run_id}/{self.node_id} attempt {self.attempt} is stale")
 
     async def llm(
@@ -214,20 +240,24 @@ class AgentContext:
         k = self._model_calls.get(name, 0)
         self._model_calls[name] = k + 1
         request = ModelRequest(
-            model=name, messages=msgs, tools=schemas, max_tokens=max_tokens,
+            model=name,
+            messages=msgs,
+            tools=schemas,
+            max_tokens=max_tokens,
             temperature=temperature,
             context={**self.template_vars(), "call_index": k},
         )
         provider = self.providers[name]
 
         async def execute(step: StepInfo) -> tuple[Any, int, int, float]:
-            reply = await provider.complete(
-                request, lambda _delta, out: self.governor.on_chunk(step, out)
-            )
+            reply = await provider.complete(request, lambda _delta, out: self.governor.on_chunk(step, out))
             return reply.to_dict(), reply.usage.input_tokens, reply.usage.output_tokens, 0.0
 
         result = await self._step(
-            "llm", name, {"kind": "llm", **request.hash_view()}, execute,
+            "llm",
+            name,
+            {"kind": "llm", **request.hash_view()},
+            execute,
             input_tokens=estimate_message_tokens(msgs),
         )
         return ModelReply.from_dict(result)
@@ -278,8 +308,7 @@ class AgentContext:
             value = await fn()
             return json.loads(canonical_json(value)), 0, 0, 0.0
 
-        return await self._step("invoke", name, {"kind": "invoke", "name": name, "task": self.task},
-                                execute)
+        return await self._step("invoke", name, {"kind": "invoke", "name": name, "task": self.task}, execute)
 
     def node_fields(self) -> dict[str, str]:
         """Figures written to the node hash at the end of the attempt."""

@@ -152,10 +152,7 @@ class Worker:
         await self.broker.heartbeat(self.id, self.heartbeat_ttl_s, info)
         self.log.info("worker.started", queues=self.queues, concurrency=self.concurrency)
         hb = asyncio.create_task(self._heartbeat_loop(), name=f"{self.id}-heartbeat")
-        loops = [
-            asyncio.create_task(self._claim_loop(q), name=f"{self.id}-claim-{q}")
-            for q in self.queues
-        ]
+        loops = [asyncio.create_task(self._claim_loop(q), name=f"{self.id}-claim-{q}") for q in self.queues]
         try:
             await self._stop.wait()
         finally:
@@ -182,13 +179,14 @@ class Worker:
             try:
                 n = await self.broker.handback(self.id)
                 await self.broker.deregister(self.id)
-                self.log.info("worker.stopped", handed_back=n, completed=self.completed,
-                              failed=self.failed)
+                self.log.info("worker.stopped", handed_back=n, completed=self.completed, failed=self.failed)
                 return
             except REDIS_ERRORS as e:
                 self.log.warning("worker.handback_failed", error=str(e))
-        self.log.error("worker.handback_gave_up",
-                       note="the reaper will requeue this worker's jobs after its heartbeat expires")
+        self.log.error(
+            "worker.handback_gave_up",
+            note="the reaper will requeue this worker's jobs after its heartbeat expires",
+        )
 
     # ------------------------------------------------------------------ heartbeat
 
@@ -212,8 +210,7 @@ class Worker:
         lost = [(t, j) for (t, j), ok in zip(items, held, strict=True) if not ok]
         self.log.warning("worker.heartbeat_lapsed", inflight=len(items), lost=len(lost))
         for t, j in lost:
-            self.log.warning("node.lease_lost", run_id=j.run_id, node_id=j.node_id,
-                             attempt=j.attempt)
+            self.log.warning("node.lease_lost", run_id=j.run_id, node_id=j.node_id, attempt=j.attempt)
             t.cancel()
 
     # ------------------------------------------------------------------ claiming
@@ -241,8 +238,9 @@ class Worker:
             except REDIS_ERRORS as e:
                 failures += 1
                 pause = min(10.0, 0.05 * 2 ** min(failures, 8))
-                self.log.warning("worker.redis_unavailable", queue=queue, error=str(e),
-                                 retry_in_s=round(pause, 2))
+                self.log.warning(
+                    "worker.redis_unavailable", queue=queue, error=str(e), retry_in_s=round(pause, 2)
+                )
             finally:
                 self._slots.release(taken)
             if pause:
@@ -291,13 +289,15 @@ class Worker:
             except TimeoutError:
                 elapsed = round(time.monotonic() - started, 3)
                 raise PolicyViolation("timeout_s", policy.timeout_s, elapsed) from None
-            ok = await self.broker.complete(self.id, job, output, ctx.node_fields(),
-                                            ctx.drain_events())
+            ok = await self.broker.complete(self.id, job, output, ctx.node_fields(), ctx.drain_events())
             if ok:
                 self.completed += 1
-                log.info("node.succeeded", steps=ctx.governor.usage.steps,
-                         replayed=ctx.replayed_steps,
-                         duration_ms=int((time.monotonic() - started) * 1000))
+                log.info(
+                    "node.succeeded",
+                    steps=ctx.governor.usage.steps,
+                    replayed=ctx.replayed_steps,
+                    duration_ms=int((time.monotonic() - started) * 1000),
+                )
             else:
                 log.warning("node.stale_completion_rejected")
         except asyncio.CancelledError:
@@ -333,12 +333,19 @@ class Worker:
         try:
             r = await self.broker.fail(self.id, job, info, delay, fields, events)
         except REDIS_ERRORS as re:
-            log.error("node.fail_not_recorded", error=str(re),
-                      note="the job stays in the active list; handback or the reaper requeues it")
+            log.error(
+                "node.fail_not_recorded",
+                error=str(re),
+                note="the job stays in the active list; handback or the reaper requeues it",
+            )
             return
         if r == 2:
-            log.warning("node.retry_scheduled", error=info["message"], delay_s=round(delay or 0, 3),
-                        retry=job.retries + 1)
+            log.warning(
+                "node.retry_scheduled",
+                error=info["message"],
+                delay_s=round(delay or 0, 3),
+                retry=job.retries + 1,
+            )
         elif r == 1:
             self.failed += 1
             log.error("node.failed", error=info["message"], error_type=info["type"])

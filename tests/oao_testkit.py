@@ -35,8 +35,11 @@ def make_spec(nodes: list[dict[str, Any]], **extra: Any) -> Spec:
                 "flaky": {"kind": "python", "entrypoint": "oao_test_agents:flaky"},
                 "broken": {"kind": "python", "entrypoint": "oao_test_agents:broken"},
                 "chatty": {"kind": "python", "entrypoint": "oao_test_agents:chatty"},
-                "steps": {"kind": "python", "entrypoint": "oao_test_agents:two_tools_then_wait",
-                          "tools": ["side_effect"]},
+                "steps": {
+                    "kind": "python",
+                    "entrypoint": "oao_test_agents:two_tools_then_wait",
+                    "tools": ["side_effect"],
+                },
             },
         ),
         "tools": extra.pop("tools", TOOLS),
@@ -51,14 +54,21 @@ async def fleet(
     broker: Broker, workers: int = 1, concurrency: int = 4, reaper: bool = True, **kw: Any
 ) -> AsyncIterator[list[Worker]]:
     """In-process workers (and a reaper) running until the block exits."""
-    ws = [Worker(broker, concurrency=concurrency, claim_timeout_s=0.2,
-                 heartbeat_ttl_s=kw.pop("heartbeat_ttl_s", 2.0), grace_period_s=1.0, **kw)
-          for _ in range(workers)]
+    ws = [
+        Worker(
+            broker,
+            concurrency=concurrency,
+            claim_timeout_s=0.2,
+            heartbeat_ttl_s=kw.pop("heartbeat_ttl_s", 2.0),
+            grace_period_s=1.0,
+            **kw,
+        )
+        for _ in range(workers)
+    ]
     stop = asyncio.Event()
     tasks = [asyncio.create_task(w.run()) for w in ws]
     if reaper:
-        tasks.append(asyncio.create_task(
-            Reaper(broker, interval_s=0.1, heartbeat_ttl_s=2.0).run(stop)))
+        tasks.append(asyncio.create_task(Reaper(broker, interval_s=0.1, heartbeat_ttl_s=2.0).run(stop)))
     try:
         yield ws
     finally:

@@ -34,7 +34,10 @@ class LLMAgent:
         for _turn in range(s.max_turns):
             lc.enter(AgentState.PLAN)
             reply = await ctx.llm(
-                messages, model=s.model, tools=s.tools, max_tokens=s.max_tokens,
+                messages,
+                model=s.model,
+                tools=s.tools,
+                max_tokens=s.max_tokens,
                 temperature=s.temperature,
             )
             messages.append(reply.assistant_message())
@@ -51,5 +54,6 @@ class LLMAgent:
                     content = value if isinstance(value, str) else json.dumps(value)
                 messages.append({"role": "tool", "tool_call_id": call.id, "content": content})
             lc.enter(AgentState.REVIEW)
-        raise PolicyViolation("max_turns", s.max_turns, s.max_turns + 1,
-                              detail="no final answer within max_turns")
+        raise PolicyViolation(
+            "max_turns", s.max_turns, s.max_turns + 1, detail="no final answer within max_turns"
+        )

@@ -78,8 +78,11 @@ class ModelReply:
             import json
 
             msg["tool_calls"] = [
-                {"id": t.id, "type": "function",
-                 "function": {"name": t.name, "arguments": json.dumps(t.args, sort_keys=True)}}
+                {
+                    "id": t.id,
+                    "type": "function",
+                    "function": {"name": t.name, "arguments": json.dumps(t.args, sort_keys=True)},
+                }
                 for t in self.tool_calls
             ]
         return msg

@@ -6,19 +6,22 @@ from __future__ import annotations
 import asyncio
 import json
 
+from oao_testkit import fleet, make_spec, of_type, run_spec
+
 from oao_common.broker import Broker
 from oao_common.keys import job_id
 from oao_scheduler.reaper import Reaper
 from oao_scheduler.submit import submit_spec
-from oao_testkit import fleet, make_spec, of_type, run_spec
 
 
 async def test_submit_writes_run_and_pushes_roots_only(broker: Broker) -> None:
-    spec = make_spec([
-        {"id": "a", "agent": "noop"},
-        {"id": "b", "agent": "noop", "depends_on": ["a"]},
-        {"id": "c", "agent": "noop", "queue": "other"},
-    ])
+    spec = make_spec(
+        [
+            {"id": "a", "agent": "noop"},
+            {"id": "b", "agent": "noop", "depends_on": ["a"]},
+            {"id": "c", "agent": "noop", "queue": "other"},
+        ]
+    )
     s = await submit_spec(broker, spec)
     run = await broker.get_run(s.run_id)
     assert run["status"] == "PENDING" and run["nodes_total"] == "3"
@@ -28,7 +31,7 @@ async def test_submit_writes_run_and_pushes_roots_only(broker: Broker) -> None:
     assert await r.lrange(broker.keys.queue("other"), 0, -1) == [job_id(s.run_id, "c")]
     nodes = {n["id"]: n for n in await broker.get_nodes(s.run_id, ["a", "b", "c"])}
     assert nodes["b"]["status"] == "PENDING" and nodes["b"]["pending"] == "1"
-    assert [e.type for e in await broker.events(s.run_id)][0] == "RUN_SUBMITTED"
+    assert next(e.type for e in await broker.events(s.run_id)) == "RUN_SUBMITTED"
 
 
 async def test_idempotency_key_returns_first_run(broker: Broker) -> None:
@@ -40,11 +43,13 @@ async def test_idempotency_key_returns_first_run(broker: Broker) -> None:
 
 
 async def test_claim_and_complete_release_dependents(broker: Broker) -> None:
-    spec = make_spec([
-        {"id": "a", "agent": "noop"},
-        {"id": "b", "agent": "noop", "depends_on": ["a"]},
-        {"id": "c", "agent": "noop", "depends_on": ["a", "b"]},
-    ])
+    spec = make_spec(
+        [
+            {"id": "a", "agent": "noop"},
+            {"id": "b", "agent": "noop", "depends_on": ["a"]},
+            {"id": "c", "agent": "noop", "depends_on": ["a", "b"]},
+        ]
+    )
     s = await submit_spec(broker, spec)
     job = await broker.wait_for_job("default", "w1", 1)
     [c] = await broker.claim("w1", "default", job, 5)
@@ -71,13 +76,15 @@ async def test_claim_and_complete_release_dependents(broker: Broker) -> None:
 
 async def test_dag_runs_in_topological_order(broker: Broker) -> None:
     # diamond plus a tail: a -> (b, c) -> d -> e
-    spec = make_spec([
-        {"id": "a", "agent": "noop"},
-        {"id": "b", "agent": "noop", "depends_on": ["a"]},
-        {"id": "c", "agent": "noop", "depends_on": ["a"]},
-        {"id": "d", "agent": "noop", "depends_on": ["b", "c"]},
-        {"id": "e", "agent": "noop", "depends_on": ["d"]},
-    ])
+    spec = make_spec(
+        [
+            {"id": "a", "agent": "noop"},
+            {"id": "b", "agent": "noop", "depends_on": ["a"]},
+            {"id": "c", "agent": "noop", "depends_on": ["a"]},
+            {"id": "d", "agent": "noop", "depends_on": ["b", "c"]},
+            {"id": "e", "agent": "noop", "depends_on": ["d"]},
+        ]
+    )
     rid = await run_spec(broker, spec, workers=2)
     events = await broker.events(rid)
     assert (await broker.get_run(rid))["status"] == "SUCCEEDED"
@@ -90,11 +97,13 @@ async def test_dag_runs_in_topological_order(broker: Broker) -> None:
 
 
 async def test_parallel_branches_overlap(broker: Broker) -> None:
-    spec = make_spec([
-        {"id": "root", "agent": "noop"},
-        {"id": "x", "agent": "sleeper", "task": "0.3", "depends_on": ["root"]},
-        {"id": "y", "agent": "sleeper", "task": "0.3", "depends_on": ["root"]},
-    ])
+    spec = make_spec(
+        [
+            {"id": "root", "agent": "noop"},
+            {"id": "x", "agent": "sleeper", "task": "0.3", "depends_on": ["root"]},
+            {"id": "y", "agent": "sleeper", "task": "0.3", "depends_on": ["root"]},
+        ]
+    )
     rid = await run_spec(broker, spec, workers=1, concurrency=2)
     ev = await broker.events(rid)
     sx, sy = (of_type(ev, "NODE_STARTED", node=n)[0].ts_ms for n in "xy")
@@ -141,8 +150,10 @@ async def test_policy_violation_is_not_retried(broker: Broker) -> None:
         [{"id": "loop", "agent": "runaway"}],
         agents={"runaway": {"kind": "python", "entrypoint": "examples.agents:runaway"}},
         models={"m": {"provider": "scripted", "replies": ["word " * 50]}},
-        defaults={"policy": {"max_tokens": 300, "max_steps": 100},
-                  "retry": {"max_retries": 3, "retry_delay_s": 0.01}},
+        defaults={
+            "policy": {"max_tokens": 300, "max_steps": 100},
+            "retry": {"max_retries": 3, "retry_delay_s": 0.01},
+        },
     )
     rid = await run_spec(broker, spec)
     [node] = await broker.get_nodes(rid, ["loop"])

@@ -8,11 +8,11 @@ import json
 from pathlib import Path
 
 import pytest
+from oao_testkit import make_spec, of_type, run_spec
 
 from oao_common.broker import Broker
 from oao_common.spec import load_spec
 from oao_scheduler.submit import submit_spec
-from oao_testkit import make_spec, of_type, run_spec
 
 
 async def test_resume_from_first_incomplete_step(
@@ -77,11 +77,13 @@ async def test_nondeterminism_is_detected(broker: Broker) -> None:
     job = await broker.wait_for_job("default", "w", 1)
     [cj] = await broker.claim("w", "default", job, 0)
     # a previous attempt recorded step 1 with a different request
-    assert await broker.record_step("w", cj, 1, {"kind": "llm", "request_hash": "0" * 64,
-                                                 "result": {"content": "x"}})
+    assert await broker.record_step(
+        "w", cj, 1, {"kind": "llm", "request_hash": "0" * 64, "result": {"content": "x"}}
+    )
     await broker.handback("w")
-    from oao_scheduler.progress import wait_for_run
     from oao_testkit import fleet
+
+    from oao_scheduler.progress import wait_for_run
 
     async with fleet(broker):
         await wait_for_run(broker, s.run_id, interval_s=0.02, timeout_s=20)
@@ -115,8 +117,12 @@ async def test_llm_agent_blog_example(broker: Broker) -> None:
 async def test_tool_outside_allow_list_is_a_policy_violation(broker: Broker) -> None:
     spec = make_spec(
         [{"id": "x", "agent": "caller"}],
-        models={"m": {"provider": "scripted", "replies": [
-            {"content": "", "tool_calls": [{"name": "side_effect", "args": {"label": "z"}}]}]}},
+        models={
+            "m": {
+                "provider": "scripted",
+                "replies": [{"content": "", "tool_calls": [{"name": "side_effect", "args": {"label": "z"}}]}],
+            }
+        },
         agents={"caller": {"kind": "llm", "model": "m", "tools": []}},
     )
     rid = await run_spec(broker, spec)

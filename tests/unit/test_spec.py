@@ -31,7 +31,9 @@ def problems(nodes: str, base: str = BASE) -> list[str]:
 
 
 def test_valid_spec_parses_and_merges_policy() -> None:
-    spec = parse_spec(BASE % "  - {id: a, agent: a, policy: {max_tokens: 10}}\n  - {id: b, agent: p, depends_on: [a]}")
+    spec = parse_spec(
+        BASE % "  - {id: a, agent: a, policy: {max_tokens: 10}}\n  - {id: b, agent: p, depends_on: [a]}"
+    )
     node = spec.node("a")
     pol = spec.effective_policy(node)
     assert pol.max_tokens == 10 and pol.max_steps == 50  # node override + built-in default
@@ -60,9 +62,7 @@ def test_unknown_agent_model_tool() -> None:
 
 
 def test_missing_dependency() -> None:
-    assert problems("- {id: a, agent: p, depends_on: [zz]}") == [
-        "nodes[0] (a).depends_on: unknown node 'zz'"
-    ]
+    assert problems("- {id: a, agent: p, depends_on: [zz]}") == ["nodes[0] (a).depends_on: unknown node 'zz'"]
 
 
 def test_cycle_prints_path() -> None:
@@ -143,7 +143,9 @@ def test_find_cycle_deep_chain_no_recursion_limit() -> None:
 
 def test_input_pairs() -> None:
     assert parse_input_pairs(["topic=AI gov", "n=3", "flag=true"]) == {
-        "topic": "AI gov", "n": 3, "flag": True,
+        "topic": "AI gov",
+        "n": 3,
+        "flag": True,
     }
     with pytest.raises(SpecError):
         parse_input_pairs(["novalue"])

@@ -12,11 +12,10 @@ from oao_common.errors import IllegalTransition, PolicyViolation
 from oao_common.events import EventType
 from oao_common.hashing import canonical_json, sha256_hex
 from oao_common.keys import Keys, job_id, parse_job
-from oao_common.policy import RetrySpec, backoff_delay_s
+from oao_common.policy import PolicySpec, RetrySpec, backoff_delay_s
 from oao_common.states import NodeState, RunState
 from oao_worker.governance import Governor, StepInfo, StrictPolicy
 from oao_worker.lifecycle import AgentState, Lifecycle
-from oao_common.policy import PolicySpec
 
 
 def test_lifecycle_legal_path_and_events() -> None:
