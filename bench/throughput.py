@@ -88,11 +88,13 @@ def build_spec(n: int, shape: str, entrypoint: str = "examples.agents:noop") -> 
         if shape == "chain" and i > 0:
             node["depends_on"] = [f"n{i - 1:05d}"]
         nodes.append(node)
-    return Spec.model_validate({
-        "name": f"bench-{shape}-{n}",
-        "agents": {"noop": {"kind": "python", "entrypoint": entrypoint}},
-        "nodes": nodes,
-    })
+    return Spec.model_validate(
+        {
+            "name": f"bench-{shape}-{n}",
+            "agents": {"noop": {"kind": "python", "entrypoint": entrypoint}},
+            "nodes": nodes,
+        }
+    )
 
 
 async def _oao_once(url: str, prefix: str, spec: Any, poll_s: float, timeout_s: float) -> tuple[float, float]:
@@ -124,16 +126,21 @@ async def _oao_once(url: str, prefix: str, spec: Any, poll_s: float, timeout_s: 
         await r.aclose()
 
 
-def run_oao(args: argparse.Namespace, target: RedisTarget, procs: ProcessGroup, processes: int,
-            shape: str) -> Result:
+def run_oao(
+    args: argparse.Namespace, target: RedisTarget, procs: ProcessGroup, processes: int, shape: str
+) -> Result:
     target.flush()
     prefix = f"oaobench-{secrets.token_hex(3)}"
-    workers = start_oao_workers(procs, target, prefix, processes, args.oao_concurrency,
-                                log_level=args.worker_log_level)
+    workers = start_oao_workers(
+        procs, target, prefix, processes, args.oao_concurrency, log_level=args.worker_log_level
+    )
     try:
         spec = build_spec(args.jobs, shape)
-        asyncio.run(_oao_once(target.url, prefix, build_spec(min(50, args.jobs), shape),
-                              args.poll_ms / 1000, args.timeout))  # warm-up run
+        asyncio.run(
+            _oao_once(
+                target.url, prefix, build_spec(min(50, args.jobs), shape), args.poll_ms / 1000, args.timeout
+            )
+        )  # warm-up run
         times: list[float] = []
         submits: list[float] = []
         cpu_server = cpu_workers = 0.0
@@ -148,21 +155,37 @@ def run_oao(args: argparse.Namespace, target: RedisTarget, procs: ProcessGroup, 
             cpu_workers += cpu_seconds([w.pid for w in workers]) - w0
             times.append(elapsed)
             submits.append(t_submit)
-            log(f"oao {shape} p={processes}: {args.jobs} nodes in {elapsed:.3f}s "
-                f"(submit {t_submit:.3f}s) = {args.jobs / elapsed:,.0f}/s")
+            log(
+                f"oao {shape} p={processes}: {args.jobs} nodes in {elapsed:.3f}s "
+                f"(submit {t_submit:.3f}s) = {args.jobs / elapsed:,.0f}/s"
+            )
     finally:
         procs.stop_all(workers)
     return _result("oao", processes, shape, args.jobs, times, submits, cpu_server, cpu_workers)
 
 
-def _result(system: str, processes: int, shape: str, jobs: int, times: list[float],
-            submits: list[float], cpu_server: float, cpu_workers: float) -> Result:
+def _result(
+    system: str,
+    processes: int,
+    shape: str,
+    jobs: int,
+    times: list[float],
+    submits: list[float],
+    cpu_server: float,
+    cpu_workers: float,
+) -> Result:
     sec = median(times)
     total = sum(times)
     return Result(
-        system=system, processes=processes, shape=shape, jobs=jobs, seconds=sec,
-        submit_s=median(submits), jobs_per_s=jobs / sec,
-        server_cpu_pct=100 * cpu_server / total, worker_cpu_pct=100 * cpu_workers / total,
+        system=system,
+        processes=processes,
+        shape=shape,
+        jobs=jobs,
+        seconds=sec,
+        submit_s=median(submits),
+        jobs_per_s=jobs / sec,
+        server_cpu_pct=100 * cpu_server / total,
+        worker_cpu_pct=100 * cpu_workers / total,
         runs=times,
     )
 
@@ -170,8 +193,9 @@ def _result(system: str, processes: int, shape: str, jobs: int, times: list[floa
 # --------------------------------------------------------------------------- Dramatiq
 
 
-def run_dramatiq(args: argparse.Namespace, target: RedisTarget, procs: ProcessGroup,
-                 processes: int) -> Result:
+def run_dramatiq(
+    args: argparse.Namespace, target: RedisTarget, procs: ProcessGroup, processes: int
+) -> Result:
     target.flush()
     os.environ["BENCH_REDIS_URL"] = target.url
     from bench import dramatiq_tasks
@@ -184,24 +208,40 @@ def run_dramatiq(args: argparse.Namespace, target: RedisTarget, procs: ProcessGr
     }
     proc = procs.start(
         f"dramatiq-p{processes}",
-        [venv_bin("dramatiq"), "bench.dramatiq_tasks", "--processes", str(processes),
-         "--threads", str(args.dramatiq_threads), "--path", str(REPO), "--queues", "default"],
+        [
+            venv_bin("dramatiq"),
+            "bench.dramatiq_tasks",
+            "--processes",
+            str(processes),
+            "--threads",
+            str(args.dramatiq_threads),
+            "--path",
+            str(REPO),
+            "--queues",
+            "default",
+        ],
         env=env,
     )
     r = target.r
     ns = dramatiq_tasks.broker.namespace
     msgs_key = f"{ns}:default.msgs"
     try:
-        wait_until(lambda: r.zcard(f"{ns}:__heartbeats__") >= processes,
-                   f"{processes} dramatiq worker processes", timeout_s=60,
-                   check=lambda: procs.check_alive([proc]))
+        wait_until(
+            lambda: r.zcard(f"{ns}:__heartbeats__") >= processes,
+            f"{processes} dramatiq worker processes",
+            timeout_s=60,
+            check=lambda: procs.check_alive([proc]),
+        )
         # the master forks; the workers are its children
         pids = [proc.pid]
 
         def once(n: int) -> tuple[float, float]:
             t0 = time.perf_counter()
-            for _ in range(n):
-                dramatiq_tasks.noop.send()
+            if args.dramatiq_enqueue == "pipeline":
+                dramatiq_tasks.send_pipelined(n)
+            else:
+                for _ in range(n):
+                    dramatiq_tasks.noop.send()
             t_submit = time.perf_counter() - t0
             _poll(lambda: r.hlen(msgs_key) == 0, args, "dramatiq")
             return time.perf_counter() - t0, t_submit
@@ -222,8 +262,9 @@ def _poll(done: Any, args: argparse.Namespace, what: str) -> None:
         time.sleep(poll_s)
 
 
-def _repeat(args: argparse.Namespace, target: RedisTarget, pids: list[int], once: Any, system: str,
-            processes: int) -> tuple[list[float], list[float], float, float]:
+def _repeat(
+    args: argparse.Namespace, target: RedisTarget, pids: list[int], once: Any, system: str, processes: int
+) -> tuple[list[float], list[float], float, float]:
     times: list[float] = []
     submits: list[float] = []
     cpu_server = cpu_workers = 0.0
@@ -234,16 +275,19 @@ def _repeat(args: argparse.Namespace, target: RedisTarget, pids: list[int], once
         cpu_workers += cpu_seconds(pids) - w0
         times.append(elapsed)
         submits.append(t_submit)
-        log(f"{system} p={processes}: {args.jobs} jobs in {elapsed:.3f}s "
-            f"(enqueue {t_submit:.3f}s) = {args.jobs / elapsed:,.0f}/s")
+        log(
+            f"{system} p={processes}: {args.jobs} jobs in {elapsed:.3f}s "
+            f"(enqueue {t_submit:.3f}s) = {args.jobs / elapsed:,.0f}/s"
+        )
     return times, submits, cpu_server, cpu_workers
 
 
 # --------------------------------------------------------------------------- RQ
 
 
-def run_rq(args: argparse.Namespace, target: RedisTarget, procs: ProcessGroup, processes: int,
-           fork: bool) -> Result:
+def run_rq(
+    args: argparse.Namespace, target: RedisTarget, procs: ProcessGroup, processes: int, fork: bool
+) -> Result:
     from redis import Redis
     from rq import Queue
 
@@ -256,16 +300,31 @@ def run_rq(args: argparse.Namespace, target: RedisTarget, procs: ProcessGroup, p
     workers: list[subprocess.Popen[bytes]] = [
         procs.start(
             f"{system}-p{processes}-{i}",
-            [venv_bin("rq"), "worker", "--url", target.url, "--path", str(REPO),
-             "--name", f"bench-{token}-{i}", "--logging_level", args.worker_log_level.upper(),
-             *argv_tail, "default"],
+            [
+                venv_bin("rq"),
+                "worker",
+                "--url",
+                target.url,
+                "--path",
+                str(REPO),
+                "--name",
+                f"bench-{token}-{i}",
+                "--logging_level",
+                args.worker_log_level.upper(),
+                *argv_tail,
+                "default",
+            ],
         )
         for i in range(processes)
     ]
     conn = Redis.from_url(target.url)
     try:
-        wait_until(lambda: target.r.scard("rq:workers") >= processes,
-                   f"{processes} rq workers", timeout_s=60, check=lambda: procs.check_alive(workers))
+        wait_until(
+            lambda: target.r.scard("rq:workers") >= processes,
+            f"{processes} rq workers",
+            timeout_s=60,
+            check=lambda: procs.check_alive(workers),
+        )
         q = Queue("default", connection=conn)
         finished_key = "rq:finished:default"
         failed_key = "rq:failed:default"
@@ -307,20 +366,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_common_args(p)
     p.add_argument("--jobs", type=int, default=None, help="jobs per measurement (default 5000; --quick 1000)")
     p.add_argument("--processes", default="1,2", help="worker process counts (default 1,2)")
-    p.add_argument("--systems", default=",".join(SYSTEMS),
-                   help=f"comma-separated subset of {', '.join(SYSTEMS)} (default: all)")
+    p.add_argument(
+        "--systems",
+        default=",".join(SYSTEMS),
+        help=f"comma-separated subset of {', '.join(SYSTEMS)} (default: all)",
+    )
     p.add_argument("--shapes", default=",".join(SHAPES), help="OAO DAG shapes (default wide,chain)")
-    p.add_argument("--repeat", type=int, default=1, help="measurements per configuration; the median "
-                   "is reported (default 1)")
-    p.add_argument("--oao-concurrency", type=int, default=32,
-                   help="oao-worker --concurrency (default 32 = one full claim batch + 1... see docs)")
-    p.add_argument("--dramatiq-threads", type=int, default=8,
-                   help="dramatiq --threads per process (default 8, Dramatiq's own default)")
-    p.add_argument("--dramatiq-worker-timeout-ms", type=int, default=100,
-                   help="cap of Dramatiq's idle back-off between empty fetches (default 100 ms; "
-                   "Dramatiq's default is 1000)")
-    p.add_argument("--worker-log-level", default="info",
-                   help="log level of oao-worker and rq worker (default info, their default)")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="measurements per configuration; the median is reported (default 1)",
+    )
+    p.add_argument(
+        "--oao-concurrency",
+        type=int,
+        default=32,
+        help="oao-worker --concurrency per process (default 32)",
+    )
+    p.add_argument(
+        "--dramatiq-threads",
+        type=int,
+        default=8,
+        help="dramatiq --threads per process (default 8, Dramatiq's own default)",
+    )
+    p.add_argument(
+        "--dramatiq-enqueue",
+        choices=("pipeline", "send"),
+        default="pipeline",
+        help="pipeline: 500 messages per round trip (default; see bench/dramatiq_tasks.py); "
+        "send: actor.send() per message, one round trip each",
+    )
+    p.add_argument(
+        "--dramatiq-worker-timeout-ms",
+        type=int,
+        default=100,
+        help="cap of Dramatiq's idle back-off between empty fetches (default 100 ms; "
+        "Dramatiq's default is 1000)",
+    )
+    p.add_argument(
+        "--worker-log-level",
+        default="info",
+        help="log level of oao-worker and rq worker (default info, their default)",
+    )
     p.add_argument("--poll-ms", type=float, default=5.0, help="completion poll interval (default 5 ms)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds before a measurement fails")
     args = p.parse_args(argv)
@@ -360,30 +448,63 @@ def main(argv: list[str] | None = None) -> int:
         if r.processes in base:
             r.ratio_vs_dramatiq = r.jobs_per_s / base[r.processes]
     config = {
-        "jobs": args.jobs, "repeat": args.repeat, "oao_concurrency": args.oao_concurrency,
+        "jobs": args.jobs,
+        "repeat": args.repeat,
+        "oao_concurrency": args.oao_concurrency,
         "dramatiq_threads": args.dramatiq_threads,
         "dramatiq_worker_timeout_ms": args.dramatiq_worker_timeout_ms,
-        "worker_log_level": args.worker_log_level, "poll_ms": args.poll_ms,
+        "dramatiq_enqueue": args.dramatiq_enqueue,
+        "worker_log_level": args.worker_log_level,
+        "poll_ms": args.poll_ms,
     }
-    headers = ["system", "processes", "shape", "jobs", "seconds", "jobs/s", "vs Dramatiq",
-               "enqueue s", "server CPU %", "worker CPU %"]
+    headers = [
+        "system",
+        "processes",
+        "shape",
+        "jobs",
+        "seconds",
+        "jobs/s",
+        "vs Dramatiq",
+        "enqueue s",
+        "server CPU %",
+        "worker CPU %",
+    ]
     rows = [
-        [r.system, r.processes, r.shape, r.jobs, r.seconds, round(r.jobs_per_s),
-         f"{r.ratio_vs_dramatiq:.2f}x" if r.ratio_vs_dramatiq is not None else None,
-         r.submit_s, round(r.server_cpu_pct), round(r.worker_cpu_pct)]
+        [
+            r.system,
+            r.processes,
+            r.shape,
+            r.jobs,
+            r.seconds,
+            round(r.jobs_per_s),
+            f"{r.ratio_vs_dramatiq:.2f}x" if r.ratio_vs_dramatiq is not None else None,
+            r.submit_s,
+            round(r.server_cpu_pct),
+            round(r.worker_cpu_pct),
+        ]
         for r in results
     ]
-    text = "\n".join([
-        format_machine(info),
-        f"config: {config}",
-        "",
-        format_table(headers, rows),
-        "",
-        "vs Dramatiq: jobs/s divided by Dramatiq's with the same process count, same run. "
-        "OAO's chain shape has no analogue in the baselines: it is compared with their flat runs.",
-    ])
-    emit(args.json, {"benchmark": "throughput", "machine": info, "config": config,
-                     "results": [asdict(r) for r in results]}, text)
+    text = "\n".join(
+        [
+            format_machine(info),
+            f"config: {config}",
+            "",
+            format_table(headers, rows),
+            "",
+            "vs Dramatiq: jobs/s divided by Dramatiq's with the same process count, same run. "
+            "OAO's chain shape has no analogue in the baselines: it is compared with their flat runs.",
+        ]
+    )
+    emit(
+        args.json,
+        {
+            "benchmark": "throughput",
+            "machine": info,
+            "config": config,
+            "results": [asdict(r) for r in results],
+        },
+        text,
+    )
     return 0
 
 

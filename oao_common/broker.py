@@ -8,19 +8,24 @@ workers) used by ``status``, ``events`` and the report.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import random
 import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from redis import exceptions as redis_exc
 from redis.asyncio import Redis
 
 from .events import Event
 from .keys import Keys, job_id, parse_job
 from .scripts import Scripts
 from .states import NodeState, RunState
+
+REDIS_CONNECTION_ERRORS = (redis_exc.ConnectionError, redis_exc.TimeoutError, ConnectionError)
 
 
 def new_run_id() -> str:
@@ -63,12 +68,29 @@ class ReapResult:
 class Broker:
     """OAO's Redis protocol. ``redis`` must use ``decode_responses=True``."""
 
-    def __init__(self, redis: Redis, prefix: str = "oao") -> None:
+    def __init__(self, redis: Redis, prefix: str = "oao", write_retry_s: float = 30.0) -> None:
         # Typed Any: redis-py's annotations describe replies as ``bytes | str`` whatever
         # ``decode_responses`` says; with ``decode_responses=True`` they are ``str``.
         self.redis: Any = redis
         self.keys = Keys(prefix)
         self.scripts = Scripts(redis, self.keys)
+        self.write_retry_s = write_retry_s
+
+    async def _fenced(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        """Run a fenced write script, retrying connection errors with capped exponential
+        backoff and full jitter for up to ``write_retry_s`` seconds (a Redis restart or
+        failover). Safe because the fenced scripts are idempotent for a repeated call of
+        the same attempt. Raises the last connection error when the time is up."""
+        deadline = time.monotonic() + self.write_retry_s
+        n = 0
+        while True:
+            try:
+                return await self.scripts.call(name, keys, args)
+            except REDIS_CONNECTION_ERRORS:
+                n += 1
+                if time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(random.uniform(0, min(2.0, 0.05 * 2**n)))
 
     # ---------------------------------------------------------------- submit
 
@@ -141,7 +163,7 @@ class Broker:
         events: list[list[Any]] | None = None,
     ) -> bool:
         """Mark step ``seq`` as started before it executes; False if the attempt is stale."""
-        ok = await self.scripts.call(
+        ok = await self._fenced(
             "begin_step",
             [self.keys.active(worker_id)],
             [worker_id, job.job, job.attempt, seq, _json(marker), _json(events or [])],
@@ -161,7 +183,7 @@ class Broker:
         events: list[list[Any]] | None = None,
     ) -> bool:
         """Append step ``seq`` to the ledger; False if the attempt is stale."""
-        ok = await self.scripts.call(
+        ok = await self._fenced(
             "record_step",
             [self.keys.active(worker_id)],
             [
@@ -188,7 +210,7 @@ class Broker:
         events: list[list[Any]] | None = None,
     ) -> bool:
         """Mark the node SUCCEEDED and release dependents; False if the attempt is stale."""
-        ok = await self.scripts.call(
+        ok = await self._fenced(
             "complete",
             [self.keys.active(worker_id)],
             [worker_id, job.job, job.attempt, _json(output), _json(fields or {}), _json(events or [])],
@@ -210,7 +232,7 @@ class Broker:
         """
         delay_ms = -1 if retry_delay_s is None else int(max(0.0, retry_delay_s) * 1000)
         return int(
-            await self.scripts.call(
+            await self._fenced(
                 "fail",
                 [self.keys.active(worker_id), self.keys.delayed],
                 [

@@ -34,7 +34,7 @@ from .governance import Governor, StepInfo
 from .lifecycle import AgentState, Lifecycle
 from .providers import ModelReply, ModelRequest, Provider
 from .providers.base import estimate_message_tokens
-from .tools import Tool
+from .tools import Tool, ToolCallInfo
 
 
 def tool_idempotency_key(run_id: str, node_id: str, tool: str, args: dict[str, Any], seq: int) -> str:
@@ -118,6 +118,7 @@ class AgentContext:
         request: dict[str, Any],
         execute: Callable[[StepInfo], Awaitable[tuple[Any, int, int, float]]],
         input_tokens: int = 0,
+        extra: dict[str, Any] | None = None,
     ) -> Any:
         """Run one step through ledger, governance, execution and recording.
 
@@ -158,6 +159,7 @@ class AgentContext:
             "usage": {"in": tin, "out": tout, "cost_usd": cost},
             "attempt": self.attempt,
             "duration_ms": duration_ms,
+            **(extra or {}),
         }
         self.emit(
             EventType.STEP_COMPLETED,
@@ -287,7 +289,8 @@ class AgentContext:
             if name not in self.tools:
                 raise PermanentError(f"unknown tool {name!r} (known: {', '.join(sorted(self.tools))})")
             try:
-                value = await self.tools[name].call(args, key)
+                info = ToolCallInfo(key, self.run_id, self.node_id, step.seq, self.attempt)
+                value = await self.tools[name].call(args, info)
             except OAOError:
                 raise
             except Exception as e:
@@ -297,7 +300,11 @@ class AgentContext:
             return {"ok": True, "value": json.loads(canonical_json(value))}, 0, 0, 0.0
 
         result: dict[str, Any] = await self._step(
-            "tool", name, {"kind": "tool", "name": name, "args": canon}, execute
+            "tool",
+            name,
+            {"kind": "tool", "name": name, "args": canon},
+            execute,
+            extra={"idempotency_key": key},
         )
         return result
 

@@ -22,12 +22,31 @@ from pydantic import create_model
 from oao_common.errors import PermanentError
 from oao_common.spec import ToolSpec
 
-_current_key: ContextVar[str | None] = ContextVar("oao_tool_idempotency_key", default=None)
+
+@dataclass(frozen=True, slots=True)
+class ToolCallInfo:
+    """The tool call running in this context: its idempotency key, run, node, step
+    sequence number and attempt."""
+
+    key: str
+    run_id: str = ""
+    node_id: str = ""
+    seq: int = 0
+    attempt: int = 0
+
+
+_current: ContextVar[ToolCallInfo | None] = ContextVar("oao_tool_call", default=None)
+
+
+def current_call() -> ToolCallInfo | None:
+    """The :class:`ToolCallInfo` of the tool call running in this context, else ``None``."""
+    return _current.get()
 
 
 def idempotency_key() -> str | None:
     """The idempotency key of the tool call running in this context, else ``None``."""
-    return _current_key.get()
+    info = _current.get()
+    return info.key if info else None
 
 
 def load_entrypoint(entrypoint: str) -> Any:
@@ -76,8 +95,8 @@ class Tool:
             },
         }
 
-    async def call(self, args: dict[str, Any], key: str) -> Any:
-        """Run the tool with keyword ``args`` (sync tools in a thread) under ``key``.
+    async def call(self, args: dict[str, Any], info: ToolCallInfo) -> Any:
+        """Run the tool with keyword ``args`` (sync tools in a thread) under ``info``.
 
         A ``TypeError`` from binding the arguments becomes :class:`PermanentError`.
         """
@@ -85,13 +104,13 @@ class Tool:
             inspect.signature(self.func).bind(**args)
         except TypeError as e:
             raise PermanentError(f"bad arguments for tool {self.name!r}: {e}") from None
-        token = _current_key.set(key)
+        token = _current.set(info)
         try:
             if inspect.iscoroutinefunction(self.func):
                 return await self.func(**args)
             return await asyncio.to_thread(self.func, **args)
         finally:
-            _current_key.reset(token)
+            _current.reset(token)
 
 
 def load_tools(specs: dict[str, ToolSpec]) -> dict[str, Tool]:

@@ -5,9 +5,12 @@
 -- ARGV[11] node fields to set (JSON object of strings)
 -- ARGV[12] buffered events (JSON array of [type, data_json])
 -- Returns 2 when a retry was scheduled, 1 when failed for good, 0 when stale.
+-- Idempotent: a retried call of the same attempt gets the first call's answer.
 local wid, job, attempt = ARGV[6], ARGV[7], ARGV[8]
 local rid, nid = split_job(job)
 local nk = node_key(rid, nid)
+local closed = redis.call('HMGET', nk, 'closed_by', 'closed_result')
+if closed[1] == wid .. '#' .. attempt then return tonumber(closed[2]) end
 local ok, s = fenced(nk, wid, attempt)
 if not ok then
   reject_stale(KEYS[1], job, rid, nid, wid, attempt, s, 'fail')
@@ -21,7 +24,9 @@ end
 if #f > 0 then redis.call('HSET', nk, unpack(f)) end
 redis.call('LREM', KEYS[1], 1, job)
 local delay = tonumber(ARGV[10])
+local closed_by = wid .. '#' .. attempt
 if delay >= 0 then
+  redis.call('HSET', nk, 'closed_by', closed_by, 'closed_result', 2)
   local due = NOW + delay
   local n = redis.call('HINCRBY', nk, 'retries', 1)
   redis.call('HSET', nk, 'status', 'PENDING', 'retry_at', due, 'error', ARGV[9])
@@ -31,5 +36,6 @@ if delay >= 0 then
     retry = n, delay_ms = delay, due_ms = due, error = cjson.decode(ARGV[9])}))
   return 2
 end
+redis.call('HSET', nk, 'closed_by', closed_by, 'closed_result', 1)
 fail_node(rid, nid, attempt, ARGV[9])
 return 1

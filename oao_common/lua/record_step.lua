@@ -4,7 +4,8 @@
 -- ARGV[10] ledger record (JSON)   ARGV[11] input tokens   ARGV[12] output tokens
 -- ARGV[13] cost in USD   ARGV[14] "1" for a tool call, "0" otherwise
 -- ARGV[15] buffered events (JSON array of [type, data_json])
--- Returns 1 when recorded, 0 when the attempt is stale (nothing recorded).
+-- Returns 1 when recorded (or already recorded by this same attempt: a retried call
+-- after a lost reply changes nothing), 0 when the attempt is stale.
 local wid, job, attempt, seq = ARGV[6], ARGV[7], ARGV[8], tonumber(ARGV[9])
 local rid, nid = split_job(job)
 local nk = node_key(rid, nid)
@@ -13,6 +14,8 @@ if not ok then
   reject_stale(KEYS[1], job, rid, nid, wid, attempt, s, 'record_step')
   return 0
 end
+local prev = redis.call('HGET', steps_key(rid), nid .. ':' .. seq)
+if prev and tostring(cjson.decode(prev).attempt) == attempt then return 1 end
 redis.call('HSET', steps_key(rid), nid .. ':' .. seq, ARGV[10])
 if seq > tonumber(redis.call('HGET', nk, 'steps_recorded') or '0') then
   redis.call('HSET', nk, 'steps_recorded', seq)

@@ -281,3 +281,28 @@ async def test_claim_drops_jobs_of_cancelled_runs(broker: Broker) -> None:
     job = await broker.wait_for_job("default", "w", 1)
     assert await broker.claim("w", "default", job, 0) == []
     assert await broker.redis.llen(broker.keys.active("w")) == 0
+
+
+async def test_fenced_writes_are_idempotent_when_retried(broker: Broker) -> None:
+    """A write whose reply was lost is retried; the retry must change nothing."""
+    spec = make_spec([{"id": "a", "agent": "noop"}, {"id": "b", "agent": "noop", "depends_on": ["a"]}])
+    s = await submit_spec(broker, spec)
+    job = await broker.wait_for_job("default", "w", 1)
+    [c] = await broker.claim("w", "default", job, 0)
+    rec = {"kind": "tool", "request_hash": "h", "result": 1, "attempt": c.attempt}
+    for _ in range(2):
+        assert await broker.record_step("w", c, 1, rec, tokens_in=5, tokens_out=7, is_tool=True)
+    for _ in range(2):
+        assert await broker.complete("w", c, "out")
+    run = await broker.get_run(s.run_id)
+    assert (run["tokens_in"], run["tokens_out"], run["tool_calls"], run["steps"]) == ("5", "7", "1", "1")
+    assert run["nodes_done"] == "1"
+    assert await broker.redis.lrange(broker.keys.queue("default"), 0, -1) == [job_id(s.run_id, "b")]
+    ev = await broker.events(s.run_id)
+    assert len(of_type(ev, "NODE_SUCCEEDED")) == 1 and not of_type(ev, "STALE_ATTEMPT_REJECTED")
+    job = await broker.wait_for_job("default", "w", 1)
+    [cb] = await broker.claim("w", "default", job, 0)
+    assert await broker.fail("w", cb, {"type": "X"}, 5.0) == 2
+    assert await broker.fail("w", cb, {"type": "X"}, 5.0) == 2
+    [b] = await broker.get_nodes(s.run_id, ["b"])
+    assert b["retries"] == "1" and await broker.redis.zcard(broker.keys.delayed) == 1
