@@ -15,6 +15,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import shutil
 import signal
 import subprocess
@@ -242,10 +243,7 @@ class ProcessGroup:
             try:
                 proc.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
-                log(
-                    f"{proc.args[0] if isinstance(proc.args, list) else proc.args}: "
-                    f"no exit after {timeout_s}s, killing"
-                )
+                log(f"pid {proc.pid} ({proc.args!r}): no exit after {timeout_s}s, killing")
                 self._signal_group(proc, signal.SIGKILL)
                 proc.wait(timeout=10)
         # children the leader forked (dramatiq workers, RQ work horses) that outlived it
@@ -298,9 +296,14 @@ def wait_until(
 
 def oao_worker_argv(url: str, prefix: str, concurrency: int, log_level: str = "info") -> list[str]:
     """The real ``oao-worker`` command line (``--app-dir`` is the repository root, so
-    ``examples.agents:noop`` and ``bench.agents:*`` import)."""
+    ``examples.agents:noop`` and ``bench.agents:*`` import).
+
+    ``$BENCH_OAO_WORKER``, split like a shell command, replaces the ``oao-worker``
+    executable, e.g. to measure a patched build with the same harness.
+    """
+    override = os.environ.get("BENCH_OAO_WORKER")
     return [
-        venv_bin("oao-worker"),
+        *(shlex.split(override) if override else [venv_bin("oao-worker")]),
         "--redis-url",
         url,
         "--prefix",
@@ -384,6 +387,11 @@ class RssSampler:
         self._sample()
 
 
+def rss_bytes(pid: int) -> int:
+    """The current RSS of ``pid`` in bytes."""
+    return int(psutil.Process(pid).memory_info().rss)
+
+
 def vm_hwm(pid: int) -> int | None:
     """The kernel's peak RSS of ``pid`` in bytes (``VmHWM`` of /proc/PID/status), if readable."""
     try:
@@ -411,6 +419,29 @@ def cpu_seconds(pids: Sequence[int]) -> float:
                 # children_*: children already waited for (e.g. RQ's forked work horses)
                 total += t.user + t.system + t.children_user + t.children_system
     return total
+
+
+def machine_busy_s() -> float:
+    """Non-idle CPU seconds of the whole machine so far (all cores, all processes)."""
+    t = psutil.cpu_times()
+    return float(sum(t) - t.idle - getattr(t, "iowait", 0.0))
+
+
+def own_cpu_s() -> float:
+    """CPU seconds of this (harness) process so far."""
+    t = psutil.Process().cpu_times()
+    return float(t.user + t.system)
+
+
+def check_idle(seconds: float = 1.0, limit_pct: float = 25.0) -> float:
+    """Busy % of the machine (of one core) over ``seconds``; warns above ``limit_pct``:
+    other load on a 2-core machine skews every figure."""
+    b0 = machine_busy_s()
+    time.sleep(seconds)
+    pct = 100 * (machine_busy_s() - b0) / seconds
+    if pct > limit_pct:
+        log(f"WARNING: the machine is not idle ({pct:.0f}% of a core busy before the benchmark)")
+    return pct
 
 
 class PySpy:
@@ -492,13 +523,14 @@ def machine_info(target: RedisTarget) -> dict[str, Any]:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    versions = {}
+    versions: dict[str, str | None] = {}
     for pkg in ("oao", "redis", "hiredis", "pydantic", "dramatiq", "rq"):
         try:
             versions[pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:
             versions[pkg] = None
     return {
+        "commit": _git_commit(),
         "nproc": os.cpu_count(),
         "cpu": cpu,
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
@@ -510,10 +542,30 @@ def machine_info(target: RedisTarget) -> dict[str, Any]:
     }
 
 
+def _git_commit() -> str | None:
+    """The checked-out commit, with ``+dirty`` when the work tree has changes (read-only)."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
 def format_machine(info: dict[str, Any]) -> str:
     pk = info["packages"]
     return (
-        f"machine: {info['nproc']} CPUs ({info['cpu']}), {info['memory_gib']} GiB, {info['os']}; "
+        f"commit {info['commit']}; busy before start {info.get('busy_before_pct', 0):.0f}% of a core; "
+        f"machine: {info['nproc']} CPUs ({info['cpu']}), "
+        f"{info['memory_gib']} GiB, {info['os']}; "
         f"Python {info['python']}; {info['server']}; " + ", ".join(f"{k} {v}" for k, v in pk.items() if v)
     )
 

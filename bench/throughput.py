@@ -5,21 +5,21 @@ For each process count (default 1 and 2) this runs, against the same Redis datab
 * OAO: ``--jobs`` no-op nodes (``examples.agents:noop``) as one run, through real
   ``oao-worker`` processes, in two DAG shapes: ``wide`` (independent nodes) and
   ``chain`` (each node depends on the previous one);
-* Dramatiq: the same number of no-op messages (``RedisBroker``, ``dramatiq`` worker
-  processes with ``--dramatiq-threads`` threads each);
-* RQ: the same number of no-op jobs through ``rq worker`` processes, once with
-  ``rq.worker.SimpleWorker`` (jobs run in the worker process) and once with RQ's default
+* Dramatiq: the same number of no-op messages (``RedisBroker``, a ``dramatiq`` master
+  with that many worker processes, ``--dramatiq-threads`` threads each);
+* RQ: the same number of no-op jobs through ``rq worker`` processes, with
+  ``rq.worker.SimpleWorker`` (jobs run in the worker process) and with RQ's default
   worker, which forks a work horse per job.
 
 Workers are started first and the clock starts only once all are registered (OAO: the
-``workers`` zset; Dramatiq: the heartbeat zset; RQ: the ``rq:workers`` set). It runs from
-the first submit / enqueue call until the last job is done: OAO's run hash says
-SUCCEEDED, Dramatiq's message hash is empty (every message acked), RQ's finished
-registry holds every job. All three are polled every ``--poll-ms``.
+``workers`` zset; Dramatiq: its heartbeat zset; RQ: the ``rq:workers`` set), after one
+small warm-up batch. It runs from the first submit / enqueue call until the last job is
+done: OAO's run hash says SUCCEEDED, Dramatiq's message hash is empty (every message
+acked), RQ's finished registry holds every job; each is polled every ``--poll-ms``.
 
-Ratios are against Dramatiq with the same process count, measured in the same run.
-The chain shape has no analogue in the baselines (they run flat jobs); its ratio
-compares it with their flat throughput all the same.
+Ratios are against Dramatiq (its first ``--dramatiq-threads`` setting) with the same
+process count, measured in the same run. The chain shape has no analogue in the
+baselines (they run flat jobs); its ratio compares it with their flat throughput.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import secrets
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -41,14 +42,17 @@ from bench._common import (
     PySpy,
     RedisTarget,
     add_common_args,
+    check_idle,
     cpu_seconds,
     emit,
     format_machine,
     format_table,
     install_signal_exit,
     log,
+    machine_busy_s,
     machine_info,
     median,
+    own_cpu_s,
     start_oao_workers,
     venv_bin,
     wait_until,
@@ -56,6 +60,10 @@ from bench._common import (
 
 SYSTEMS = ("oao", "dramatiq", "rq-simple", "rq-fork")
 SHAPES = ("wide", "chain")
+WARMUP_JOBS = 50
+
+#: one measurement: given a job count, returns (seconds to done, seconds spent enqueueing)
+Once = Callable[[int], tuple[float, float]]
 
 
 @dataclass(slots=True)
@@ -63,6 +71,7 @@ class Result:
     """One measured configuration (``seconds`` is the median over ``--repeat`` runs)."""
 
     system: str
+    config: str
     processes: int
     shape: str
     jobs: int
@@ -71,8 +80,74 @@ class Result:
     jobs_per_s: float
     server_cpu_pct: float
     worker_cpu_pct: float
+    other_cpu_pct: float
     runs: list[float] = field(default_factory=list)
     ratio_vs_dramatiq: float | None = None
+
+
+def measure(
+    args: argparse.Namespace,
+    target: RedisTarget,
+    pids: list[int],
+    once: Once,
+    system: str,
+    config: str,
+    processes: int,
+    shape: str = "flat",
+    profile: Callable[[int], Any] | None = None,
+    repeat: int | None = None,
+) -> Result:
+    """Warm up, then run ``once(args.jobs)`` ``repeat`` (default ``--repeat``) times; CPU of
+    the server and of the worker processes (children included) is accounted over the
+    measured runs."""
+    once(min(WARMUP_JOBS, args.jobs))
+    times: list[float] = []
+    submits: list[float] = []
+    cpu_server = cpu_workers = cpu_other = 0.0
+    for rep in range(repeat or args.repeat):
+        s0, w0, m0, h0 = target.server_cpu_s(), cpu_seconds(pids), machine_busy_s(), own_cpu_s()
+        if profile is not None:
+            with profile(rep):
+                elapsed, t_submit = once(args.jobs)
+        else:
+            elapsed, t_submit = once(args.jobs)
+        server, workers = target.server_cpu_s() - s0, cpu_seconds(pids) - w0
+        cpu_server += server
+        cpu_workers += workers
+        # everything else the machine did meanwhile: other load skews the figures
+        cpu_other += max(0.0, machine_busy_s() - m0 - server - workers - (own_cpu_s() - h0))
+        times.append(elapsed)
+        submits.append(t_submit)
+        log(
+            f"{system} [{config}] {shape} p={processes}: {args.jobs} jobs in {elapsed:.3f}s "
+            f"(enqueue {t_submit:.3f}s) = {args.jobs / elapsed:,.0f}/s"
+        )
+    sec = median(times)
+    total = sum(times)
+    return Result(
+        system=system,
+        config=config,
+        processes=processes,
+        shape=shape,
+        jobs=args.jobs,
+        seconds=sec,
+        submit_s=median(submits),
+        jobs_per_s=args.jobs / sec,
+        server_cpu_pct=100 * cpu_server / total,
+        worker_cpu_pct=100 * cpu_workers / total,
+        other_cpu_pct=100 * cpu_other / total,
+        runs=times,
+    )
+
+
+def poll_until(done: Callable[[], bool], args: argparse.Namespace, what: str) -> None:
+    """Poll ``done()`` every ``--poll-ms`` until true; fail after ``--timeout``."""
+    t0 = time.perf_counter()
+    poll_s = args.poll_ms / 1000
+    while not done():
+        if time.perf_counter() - t0 > args.timeout:
+            raise TimeoutError(f"{what}: jobs not done after {args.timeout}s")
+        time.sleep(poll_s)
 
 
 # --------------------------------------------------------------------------- OAO
@@ -97,16 +172,19 @@ def build_spec(n: int, shape: str, entrypoint: str = "examples.agents:noop") -> 
     )
 
 
-async def _oao_once(url: str, prefix: str, spec: Any, poll_s: float, timeout_s: float) -> tuple[float, float]:
-    """Submit ``spec`` and poll its run until terminal: ``(seconds, submit_seconds)``."""
+async def oao_submit_and_wait(
+    url: str, prefix: str, spec: Any, poll_s: float, timeout_s: float
+) -> tuple[float, float]:
+    """Submit ``spec`` with ``submit_spec`` and poll the run's status until terminal:
+    ``(seconds, submit_seconds)``; raises unless the run SUCCEEDED."""
     from oao_common.broker import Broker
     from oao_common.connection import connect
     from oao_scheduler.submit import submit_spec
 
-    r = connect(url)
+    r: Any = connect(url)  # decode_responses=True: replies are str
     try:
         broker = Broker(r, prefix)
-        await r.ping()  # connection and scripts warm before the clock starts
+        await r.ping()  # connect before the clock starts
         t0 = time.perf_counter()
         sub = await submit_spec(broker, spec)
         t_submit = time.perf_counter() - t0
@@ -127,74 +205,40 @@ async def _oao_once(url: str, prefix: str, spec: Any, poll_s: float, timeout_s: 
 
 
 def run_oao(
-    args: argparse.Namespace, target: RedisTarget, procs: ProcessGroup, processes: int, shape: str
+    args: argparse.Namespace,
+    target: RedisTarget,
+    procs: ProcessGroup,
+    processes: int,
+    shape: str,
+    concurrency: int,
 ) -> Result:
     target.flush()
     prefix = f"oaobench-{secrets.token_hex(3)}"
     workers = start_oao_workers(
-        procs, target, prefix, processes, args.oao_concurrency, log_level=args.worker_log_level
+        procs, target, prefix, processes, concurrency, log_level=args.worker_log_level
     )
+    pids = [w.pid for w in workers]
+
+    def once(n: int) -> tuple[float, float]:
+        spec = build_spec(n, shape)
+        return asyncio.run(oao_submit_and_wait(target.url, prefix, spec, args.poll_ms / 1000, args.timeout))
+
+    def profile(rep: int) -> PySpy:
+        return PySpy(procs, args.py_spy, f"oao-{shape}-c{concurrency}-p{processes}-r{rep}", pids)
+
     try:
-        spec = build_spec(args.jobs, shape)
-        asyncio.run(
-            _oao_once(
-                target.url, prefix, build_spec(min(50, args.jobs), shape), args.poll_ms / 1000, args.timeout
-            )
-        )  # warm-up run
-        times: list[float] = []
-        submits: list[float] = []
-        cpu_server = cpu_workers = 0.0
-        for rep in range(args.repeat):
-            s0, w0 = target.server_cpu_s(), cpu_seconds([w.pid for w in workers])
-            label = f"oao-{shape}-p{processes}-r{rep}"
-            with PySpy(procs, args.py_spy, label, [w.pid for w in workers]):
-                elapsed, t_submit = asyncio.run(
-                    _oao_once(target.url, prefix, spec, args.poll_ms / 1000, args.timeout)
-                )
-            cpu_server += target.server_cpu_s() - s0
-            cpu_workers += cpu_seconds([w.pid for w in workers]) - w0
-            times.append(elapsed)
-            submits.append(t_submit)
-            log(
-                f"oao {shape} p={processes}: {args.jobs} nodes in {elapsed:.3f}s "
-                f"(submit {t_submit:.3f}s) = {args.jobs / elapsed:,.0f}/s"
-            )
+        return measure(
+            args, target, pids, once, "oao", f"concurrency={concurrency}", processes, shape, profile
+        )
     finally:
         procs.stop_all(workers)
-    return _result("oao", processes, shape, args.jobs, times, submits, cpu_server, cpu_workers)
-
-
-def _result(
-    system: str,
-    processes: int,
-    shape: str,
-    jobs: int,
-    times: list[float],
-    submits: list[float],
-    cpu_server: float,
-    cpu_workers: float,
-) -> Result:
-    sec = median(times)
-    total = sum(times)
-    return Result(
-        system=system,
-        processes=processes,
-        shape=shape,
-        jobs=jobs,
-        seconds=sec,
-        submit_s=median(submits),
-        jobs_per_s=jobs / sec,
-        server_cpu_pct=100 * cpu_server / total,
-        worker_cpu_pct=100 * cpu_workers / total,
-        runs=times,
-    )
 
 
 # --------------------------------------------------------------------------- Dramatiq
 
 
 def run_dramatiq(
-    args: argparse.Namespace, target: RedisTarget, procs: ProcessGroup, processes: int
+    args: argparse.Namespace, target: RedisTarget, procs: ProcessGroup, processes: int, threads: int
 ) -> Result:
     target.flush()
     os.environ["BENCH_REDIS_URL"] = target.url
@@ -202,84 +246,41 @@ def run_dramatiq(
 
     env = {
         **os.environ,
-        "BENCH_REDIS_URL": target.url,
         # idle consumers back off up to this many ms between empty fetches (default 1000)
         "dramatiq_worker_timeout": str(args.dramatiq_worker_timeout_ms),
     }
-    proc = procs.start(
-        f"dramatiq-p{processes}",
-        [
-            venv_bin("dramatiq"),
-            "bench.dramatiq_tasks",
-            "--processes",
-            str(processes),
-            "--threads",
-            str(args.dramatiq_threads),
-            "--path",
-            str(REPO),
-            "--queues",
-            "default",
-        ],
-        env=env,
-    )
+    argv = [
+        venv_bin("dramatiq"), "bench.dramatiq_tasks", "--processes", str(processes),
+        "--threads", str(threads), "--path", str(REPO), "--queues", "default",
+    ]  # fmt: skip
+    master = procs.start(f"dramatiq-p{processes}-t{threads}", argv, env=env)
     r = target.r
     ns = dramatiq_tasks.broker.namespace
     msgs_key = f"{ns}:default.msgs"
+
+    def once(n: int) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        if args.dramatiq_enqueue == "pipeline":
+            dramatiq_tasks.send_pipelined(n)
+        else:
+            for _ in range(n):
+                dramatiq_tasks.noop.send()
+        t_submit = time.perf_counter() - t0
+        poll_until(lambda: r.hlen(msgs_key) == 0, args, "dramatiq")
+        return time.perf_counter() - t0, t_submit
+
     try:
         wait_until(
             lambda: r.zcard(f"{ns}:__heartbeats__") >= processes,
             f"{processes} dramatiq worker processes",
             timeout_s=60,
-            check=lambda: procs.check_alive([proc]),
+            check=lambda: procs.check_alive([master]),
         )
-        # the master forks; the workers are its children
-        pids = [proc.pid]
-
-        def once(n: int) -> tuple[float, float]:
-            t0 = time.perf_counter()
-            if args.dramatiq_enqueue == "pipeline":
-                dramatiq_tasks.send_pipelined(n)
-            else:
-                for _ in range(n):
-                    dramatiq_tasks.noop.send()
-            t_submit = time.perf_counter() - t0
-            _poll(lambda: r.hlen(msgs_key) == 0, args, "dramatiq")
-            return time.perf_counter() - t0, t_submit
-
-        once(min(50, args.jobs))  # warm-up
-        times, submits, cpu_server, cpu_workers = _repeat(args, target, pids, once, "dramatiq", processes)
+        # the worker processes are children of the master: cpu_seconds counts them
+        config = f"threads={threads}, enqueue={args.dramatiq_enqueue}"
+        return measure(args, target, [master.pid], once, "dramatiq", config, processes)
     finally:
-        procs.stop(proc)
-    return _result("dramatiq", processes, "flat", args.jobs, times, submits, cpu_server, cpu_workers)
-
-
-def _poll(done: Any, args: argparse.Namespace, what: str) -> None:
-    t0 = time.perf_counter()
-    poll_s = args.poll_ms / 1000
-    while not done():
-        if time.perf_counter() - t0 > args.timeout:
-            raise TimeoutError(f"{what}: jobs not done after {args.timeout}s")
-        time.sleep(poll_s)
-
-
-def _repeat(
-    args: argparse.Namespace, target: RedisTarget, pids: list[int], once: Any, system: str, processes: int
-) -> tuple[list[float], list[float], float, float]:
-    times: list[float] = []
-    submits: list[float] = []
-    cpu_server = cpu_workers = 0.0
-    for _ in range(args.repeat):
-        s0, w0 = target.server_cpu_s(), cpu_seconds(pids)
-        elapsed, t_submit = once(args.jobs)
-        cpu_server += target.server_cpu_s() - s0
-        cpu_workers += cpu_seconds(pids) - w0
-        times.append(elapsed)
-        submits.append(t_submit)
-        log(
-            f"{system} p={processes}: {args.jobs} jobs in {elapsed:.3f}s "
-            f"(enqueue {t_submit:.3f}s) = {args.jobs / elapsed:,.0f}/s"
-        )
-    return times, submits, cpu_server, cpu_workers
+        procs.stop(master)
 
 
 # --------------------------------------------------------------------------- RQ
@@ -296,7 +297,7 @@ def run_rq(
     target.flush()
     system = "rq-fork" if fork else "rq-simple"
     token = secrets.token_hex(3)
-    argv_tail = [] if fork else ["--worker-class", "rq.worker.SimpleWorker"]
+    worker_class = [] if fork else ["--worker-class", "rq.worker.SimpleWorker"]
     workers: list[subprocess.Popen[bytes]] = [
         procs.start(
             f"{system}-p{processes}-{i}",
@@ -311,84 +312,95 @@ def run_rq(
                 f"bench-{token}-{i}",
                 "--logging_level",
                 args.worker_log_level.upper(),
-                *argv_tail,
+                *worker_class,
                 "default",
             ],
         )
         for i in range(processes)
     ]
     conn = Redis.from_url(target.url)
+    q = Queue("default", connection=conn)
+    r = target.r
+
+    def once(n: int) -> tuple[float, float]:
+        before = r.zcard("rq:finished:default")
+        t0 = time.perf_counter()
+        q.enqueue_many([Queue.prepare_data(rq_tasks.noop) for _ in range(n)])
+        t_submit = time.perf_counter() - t0
+
+        def done() -> bool:
+            if r.zcard("rq:failed:default"):
+                raise RuntimeError(f"{system}: a job failed")
+            return bool(r.zcard("rq:finished:default") - before >= n)
+
+        poll_until(done, args, system)
+        return time.perf_counter() - t0, t_submit
+
     try:
         wait_until(
-            lambda: target.r.scard("rq:workers") >= processes,
+            lambda: r.scard("rq:workers") >= processes,
             f"{processes} rq workers",
             timeout_s=60,
             check=lambda: procs.check_alive(workers),
         )
-        q = Queue("default", connection=conn)
-        finished_key = "rq:finished:default"
-        failed_key = "rq:failed:default"
-
-        def once(n: int) -> tuple[float, float]:
-            before = target.r.zcard(finished_key)
-            t0 = time.perf_counter()
-            q.enqueue_many([Queue.prepare_data(rq_tasks.noop) for _ in range(n)])
-            t_submit = time.perf_counter() - t0
-
-            def done() -> bool:
-                if target.r.zcard(failed_key):
-                    raise RuntimeError(f"{system}: a job failed")
-                return bool(target.r.zcard(finished_key) - before >= n)
-
-            _poll(done, args, system)
-            return time.perf_counter() - t0, t_submit
-
-        once(min(50, args.jobs))  # warm-up
-        times, submits, cpu_server, cpu_workers = _repeat(
-            args, target, [w.pid for w in workers], once, system, processes
-        )
+        config = "fork per job (default Worker)" if fork else "SimpleWorker (no fork)"
+        repeat = args.rq_fork_repeat if fork else args.repeat
+        return measure(args, target, [w.pid for w in workers], once, system, config, processes, repeat=repeat)
     finally:
         procs.stop_all(workers)
         conn.close()
-    return _result(system, processes, "flat", args.jobs, times, submits, cpu_server, cpu_workers)
 
 
 # --------------------------------------------------------------------------- main
 
 
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _names(text: str, allowed: tuple[str, ...], p: argparse.ArgumentParser, what: str) -> list[str]:
+    out = [s.strip() for s in text.split(",") if s.strip()]
+    for s in out:
+        if s not in allowed:
+            p.error(f"unknown {what} {s!r} (choose from {', '.join(allowed)})")
+    return out
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench.throughput",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
-        epilog="Run from the repository root. Prints a table (or --json) with ratios against "
-        "Dramatiq measured in the same run.",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_common_args(p)
     p.add_argument("--jobs", type=int, default=None, help="jobs per measurement (default 5000; --quick 1000)")
     p.add_argument("--processes", default="1,2", help="worker process counts (default 1,2)")
     p.add_argument(
-        "--systems",
-        default=",".join(SYSTEMS),
-        help=f"comma-separated subset of {', '.join(SYSTEMS)} (default: all)",
+        "--systems", default=",".join(SYSTEMS), help=f"subset of {','.join(SYSTEMS)} (default all)"
     )
     p.add_argument("--shapes", default=",".join(SHAPES), help="OAO DAG shapes (default wide,chain)")
     p.add_argument(
         "--repeat",
         type=int,
+        default=None,
+        help="runs per configuration, median reported (default 3; --quick 1)",
+    )
+    p.add_argument(
+        "--rq-fork-repeat",
+        type=int,
         default=1,
-        help="measurements per configuration; the median is reported (default 1)",
+        help="runs of the forking RQ worker, ~1 min each at 5000 jobs (default 1)",
     )
     p.add_argument(
         "--oao-concurrency",
-        type=int,
-        default=32,
-        help="oao-worker --concurrency per process (default 32)",
+        default="10",
+        help="oao-worker --concurrency per process; a list measures each (default 10, the CLI's default)",
     )
     p.add_argument(
         "--dramatiq-threads",
-        type=int,
-        default=8,
-        help="dramatiq --threads per process (default 8, Dramatiq's own default)",
+        default="8,32",
+        help="dramatiq --threads per process; a list measures each, the first is the ratio baseline "
+        "(default 8,32: Dramatiq's default, then a tuned setting near its peak on 2 cores)",
     )
     p.add_argument(
         "--dramatiq-enqueue",
@@ -401,28 +413,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--dramatiq-worker-timeout-ms",
         type=int,
         default=100,
-        help="cap of Dramatiq's idle back-off between empty fetches (default 100 ms; "
-        "Dramatiq's default is 1000)",
+        help="cap of Dramatiq's idle back-off between empty fetches (default 100; Dramatiq's is 1000)",
     )
     p.add_argument(
         "--worker-log-level",
         default="info",
-        help="log level of oao-worker and rq worker (default info, their default)",
+        help="log level of oao-worker and rq worker (default info, both CLIs' default)",
     )
     p.add_argument("--poll-ms", type=float, default=5.0, help="completion poll interval (default 5 ms)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds before a measurement fails")
     args = p.parse_args(argv)
     if args.jobs is None:
         args.jobs = 1000 if args.quick else 5000
-    args.process_counts = [int(x) for x in args.processes.split(",") if x.strip()]
-    args.system_list = [s.strip() for s in args.systems.split(",") if s.strip()]
-    args.shape_list = [s.strip() for s in args.shapes.split(",") if s.strip()]
-    for s in args.system_list:
-        if s not in SYSTEMS:
-            p.error(f"unknown system {s!r}")
-    for s in args.shape_list:
-        if s not in SHAPES:
-            p.error(f"unknown shape {s!r}")
+    if args.repeat is None:
+        args.repeat = 1 if args.quick else 3
+    args.process_counts = _ints(args.processes)
+    args.oao_concurrencies = _ints(args.oao_concurrency)
+    args.thread_counts = _ints(args.dramatiq_threads)
+    args.system_list = _names(args.systems, SYSTEMS, p, "system")
+    args.shape_list = _names(args.shapes, SHAPES, p, "shape")
     return args
 
 
@@ -432,46 +441,38 @@ def main(argv: list[str] | None = None) -> int:
     results: list[Result] = []
     with RedisTarget(args.redis_url, args.embedded) as target, ProcessGroup(args.keep_logs) as procs:
         info = machine_info(target)
+        info["busy_before_pct"] = check_idle()
         log(format_machine(info))
         for n in args.process_counts:
             if "dramatiq" in args.system_list:
-                results.append(run_dramatiq(args, target, procs, n))
+                results += [run_dramatiq(args, target, procs, n, t) for t in args.thread_counts]
             if "rq-simple" in args.system_list:
                 results.append(run_rq(args, target, procs, n, fork=False))
             if "rq-fork" in args.system_list:
                 results.append(run_rq(args, target, procs, n, fork=True))
             if "oao" in args.system_list:
                 for shape in args.shape_list:
-                    results.append(run_oao(args, target, procs, n, shape))
-    base = {r.processes: r.jobs_per_s for r in results if r.system == "dramatiq"}
+                    results += [run_oao(args, target, procs, n, shape, c) for c in args.oao_concurrencies]
+    base_config = f"threads={args.thread_counts[0]}, enqueue={args.dramatiq_enqueue}"
+    base = {r.processes: r.jobs_per_s for r in results if r.system == "dramatiq" and r.config == base_config}
     for r in results:
         if r.processes in base:
             r.ratio_vs_dramatiq = r.jobs_per_s / base[r.processes]
     config = {
-        "jobs": args.jobs,
-        "repeat": args.repeat,
-        "oao_concurrency": args.oao_concurrency,
-        "dramatiq_threads": args.dramatiq_threads,
-        "dramatiq_worker_timeout_ms": args.dramatiq_worker_timeout_ms,
-        "dramatiq_enqueue": args.dramatiq_enqueue,
-        "worker_log_level": args.worker_log_level,
-        "poll_ms": args.poll_ms,
-    }
+        k: getattr(args, k)
+        for k in (
+            "jobs", "repeat", "rq_fork_repeat", "oao_concurrency", "dramatiq_threads", "dramatiq_enqueue",
+            "dramatiq_worker_timeout_ms", "worker_log_level", "poll_ms",
+        )
+    }  # fmt: skip
     headers = [
-        "system",
-        "processes",
-        "shape",
-        "jobs",
-        "seconds",
-        "jobs/s",
-        "vs Dramatiq",
-        "enqueue s",
-        "server CPU %",
-        "worker CPU %",
-    ]
+        "system", "config", "procs", "shape", "jobs", "seconds", "jobs/s", "vs Dramatiq",
+        "enqueue s", "server CPU %", "worker CPU %", "other CPU %",
+    ]  # fmt: skip
     rows = [
         [
             r.system,
+            r.config,
             r.processes,
             r.shape,
             r.jobs,
@@ -481,6 +482,7 @@ def main(argv: list[str] | None = None) -> int:
             r.submit_s,
             round(r.server_cpu_pct),
             round(r.worker_cpu_pct),
+            round(r.other_cpu_pct),
         ]
         for r in results
     ]
@@ -491,20 +493,20 @@ def main(argv: list[str] | None = None) -> int:
             "",
             format_table(headers, rows),
             "",
-            "vs Dramatiq: jobs/s divided by Dramatiq's with the same process count, same run. "
+            f"vs Dramatiq: jobs/s over Dramatiq's ({base_config}) with the same process count, same run.",
+            "seconds: median of the runs, from the first enqueue to the last job done.",
             "OAO's chain shape has no analogue in the baselines: it is compared with their flat runs.",
+            "CPU %: of one core, over the measured runs (worker: all worker processes and children;",
+            "other: the rest of the machine except this harness, should be ~0).",
         ]
     )
-    emit(
-        args.json,
-        {
-            "benchmark": "throughput",
-            "machine": info,
-            "config": config,
-            "results": [asdict(r) for r in results],
-        },
-        text,
-    )
+    document = {
+        "benchmark": "throughput",
+        "machine": info,
+        "config": config,
+        "results": [asdict(r) for r in results],
+    }
+    emit(args.json, document, text)
     return 0
 
 

@@ -430,7 +430,7 @@ async def workers(redis_url: str | None, prefix: str, as_json: bool) -> int:
 @prefix_option
 @click.option("--reaper-interval", default=1.0, show_default=True, help="Seconds between reaper passes.")
 @click.option(
-    "--heartbeat-ttl", default=10.0, show_default=True, help="Must match the workers' --heartbeat-ttl."
+    "--heartbeat-ttl", default=5.0, show_default=True, help="Must match the workers' --heartbeat-ttl."
 )
 @click.option(
     "--max-requeues",

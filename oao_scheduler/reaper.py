@@ -43,7 +43,7 @@ class Reaper:
         self,
         broker: Broker,
         interval_s: float = 1.0,
-        heartbeat_ttl_s: float = 10.0,
+        heartbeat_ttl_s: float = 5.0,
         max_requeues: int = 5,
     ) -> None:
         self.broker = broker

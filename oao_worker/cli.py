@@ -30,7 +30,7 @@ from .worker import Worker
 )
 @click.option(
     "--heartbeat-ttl",
-    default=10.0,
+    default=5.0,
     show_default=True,
     help="Seconds a heartbeat lives; refreshed every third of it.",
 )

@@ -105,7 +105,7 @@ class Worker:
         queues: list[str] | None = None,
         concurrency: int = 10,
         worker_id: str | None = None,
-        heartbeat_ttl_s: float = 10.0,
+        heartbeat_ttl_s: float = 5.0,
         grace_period_s: float = 30.0,
         claim_timeout_s: float = 1.0,
         claim_batch: int = 32,
@@ -118,7 +118,9 @@ class Worker:
         self.id = worker_id or default_worker_id()
         self.heartbeat_ttl_s = heartbeat_ttl_s
         self.grace_period_s = grace_period_s
-        self.claim_timeout_s = claim_timeout_s
+        # A BLMOVE must never outlive the heartbeat: a worker stopped (SIGSTOP) while
+        # blocked could otherwise receive a job after the reaper has written it off.
+        self.claim_timeout_s = min(claim_timeout_s, heartbeat_ttl_s / 4)
         self.claim_batch = claim_batch
         self.runtimes = RuntimeCache(broker)
         self.log = get_logger(worker_id=self.id)

@@ -156,15 +156,18 @@ async def test_sigstop_zombie_cannot_write(redis_url: str, prefix: str, tmp_path
         await wait_for_run(broker, s.run_id, interval_s=0.05, timeout_s=30)
         await asyncio.sleep(2.0)  # let the zombie try its writes
         events = await broker.events(s.run_id)
-        stale = [e for e in events if e.type == "STALE_ATTEMPT_REJECTED" and e.node == "z"]
-        assert stale and stale[0].attempt == 1
-        lines = [
-            (a, label) for _k, a, step, label in read_ledger(ledger) if step.endswith("/z#1") or "/z#" in step
-        ]
+        lines = [(a, label) for _k, a, step, label in read_ledger(ledger) if "/z#" in step]
         assert sorted(lines) == [(1, "a"), (2, "b"), (2, "c")], lines  # zombie ran nothing more
         assert [e.attempt for e in events if e.type == "NODE_SUCCEEDED" and e.node == "z"] == [2]
+        # Two defences race when the zombie wakes: its next fenced write is rejected, or its
+        # heartbeat loop notices the lapse first and abandons the node. Either is fine;
+        # what must hold is that nothing it did after the reap landed.
+        stale = [e for e in events if e.type == "STALE_ATTEMPT_REJECTED" and e.node == "z"]
         log1 = (tmp_path / "w1.log").read_text()
-        assert "node.stale_attempt" in log1 or "node.lease_lost" in log1
+        assert all(e.attempt == 1 for e in stale)
+        assert stale or "node.lease_lost" in log1, log1[-2000:]
+        steps = await broker.get_steps(s.run_id)
+        assert [steps[f"z:{i}"]["attempt"] for i in (1, 2, 3, 4, 5)] == [1, 2, 2, 2, 2]
         await check_invariants(broker, s.run_id, ledger)
     finally:
         stop(serve, w1, *([w2] if w2 else []))
