@@ -165,6 +165,15 @@ class Broker:
 
     # ---------------------------------------------------------------- fenced writes
 
+    async def append_events(self, worker_id: str, job: ClaimedJob, events: list[list[Any]]) -> bool:
+        """Write buffered events of a node now (fenced); False if the attempt is stale."""
+        ok = await self._fenced(
+            "append_events",
+            [self.keys.active(worker_id)],
+            [worker_id, job.job, job.attempt, _json(events)],
+        )
+        return bool(ok)
+
     async def begin_step(
         self,
         worker_id: str,

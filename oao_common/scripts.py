@@ -19,6 +19,7 @@ from .keys import Keys
 SCRIPT_NAMES = (
     "submit",
     "claim",
+    "append_events",
     "begin_step",
     "record_step",
     "complete",

@@ -146,6 +146,12 @@ class AgentContext:
         self.governor.before_step(step)
         if kind == "tool":
             await self._begin_tool_step(seq, name, req_hash)
+        elif self._events and not await self.broker.append_events(
+            self.worker_id, self.job, self.drain_events()
+        ):
+            # Before a live model call (seconds, and money) the log shows what happened so
+            # far, and a fenced-off attempt stops here.
+            raise StaleAttemptError(f"{self.run_id}/{self.node_id} attempt {self.attempt} is stale")
         started = time.monotonic()
         result, tin, tout, cost = await execute(step)
         duration_ms = int((time.monotonic() - started) * 1000)

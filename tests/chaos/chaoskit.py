@@ -26,8 +26,10 @@ async def check_invariants(broker: Broker, run_id: str, ledger: Path) -> dict[st
     * every node SUCCEEDED, exactly one NODE_SUCCEEDED each, by the latest attempt;
     * no job left in any ready list, active list or the delayed set;
     * fencing in the log: no step or completion event of attempt a after attempt a+1 started;
+    * every step was executed to completion once: no (node, seq) has two STEP_COMPLETED
+      events, so no recorded step ran again in a later attempt (the ledger served it);
     * every recorded side-effect step ran exactly once in the attempt that recorded it,
-      and never in a later attempt (the ledger served it).
+      and never in a later attempt.
     """
     run = await broker.get_run(run_id)
     node_ids = run["node_ids"].split(",")
@@ -61,6 +63,9 @@ async def check_invariants(broker: Broker, run_id: str, ledger: Path) -> dict[st
             if e.type == "NODE_SUCCEEDED":
                 succeeded[e.node] += 1
     assert all(succeeded[n] == 1 for n in node_ids), [n for n in node_ids if succeeded[n] != 1]
+    completed = Counter((e.node, e.data.get("seq")) for e in events if e.type == "STEP_COMPLETED")
+    twice = [k for k, c in completed.items() if c > 1]
+    assert not twice, f"steps executed again after being recorded: {twice[:5]}"
 
     steps = await broker.get_steps(run_id)
     runs_of: dict[str, list[int]] = defaultdict(list)
