@@ -90,6 +90,13 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
         "into DIR during the measured phase; summarize with python -m bench.pyspy_top",
     )
     parser.add_argument(
+        "--idle-wait",
+        type=float,
+        default=120.0,
+        help="before each measurement wait up to this many seconds for other load on the machine "
+        "to stop (default 120; 0: do not wait)",
+    )
+    parser.add_argument(
         "--keep-logs", action="store_true", help="keep the worker logs (their directory is printed)"
     )
 
@@ -433,15 +440,37 @@ def own_cpu_s() -> float:
     return float(t.user + t.system)
 
 
-def check_idle(seconds: float = 1.0, limit_pct: float = 25.0) -> float:
-    """Busy % of the machine (of one core) over ``seconds``; warns above ``limit_pct``:
-    other load on a 2-core machine skews every figure."""
+def busy_pct(seconds: float) -> float:
+    """Busy % of the machine (100 = one core) over the next ``seconds``."""
     b0 = machine_busy_s()
     time.sleep(seconds)
-    pct = 100 * (machine_busy_s() - b0) / seconds
+    return 100 * (machine_busy_s() - b0) / seconds
+
+
+def check_idle(seconds: float = 1.0, limit_pct: float = 25.0) -> float:
+    """Busy % of the machine over ``seconds``; warns above ``limit_pct``: other load on
+    a 2-core machine skews every figure."""
+    pct = busy_pct(seconds)
     if pct > limit_pct:
         log(f"WARNING: the machine is not idle ({pct:.0f}% of a core busy before the benchmark)")
     return pct
+
+
+def wait_for_idle(max_wait_s: float, limit_pct: float = 25.0, window_s: float = 0.5) -> float:
+    """Wait (up to ``max_wait_s``) until the machine is quiet: busy below ``limit_pct``
+    over a ``window_s`` window. Returns the last busy %. Idle benchmark workers of
+    the configuration about to be measured count too, so keep the limit loose."""
+    deadline = time.monotonic() + max_wait_s
+    warned = False
+    while True:
+        pct = busy_pct(window_s)
+        if pct < limit_pct or time.monotonic() > deadline:
+            if pct >= limit_pct:
+                log(f"WARNING: still {pct:.0f}% busy after waiting {max_wait_s}s; measuring anyway")
+            return pct
+        if not warned:
+            log(f"machine busy ({pct:.0f}% of a core): waiting up to {max_wait_s}s for it to be idle")
+            warned = True
 
 
 class PySpy:

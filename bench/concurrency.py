@@ -43,6 +43,7 @@ from bench._common import (
     rss_bytes,
     start_oao_workers,
     vm_hwm,
+    wait_for_idle,
 )
 
 MIB = 2**20
@@ -175,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         info = machine_info(target)
         info["busy_before_pct"] = check_idle()
         log(format_machine(info))
+        if args.idle_wait:
+            wait_for_idle(args.idle_wait)
         floor = run_floor(args.nodes, args.delay)
         log(f"floor: {args.nodes} x asyncio.sleep({args.delay}) in {floor['wall_s']:.3f}s")
         prefix = f"oaobench-{secrets.token_hex(3)}"
@@ -187,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"worker pid {worker.pid} warm, idle RSS {idle_rss / MIB:.1f} MiB")
         spec = build_spec(args.nodes, args.delay)
         for rep in range(args.repeat):
+            if args.idle_wait:
+                wait_for_idle(args.idle_wait)
             cpu0 = cpu_seconds([worker.pid])
             with (
                 PySpy(procs, args.py_spy, f"concurrency-r{rep}", [worker.pid]),

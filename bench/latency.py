@@ -45,6 +45,7 @@ from bench._common import (
     machine_info,
     percentile,
     start_oao_workers,
+    wait_for_idle,
 )
 
 TARGET_P50_MS = 3.0
@@ -265,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         info["busy_before_pct"] = check_idle()
         log(format_machine(info))
         url = target.url
+        if args.idle_wait:
+            wait_for_idle(args.idle_wait)
         ping = asyncio.run(baseline_ping(url, args.baseline_samples))
         handoff = asyncio.run(baseline_handoff(url, args.baseline_samples))
         echo = asyncio.run(baseline_echo(url, procs, args.baseline_samples, gap_s / 10))
@@ -273,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         (worker,) = start_oao_workers(
             procs, target, prefix, 1, args.concurrency, log_level=args.worker_log_level
         )
+        if args.idle_wait:
+            wait_for_idle(args.idle_wait)
         with PySpy(procs, args.py_spy, "latency", [worker.pid]):
             oao = asyncio.run(measure_oao(url, prefix, args.runs, gap_s, args.warmup))
         procs.stop_all([worker])

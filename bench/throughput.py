@@ -55,6 +55,7 @@ from bench._common import (
     own_cpu_s,
     start_oao_workers,
     venv_bin,
+    wait_for_idle,
     wait_until,
 )
 
@@ -105,6 +106,8 @@ def measure(
     submits: list[float] = []
     cpu_server = cpu_workers = cpu_other = 0.0
     for rep in range(repeat or args.repeat):
+        if args.idle_wait:
+            wait_for_idle(args.idle_wait)
         s0, w0, m0, h0 = target.server_cpu_s(), cpu_seconds(pids), machine_busy_s(), own_cpu_s()
         if profile is not None:
             with profile(rep):

@@ -201,11 +201,14 @@ class Broker:
         cost_usd: float = 0.0,
         is_tool: bool = False,
         events: list[list[Any]] | None = None,
+        reservation: str | None = None,
     ) -> bool:
-        """Append step ``seq`` to the ledger; False if the attempt is stale."""
+        """Append step ``seq`` to the ledger and add its usage to the node and run
+        counters, settling budget ``reservation`` in the same atomic step; False if the
+        attempt is stale."""
         ok = await self._fenced(
             "record_step",
-            [self.keys.active(worker_id)],
+            [self.keys.active(worker_id), self.keys.reservations(job.run_id)],
             [
                 worker_id,
                 job.job,
@@ -217,9 +220,50 @@ class Broker:
                 repr(float(cost_usd)),
                 1 if is_tool else 0,
                 _json(events or []),
+                reservation or "",
             ],
         )
         return bool(ok)
+
+    async def reserve_budget(
+        self,
+        run_id: str,
+        reservation: str,
+        tokens_in: int,
+        tokens_out: int,
+        cost_usd: float,
+        limits: dict[str, float],
+        ttl_s: float,
+    ) -> tuple[bool, str, float, float]:
+        """Reserve (or extend) part of a run's shared budget (``budget.lua``).
+
+        Returns ``(True, "", 0, 0)`` or ``(False, rule, limit, would_reach)``; nothing is
+        reserved when refused. Units: tokens and USD; ``ttl_s`` in seconds.
+        """
+        r = await self.scripts.call(
+            "budget",
+            [self.keys.run(run_id), self.keys.reservations(run_id)],
+            [
+                "reserve",
+                reservation,
+                int(tokens_in),
+                int(tokens_out),
+                f"{cost_usd:.10f}",
+                int(ttl_s * 1000),
+                _json(limits),
+            ],
+        )
+        if int(r[0]) == 1:
+            return True, "", 0.0, 0.0
+        return False, str(r[1]), float(r[2]), float(r[3])
+
+    async def release_budget(self, run_id: str, reservation: str) -> None:
+        """Release a reservation whose call failed (no usage recorded)."""
+        await self.scripts.call(
+            "budget",
+            [self.keys.run(run_id), self.keys.reservations(run_id)],
+            ["release", reservation, 0, 0, "0", 0, "{}"],
+        )
 
     async def complete(
         self,
@@ -237,6 +281,11 @@ class Broker:
         )
         return bool(ok)
 
+    async def notify_cancelled(self, run_ids: list[str]) -> None:
+        """Tell every worker (pub/sub) to stop the in-flight nodes of these runs now."""
+        for rid in run_ids:
+            await self.redis.publish(self.keys.control_channel, f"cancel {rid}")
+
     async def fail(
         self,
         worker_id: str,
@@ -249,9 +298,11 @@ class Broker:
         """Fail an attempt: retry after ``retry_delay_s`` seconds, or for good when None.
 
         Returns 2 (retry scheduled), 1 (failed) or 0 (stale attempt, nothing written).
+        When a critical node's failure ended its run, the fleet is told to stop the run's
+        other in-flight nodes.
         """
         delay_ms = -1 if retry_delay_s is None else int(max(0.0, retry_delay_s) * 1000)
-        return int(
+        r = int(
             await self._fenced(
                 "fail",
                 [self.keys.active(worker_id), self.keys.delayed],
@@ -266,6 +317,10 @@ class Broker:
                 ],
             )
         )
+        if r == 3:
+            await self.notify_cancelled([job.run_id])
+            return 1
+        return r
 
     # ---------------------------------------------------------------- workers
 
@@ -318,6 +373,8 @@ class Broker:
         )
         if r == -1:
             return None
+        if r[3]:
+            await self.notify_cancelled([str(x) for x in r[3]])
         return ReapResult(worker_id, int(r[0]), int(r[1]), int(r[2]))
 
     async def stale_workers(self, older_than_s: float) -> list[str]:
@@ -330,8 +387,12 @@ class Broker:
         return int(await self.scripts.call("promote", [self.keys.delayed], [limit]))
 
     async def cancel(self, run_id: str) -> int:
-        """Cancel a run; returns nodes cancelled, or -1 if unknown or already finished."""
-        return int(await self.scripts.call("cancel", [self.keys.run(run_id)], [run_id]))
+        """Cancel a run and tell the workers to stop its in-flight nodes now; returns the
+        number of nodes cancelled, or -1 if the run is unknown or already finished."""
+        n = int(await self.scripts.call("cancel", [self.keys.run(run_id)], [run_id]))
+        if n >= 0:
+            await self.notify_cancelled([run_id])
+        return n
 
     # ---------------------------------------------------------------- read side
 

@@ -64,13 +64,17 @@ class PolicyViolation(PermanentError):
         "max_turns": ("Max Turn Limit Exceeded", "turns"),
     }
 
-    def __init__(self, rule: str, limit: Any = None, value: Any = None, detail: str = "") -> None:
+    def __init__(
+        self, rule: str, limit: Any = None, value: Any = None, detail: str = "", scope: str = "node"
+    ) -> None:
         self.rule = rule
         self.limit = limit
         self.value = value
         self.detail = detail
+        self.scope = scope
         title, unit = self.TITLES.get(rule, (rule, ""))
-        figures = f" ({value} > {limit} {unit})".rstrip() if limit is not None else ""
+        where = "run budget: " if scope == "run" else ""
+        figures = f" ({where}{value} > {limit} {unit})".rstrip() if limit is not None else ""
         if figures.endswith(" )"):
             figures = figures[:-2] + ")"
         extra = f": {detail}" if detail else ""
@@ -78,7 +82,13 @@ class PolicyViolation(PermanentError):
 
     def to_dict(self) -> dict[str, Any]:
         """The event payload: rule, limit, value, reason."""
-        return {"rule": self.rule, "limit": self.limit, "value": self.value, "reason": str(self)}
+        return {
+            "rule": self.rule,
+            "scope": self.scope,
+            "limit": self.limit,
+            "value": self.value,
+            "reason": str(self),
+        }
 
 
 class NonDeterminismError(PermanentError):

@@ -46,6 +46,10 @@ class Keys:
     def steps(self, rid: str) -> str:
         return f"{self.prefix}:run:{{{rid}}}:steps"
 
+    def reservations(self, rid: str) -> str:
+        """Hash of live budget reservations of a run (see ``budget.lua``)."""
+        return f"{self.prefix}:run:{{{rid}}}:reservations"
+
     # fleet-scoped
     def queue(self, name: str) -> str:
         return f"{self.prefix}:q:{name}"
@@ -71,8 +75,25 @@ class Keys:
     def runs(self) -> str:
         return f"{self.prefix}:runs"
 
+    @property
+    def control_channel(self) -> str:
+        """Pub/sub channel of fleet control messages (``cancel <rid>``)."""
+        return f"{self.prefix}:control"
+
     def idempotency(self, key: str) -> str:
         return f"{self.prefix}:idem:{key}"
+
+    def ratelimit(self, name: str) -> str:
+        """Hash of rate limiter ``name``: bucket levels, refill times, penalty (``ratelimit.lua``)."""
+        return f"{self.prefix}:rl:{{{name}}}"
+
+    def ratelimit_slots(self, name: str) -> str:
+        """Sorted set of the concurrency leases of limiter ``name``: lease id -> expiry (ms)."""
+        return f"{self.prefix}:rl:{{{name}}}:slots"
+
+    def circuit(self, key: str) -> str:
+        """Hash of circuit breaker ``key``: state, cool-down, probes, window (``circuit.lua``)."""
+        return f"{self.prefix}:cb:{{{key}}}"
 
     def templates(self) -> list[str]:
         """``string.format`` templates for Lua, in this order: run, node, events, queue.

@@ -20,9 +20,35 @@ class PolicySpec(BaseModel):
 
     max_steps: int | None = Field(default=None, ge=1, description="model + tool calls per node")
     max_tokens: int | None = Field(default=None, ge=1, description="input + output tokens")
+    max_input_tokens: int | None = Field(default=None, ge=1)
+    max_output_tokens: int | None = Field(default=None, ge=1)
     max_tool_calls: int | None = Field(default=None, ge=0)
     timeout_s: float | None = Field(default=None, gt=0, description="wall time of one attempt")
     max_cost_usd: float | None = Field(default=None, ge=0)
+
+
+class RunPolicySpec(PolicySpec):
+    """Budgets of a whole run, shared by all its nodes on all workers (enforced by
+    reservation in Redis), plus ``max_parallel_nodes``. ``timeout_s`` bounds the run's
+    wall time from its first claim."""
+
+    max_parallel_nodes: int | None = Field(default=None, ge=1)
+
+
+class FailureSpec(BaseModel):
+    """How node failures decide the run's final state.
+
+    A failed *critical* node fails the run at once (its other nodes are cancelled).
+    Otherwise, at the end: more than ``max_failure_ratio`` of the nodes failed → FAILED;
+    some failed → PARTIAL with ``allow_partial_completion``, else FAILED; none → SUCCEEDED.
+    Nodes are critical when ``critical: true`` or, by default, ``priority >= critical_priority``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    allow_partial_completion: bool = False
+    max_failure_ratio: float = Field(default=0.5, ge=0, le=1)
+    critical_priority: int = Field(default=8, ge=0, le=11)
 
 
 DEFAULT_POLICY = PolicySpec(max_steps=50, max_tokens=100_000, max_tool_calls=50, timeout_s=300.0)

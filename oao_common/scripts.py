@@ -21,6 +21,7 @@ SCRIPT_NAMES = (
     "claim",
     "append_events",
     "begin_step",
+    "budget",
     "record_step",
     "complete",
     "fail",
@@ -28,6 +29,8 @@ SCRIPT_NAMES = (
     "reap",
     "handback",
     "cancel",
+    "ratelimit",
+    "circuit",
 )
 
 

@@ -19,7 +19,15 @@ from jinja2.sandbox import SandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import SpecError
-from .policy import DEFAULT_POLICY, DEFAULT_RETRY, PolicySpec, RetrySpec, merge
+from .policy import (
+    DEFAULT_POLICY,
+    DEFAULT_RETRY,
+    FailureSpec,
+    PolicySpec,
+    RetrySpec,
+    RunPolicySpec,
+    merge,
+)
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
 ENTRYPOINT_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$"
@@ -39,6 +47,13 @@ class ScriptedReply(_Strict):
     tool_calls: list[dict[str, Any]] = Field(default_factory=list)
 
 
+class PricingSpec(_Strict):
+    """USD per million tokens, input and output."""
+
+    input_usd_per_mtok: float = Field(ge=0)
+    output_usd_per_mtok: float = Field(ge=0)
+
+
 class ScriptedModelSpec(_Strict):
     """Deterministic offline model. Replies are used in order per node, the last repeating
     (or cycling with ``cycle: true``). ``by_node`` gives a node its own script."""
@@ -51,6 +66,7 @@ class ScriptedModelSpec(_Strict):
     stream_delay_s: float = Field(default=0.0, ge=0, description="sleep before each chunk")
     reply_delay_s: float = Field(default=0.0, ge=0, description="sleep before the reply")
     chunk_tokens: int = Field(default=8, ge=1)
+    pricing: PricingSpec | None = None
 
 
 class OpenAIModelSpec(_Strict):
@@ -63,6 +79,7 @@ class OpenAIModelSpec(_Strict):
     temperature: float | None = None
     timeout_s: float = Field(default=60.0, gt=0)
     stream: bool = True
+    pricing: PricingSpec | None = None
 
 
 ModelSpec = Annotated[ScriptedModelSpec | OpenAIModelSpec, Field(discriminator="provider")]
@@ -76,6 +93,7 @@ class PythonAgentSpec(_Strict):
     entrypoint: str = Field(pattern=ENTRYPOINT_PATTERN)
     model: str | None = Field(default=None, description="default model of ctx.llm")
     tools: list[str] = Field(default_factory=list)
+    deny_tools: list[str] = Field(default_factory=list)
     config: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -86,6 +104,7 @@ class LLMAgentSpec(_Strict):
     model: str
     system: str = ""
     tools: list[str] = Field(default_factory=list)
+    deny_tools: list[str] = Field(default_factory=list)
     max_turns: int = Field(default=8, ge=1)
     max_tokens: int | None = Field(default=None, ge=1, description="per model call")
     temperature: float | None = None
@@ -109,6 +128,7 @@ class NodeSpec(_Strict):
     depends_on: list[str] = Field(default_factory=list)
     queue: str = Field(default="default", pattern=ID_PATTERN)
     priority: int = Field(default=5, ge=0, le=10)
+    critical: bool | None = None
     policy: PolicySpec | None = None
     retry: RetrySpec | None = None
 
@@ -126,6 +146,8 @@ class Spec(_Strict):
     description: str = ""
     inputs: dict[str, Any] = Field(default_factory=dict)
     defaults: Defaults = Field(default_factory=Defaults)
+    policy: RunPolicySpec = Field(default_factory=RunPolicySpec)
+    failure: FailureSpec = Field(default_factory=FailureSpec)
     models: dict[str, ModelSpec] = Field(default_factory=dict)
     agents: dict[str, AgentSpec] = Field(min_length=1)
     tools: dict[str, ToolSpec] = Field(default_factory=dict)
@@ -149,6 +171,12 @@ class Spec(_Strict):
 
     def effective_retry(self, node: NodeSpec) -> RetrySpec:
         return merge(DEFAULT_RETRY, self.defaults.retry, node.retry)  # type: ignore[no-any-return,unused-ignore]
+
+    def is_critical(self, node: NodeSpec) -> bool:
+        """``critical`` if set, else ``priority >= failure.critical_priority``."""
+        if node.critical is not None:
+            return node.critical
+        return node.priority >= self.failure.critical_priority
 
     def default_model(self, agent: str) -> str | None:
         """The model ``ctx.llm`` uses for ``agent``: its own, else the spec's only model."""
@@ -235,7 +263,7 @@ def cross_reference_problems(spec: Spec) -> list[str]:
                 f"agents.{aname}.model: unknown model {agent.model!r}"
                 f" (known: {', '.join(sorted(spec.models)) or 'none'})"
             )
-        for t in agent.tools:
+        for t in [*agent.tools, *agent.deny_tools]:
             if t not in spec.tools:
                 problems.append(
                     f"agents.{aname}.tools: unknown tool {t!r}"

@@ -69,7 +69,8 @@ def _log_level_given() -> bool:
 
 
 def _exit_for(status: str) -> int:
-    return EXIT_OK if status == RunState.SUCCEEDED else EXIT_FAILED
+    """0 for SUCCEEDED and PARTIAL (a partial completion the spec allows), else 1."""
+    return EXIT_OK if status in (RunState.SUCCEEDED, RunState.PARTIAL) else EXIT_FAILED
 
 
 input_option = click.option(
@@ -332,7 +333,7 @@ async def events(
     if follow:
         async for ev in broker.follow_events(run_id, after=last):
             show(ev)
-            if ev.type in ("RUN_SUCCEEDED", "RUN_FAILED", "RUN_CANCELLED"):
+            if ev.type in ("RUN_SUCCEEDED", "RUN_FAILED", "RUN_CANCELLED", "RUN_PARTIAL"):
                 break
     return EXIT_OK
 

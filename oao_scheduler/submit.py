@@ -52,6 +52,8 @@ def expand(spec: Spec, run_id: str) -> tuple[dict[str, str], list[dict[str, Any]
         "tokens_out": "0",
         "tool_calls": "0",
         "cost_usd": "0",
+        "allow_partial": "1" if spec.failure.allow_partial_completion else "0",
+        "max_failure_ratio": repr(float(spec.failure.max_failure_ratio)),
     }
     nodes: list[dict[str, Any]] = []
     for n in spec.nodes:
@@ -63,6 +65,7 @@ def expand(spec: Spec, run_id: str) -> tuple[dict[str, str], list[dict[str, Any]
                     "agent": n.agent,
                     "queue": n.queue,
                     "priority": str(n.priority),
+                    "critical": "1" if spec.is_critical(n) else "0",
                     "pending": str(len(n.depends_on)),
                     "deps": ",".join(n.depends_on),
                     "dependents": ",".join(dependents[n.id]),

@@ -28,8 +28,11 @@ from oao_common.errors import (
 )
 from oao_common.events import EventType, pending_event
 from oao_common.hashing import canonical_json, sha256_hex
+from oao_common.policy import RunPolicySpec
+from oao_common.pricing import FREE, Price
 from oao_common.spec import Spec
 
+from .budget import RESERVE_CHUNK, RunBudget
 from .governance import Governor, StepInfo
 from .lifecycle import AgentState, Lifecycle
 from .providers import ModelReply, ModelRequest, Provider
@@ -65,6 +68,8 @@ class AgentContext:
         providers: dict[str, Provider],
         tools: dict[str, Tool],
         default_model: str | None = None,
+        prices: dict[str, Price] | None = None,
+        budget: RunBudget | None = None,
     ) -> None:
         self.broker = broker
         self.worker_id = worker_id
@@ -80,6 +85,8 @@ class AgentContext:
         self.providers = providers
         self.tools = tools
         self.default_model = default_model
+        self.prices = prices or {}
+        self.budget = budget or RunBudget(broker, job.run_id, RunPolicySpec(), 0)
         self.idempotency_key: str | None = None
         self.replayed_steps = 0
         self.executed_steps = 0
@@ -119,6 +126,8 @@ class AgentContext:
         execute: Callable[[StepInfo], Awaitable[tuple[Any, int, int, float]]],
         input_tokens: int = 0,
         extra: dict[str, Any] | None = None,
+        price: Price = FREE,
+        reservation: str | None = None,
     ) -> Any:
         """Run one step through ledger, governance, execution and recording.
 
@@ -142,7 +151,7 @@ class AgentContext:
             self.emit(EventType.STEP_REPLAYED, {"seq": seq, "kind": kind, "name": name})
             return rec.get("result")
 
-        step = StepInfo(seq=seq, kind=kind, name=name, input_tokens=input_tokens)
+        step = StepInfo(seq=seq, kind=kind, name=name, input_tokens=input_tokens, price=price)
         self.governor.before_step(step)
         if kind == "tool":
             await self._begin_tool_step(seq, name, req_hash)
@@ -188,6 +197,7 @@ class AgentContext:
             cost,
             is_tool=kind == "tool",
             events=self.drain_events(),
+            reservation=reservation,
         )
         if not ok:
             raise StaleAttemptError(f"{self.run_id}/{self.node_id} attempt {self.attempt} is stale")
@@ -256,10 +266,37 @@ class AgentContext:
             context={**self.template_vars(), "call_index": k},
         )
         provider = self.providers[name]
+        price = self.prices.get(name, FREE)
+        budget = self.budget
+        reservation = f"{self.node_id}#{self.attempt}#{self._seq + 1}" if budget.enabled else None
 
         async def execute(step: StepInfo) -> tuple[Any, int, int, float]:
-            reply = await provider.complete(request, lambda _delta, out: self.governor.on_chunk(step, out))
-            return reply.to_dict(), reply.usage.input_tokens, reply.usage.output_tokens, 0.0
+            reserved_out = max_tokens or RESERVE_CHUNK
+            if reservation:
+                await budget.reserve(
+                    reservation, step.input_tokens, reserved_out, price.cost(step.input_tokens, reserved_out)
+                )
+
+            async def on_chunk(_delta: str, out: int) -> None:
+                nonlocal reserved_out
+                self.governor.on_chunk(step, out)
+                while reservation and out > reserved_out:  # the stream outgrew its reservation
+                    await budget.reserve(reservation, 0, RESERVE_CHUNK, price.cost(0, RESERVE_CHUNK))
+                    reserved_out += RESERVE_CHUNK
+
+            try:
+                reply = await provider.complete(request, on_chunk)
+            except BaseException:
+                if reservation:
+                    await budget.release(reservation)
+                raise
+            u = reply.usage
+            return (
+                reply.to_dict(),
+                u.input_tokens,
+                u.output_tokens,
+                price.cost(u.input_tokens, u.output_tokens),
+            )
 
         result = await self._step(
             "llm",
@@ -267,6 +304,8 @@ class AgentContext:
             {"kind": "llm", **request.hash_view()},
             execute,
             input_tokens=estimate_message_tokens(msgs),
+            price=price,
+            reservation=reservation,
         )
         return ModelReply.from_dict(result)
 

@@ -7,8 +7,10 @@ hook may raise :class:`~oao_common.errors.PolicyViolation` to stop the node; it 
 recorded as a ``POLICY_VIOLATION`` event and never retried.
 
 :class:`StrictPolicy` enforces the node's :class:`~oao_common.policy.PolicySpec`
-(``max_steps``, ``max_tokens``, ``max_tool_calls``, ``max_cost_usd``) and the agent's
-tool allow-list; ``timeout_s`` is enforced by the worker around the whole attempt.
+(``max_steps``, ``max_tokens``, ``max_input_tokens``, ``max_output_tokens``,
+``max_tool_calls``, ``max_cost_usd``) and the agent's tool allow- and deny-lists;
+``timeout_s`` is enforced by the worker around the whole attempt, and the run's shared
+budget by reservation in Redis (``oao_worker/budget.py``).
 Usage counts include steps served from the ledger on replay, so a resumed node
 cannot exceed its budget by restarting.
 """
@@ -20,6 +22,7 @@ from typing import Any
 
 from oao_common.errors import PolicyViolation
 from oao_common.policy import PolicySpec
+from oao_common.pricing import FREE, Price
 
 
 @dataclass(slots=True)
@@ -45,6 +48,7 @@ class StepInfo:
     kind: str
     name: str
     input_tokens: int = 0
+    price: Price = FREE
     meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -63,43 +67,59 @@ class StepMiddleware:
 
 
 class StrictPolicy(StepMiddleware):
-    """Hard limits of one node. ``allowed_tools=None`` allows every tool of the spec."""
+    """Hard limits of one node. ``allowed_tools=None`` allows every tool of the spec;
+    ``denied_tools`` are refused even when allowed."""
 
-    def __init__(self, policy: PolicySpec, allowed_tools: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        policy: PolicySpec,
+        allowed_tools: list[str] | None = None,
+        denied_tools: list[str] | None = None,
+    ) -> None:
         self.policy = policy
         self.allowed_tools = None if allowed_tools is None else frozenset(allowed_tools)
+        self.denied_tools = frozenset(denied_tools or [])
 
     def before_step(self, step: StepInfo, usage: Usage) -> None:
         p = self.policy
         if p.max_steps is not None and usage.steps + 1 > p.max_steps:
             raise PolicyViolation("max_steps", p.max_steps, usage.steps + 1)
         if step.kind == "tool":
-            if self.allowed_tools is not None and step.name not in self.allowed_tools:
+            if step.name in self.denied_tools or (
+                self.allowed_tools is not None and step.name not in self.allowed_tools
+            ):
                 raise PolicyViolation(
                     "tool_not_allowed",
-                    detail=f"tool {step.name!r} is not in this agent's allow-list "
-                    f"({', '.join(sorted(self.allowed_tools)) or 'empty'})",
+                    detail=f"tool {step.name!r} is not allowed for this agent "
+                    f"(allowed: {', '.join(sorted(self.allowed_tools or [])) or 'none'}"
+                    f"{'; denied: ' + ', '.join(sorted(self.denied_tools)) if self.denied_tools else ''})",
                 )
             if p.max_tool_calls is not None and usage.tool_calls + 1 > p.max_tool_calls:
                 raise PolicyViolation("max_tool_calls", p.max_tool_calls, usage.tool_calls + 1)
-        if p.max_tokens is not None and usage.tokens + step.input_tokens > p.max_tokens:
-            raise PolicyViolation("max_tokens", p.max_tokens, usage.tokens + step.input_tokens)
-        if p.max_cost_usd is not None and usage.cost_usd > p.max_cost_usd:
-            raise PolicyViolation("max_cost_usd", p.max_cost_usd, round(usage.cost_usd, 6))
+        self._check(usage, step.input_tokens, 0, step.price.cost(step.input_tokens, 0))
 
     def on_chunk(self, step: StepInfo, usage: Usage, output_tokens: int) -> None:
-        p = self.policy
-        if p.max_tokens is not None:
-            reached = usage.tokens + step.input_tokens + output_tokens
-            if reached > p.max_tokens:
-                raise PolicyViolation("max_tokens", p.max_tokens, reached)
+        self._check(
+            usage, step.input_tokens, output_tokens, step.price.cost(step.input_tokens, output_tokens)
+        )
 
     def after_step(self, step: StepInfo, usage: Usage) -> None:
+        self._check(usage, 0, 0, 0.0)
+
+    def _check(self, usage: Usage, extra_in: int, extra_out: int, extra_cost: float) -> None:
+        """Raise if usage plus the running step's figures so far crosses a limit."""
         p = self.policy
-        if p.max_tokens is not None and usage.tokens > p.max_tokens:
-            raise PolicyViolation("max_tokens", p.max_tokens, usage.tokens)
-        if p.max_cost_usd is not None and usage.cost_usd > p.max_cost_usd:
-            raise PolicyViolation("max_cost_usd", p.max_cost_usd, round(usage.cost_usd, 6))
+        figures = (
+            ("max_tokens", p.max_tokens, usage.tokens + extra_in + extra_out),
+            ("max_input_tokens", p.max_input_tokens, usage.tokens_in + extra_in),
+            ("max_output_tokens", p.max_output_tokens, usage.tokens_out + extra_out),
+        )
+        for rule, limit, reached in figures:
+            if limit is not None and reached > limit:
+                raise PolicyViolation(rule, limit, reached)
+        cost = usage.cost_usd + extra_cost
+        if p.max_cost_usd is not None and cost > p.max_cost_usd:
+            raise PolicyViolation("max_cost_usd", p.max_cost_usd, round(cost, 6))
 
 
 class Governor:

@@ -10,6 +10,7 @@ from typing import Any
 
 from oao_common.broker import Broker
 from oao_common.errors import PermanentError
+from oao_common.pricing import Price, price_of
 from oao_common.spec import Spec
 
 from .agents import Agent, build_agent
@@ -23,6 +24,7 @@ class RunRuntime:
     inputs: dict[str, Any]
     providers: dict[str, Provider]
     tools: dict[str, Tool]
+    prices: dict[str, Price] = field(default_factory=dict)
     agents: dict[str, Agent] = field(default_factory=dict)
 
     def agent(self, name: str) -> Agent:
@@ -60,6 +62,7 @@ class RuntimeCache:
             inputs=json.loads(inputs_json or "{}"),
             providers={name: make_provider(name, m) for name, m in spec.models.items()},
             tools=load_tools(spec.tools),
+            prices={name: price_of(m) for name, m in spec.models.items()},
         )
         self._items[run_id] = rt
         while len(self._items) > self.size:

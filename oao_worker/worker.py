@@ -17,6 +17,7 @@ ready list (``handback.lua``), then deregister.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import time
@@ -37,6 +38,7 @@ from oao_common.log import get_logger
 from oao_common.policy import backoff_delay_s
 from oao_common.templating import render
 
+from .budget import RunBudget
 from .context import AgentContext
 from .governance import Governor, StrictPolicy
 from .runtime import RuntimeCache
@@ -127,6 +129,7 @@ class Worker:
         self._slots = _Slots(concurrency)
         self._stop = asyncio.Event()
         self._inflight: dict[asyncio.Task[None], ClaimedJob] = {}
+        self._cancelled: set[asyncio.Task[Any]] = set()
         self.completed = 0
         self.failed = 0
 
@@ -154,6 +157,7 @@ class Worker:
         await self.broker.heartbeat(self.id, self.heartbeat_ttl_s, info)
         self.log.info("worker.started", queues=self.queues, concurrency=self.concurrency)
         hb = asyncio.create_task(self._heartbeat_loop(), name=f"{self.id}-heartbeat")
+        control = asyncio.create_task(self._control_loop(), name=f"{self.id}-control")
         loops = [asyncio.create_task(self._claim_loop(q), name=f"{self.id}-claim-{q}") for q in self.queues]
         try:
             await self._stop.wait()
@@ -163,7 +167,8 @@ class Worker:
             await asyncio.gather(*loops, return_exceptions=True)
             await self._drain()
             hb.cancel()
-            await asyncio.gather(hb, return_exceptions=True)
+            control.cancel()
+            await asyncio.gather(hb, control, return_exceptions=True)
             await self._leave()
 
     async def _drain(self) -> None:
@@ -214,6 +219,47 @@ class Worker:
         for t, j in lost:
             self.log.warning("node.lease_lost", run_id=j.run_id, node_id=j.node_id, attempt=j.attempt)
             t.cancel()
+
+    # ------------------------------------------------------------------ control
+
+    async def _control_loop(self) -> None:
+        """Listen for fleet control messages (``cancel <rid>``) on the pub/sub channel.
+
+        A message missed during a reconnect costs only latency: the cancelled nodes'
+        next fenced write is rejected anyway.
+        """
+        failures = 0
+        while True:
+            pubsub = self.broker.redis.pubsub()
+            try:
+                await pubsub.subscribe(self.broker.keys.control_channel)
+                failures = 0
+                async for msg in pubsub.listen():
+                    if msg.get("type") != "message":
+                        continue
+                    cmd, _, arg = str(msg["data"]).partition(" ")
+                    if cmd == "cancel" and arg:
+                        await self._cancel_run(arg)
+            except REDIS_ERRORS as e:
+                failures += 1
+                self.log.warning("worker.control_channel_lost", error=str(e))
+                await asyncio.sleep(min(10.0, 0.1 * 2 ** min(failures, 7)))
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+    async def _cancel_run(self, run_id: str) -> None:
+        """Stop this worker's in-flight nodes of a cancelled (or failed) run at once."""
+        victims = [t for t, j in self._inflight.items() if j.run_id == run_id]
+        if not victims:
+            return
+        self._cancelled.update(victims)
+        for t in victims:
+            t.cancel()
+        await asyncio.gather(*victims, return_exceptions=True)
+        self.log.info("run.cancelled_nodes_stopped", run_id=run_id, nodes=len(victims))
+        with contextlib.suppress(*REDIS_ERRORS):
+            await self._resync()  # their jobs leave the active list
 
     # ------------------------------------------------------------------ claiming
 
@@ -279,10 +325,12 @@ class Worker:
                 spec=rt.spec,
                 inputs=rt.inputs,
                 task=task,
-                governor=Governor([StrictPolicy(policy, agent_spec.tools)]),
+                governor=Governor([StrictPolicy(policy, agent_spec.tools, agent_spec.deny_tools)]),
                 providers=rt.providers,
                 tools=rt.tools,
                 default_model=rt.spec.default_model(node.agent),
+                prices=rt.prices,
+                budget=RunBudget(self.broker, job.run_id, rt.spec.policy, ttl_s=policy.timeout_s or 300.0),
             )
             agent = rt.agent(node.agent)
             try:
@@ -303,8 +351,13 @@ class Worker:
             else:
                 log.warning("node.stale_completion_rejected")
         except asyncio.CancelledError:
-            log.info("node.abandoned", reason="cancelled (shutdown or lease lost)")
-            raise
+            me = asyncio.current_task()
+            if me in self._cancelled:
+                self._cancelled.discard(me)
+                log.info("node.stopped", reason="run cancelled or failed")
+            else:
+                log.info("node.abandoned", reason="shutdown or lease lost")
+                raise
         except StaleAttemptError as e:
             log.warning("node.stale_attempt", error=str(e))
         except Exception as e:

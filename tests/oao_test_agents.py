@@ -98,3 +98,14 @@ async def zombie_agent(ctx: Any) -> str:
     await ctx.llm("think more")
     c = await ctx.tool("ext", label="c")
     return a + b + c
+
+
+async def one_call(ctx: Any) -> str:
+    """One model call bounded by max_tokens = int(task) (0: unbounded)."""
+    n = int(ctx.task or 0)
+    reply = await ctx.llm("go", max_tokens=n or None)
+    return reply.content
+
+
+async def call_denied_tool(ctx: Any) -> str:
+    return await ctx.tool("side_effect", label="x")

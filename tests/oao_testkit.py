@@ -45,7 +45,7 @@ def make_spec(nodes: list[dict[str, Any]], **extra: Any) -> Spec:
         "tools": extra.pop("tools", TOOLS),
         "nodes": nodes,
     }
-    doc.update(extra)
+    doc.update(extra)  # e.g. defaults, policy, failure
     return parse_spec(yaml.safe_dump(doc), "test")
 
 

@@ -69,21 +69,43 @@ local function reject_stale(active, job, rid, nid, wid, attempt, s, what)
   end
 end
 
+-- The run's final state once every node is terminal (DESIGN.md run states; FailureSpec):
+-- no failure: SUCCEEDED; failed / total > max_failure_ratio: FAILED; else PARTIAL when
+-- the run allows partial completion, FAILED otherwise.
 local function finish_run_if_done(rid)
   local rk = run_key(rid)
-  local r = redis.call('HMGET', rk, 'status', 'nodes_total', 'nodes_done', 'nodes_failed')
+  local r = redis.call('HMGET', rk, 'status', 'nodes_total', 'nodes_done', 'nodes_failed',
+    'allow_partial', 'max_failure_ratio')
   if is_run_terminal(r[1]) then return end
-  if tonumber(r[3] or '0') >= tonumber(r[2] or '0') then
-    local failed = tonumber(r[4] or '0')
-    local data = cjson.encode({nodes_failed = failed})
-    if failed > 0 then
-      redis.call('HSET', rk, 'status', 'FAILED', 'finished_at', NOW)
-      emit(rid, 'RUN_FAILED', '', 0, data)
-    else
-      redis.call('HSET', rk, 'status', 'SUCCEEDED', 'finished_at', NOW)
-      emit(rid, 'RUN_SUCCEEDED', '', 0, data)
+  local total = tonumber(r[2] or '0')
+  if tonumber(r[3] or '0') < total then return end
+  local failed = tonumber(r[4] or '0')
+  local data = cjson.encode({nodes_failed = failed, nodes = total})
+  if failed == 0 then
+    redis.call('HSET', rk, 'status', 'SUCCEEDED', 'finished_at', NOW)
+    emit(rid, 'RUN_SUCCEEDED', '', 0, data)
+  elseif r[5] == '1' and failed / total <= tonumber(r[6] or '0.5') then
+    redis.call('HSET', rk, 'status', 'PARTIAL', 'finished_at', NOW)
+    emit(rid, 'RUN_PARTIAL', '', 0, data)
+  else
+    redis.call('HSET', rk, 'status', 'FAILED', 'finished_at', NOW)
+    emit(rid, 'RUN_FAILED', '', 0, data)
+  end
+end
+
+-- Every node not yet terminal becomes CANCELLED; returns how many.
+local function cancel_nodes(rid)
+  local n = 0
+  for nid in string.gmatch(redis.call('HGET', run_key(rid), 'node_ids') or '', '[^,]+') do
+    local nk = node_key(rid, nid)
+    if not is_terminal(redis.call('HGET', nk, 'status')) then
+      redis.call('HSET', nk, 'status', 'CANCELLED', 'finished_at', NOW)
+      redis.call('HDEL', nk, 'lease', 'retry_at')
+      emit(rid, 'NODE_CANCELLED', nid, 0, '{}')
+      n = n + 1
     end
   end
+  return n
 end
 
 -- Decrement each dependent's pending counter; push the ones that reach zero.
@@ -122,7 +144,10 @@ local function skip_descendants(rid, nid)
   return skipped
 end
 
--- Final failure of a node: FAILED, descendants SKIPPED, run accounting.
+-- Final failure of a node: FAILED, descendants SKIPPED, run accounting. A critical
+-- node fails its run at once and cancels the rest. Returns true when the run ended
+-- because of this failure while other nodes were still in flight (callers then tell
+-- the workers, so running nodes stop without waiting for their next write).
 local function fail_node(rid, nid, attempt, error_json)
   local nk = node_key(rid, nid)
   redis.call('HSET', nk, 'status', 'FAILED', 'error', error_json, 'finished_at', NOW)
@@ -132,7 +157,15 @@ local function fail_node(rid, nid, attempt, error_json)
   local rk = run_key(rid)
   redis.call('HINCRBY', rk, 'nodes_failed', 1)
   redis.call('HINCRBY', rk, 'nodes_done', 1 + skipped)
+  if redis.call('HGET', nk, 'critical') == '1' and not is_run_terminal(redis.call('HGET', rk, 'status')) then
+    local n = cancel_nodes(rid)
+    redis.call('HSET', rk, 'status', 'FAILED', 'finished_at', NOW)
+    emit(rid, 'RUN_FAILED', '', 0, cjson.encode({reason = 'critical node ' .. nid .. ' failed',
+      critical_node = nid, nodes_cancelled = n}))
+    return n > 0
+  end
   finish_run_if_done(rid)
+  return false
 end
 
 -- Put a job of worker wid back at the front of its ready list, if the worker still
@@ -150,10 +183,10 @@ local function requeue_job(job, wid, event_type, count_requeue, max_requeues)
   if count_requeue then
     n = redis.call('HINCRBY', nk, 'requeues', 1)
     if max_requeues >= 0 and n > max_requeues then
-      fail_node(rid, nid, s[3], cjson.encode({type = 'PoisonJob', reason = 'poison',
+      local ended = fail_node(rid, nid, s[3], cjson.encode({type = 'PoisonJob', reason = 'poison',
         message = 'requeued ' .. (n - 1) .. ' times after worker deaths (max_requeues '
           .. max_requeues .. '); dead-lettered'}))
-      return 'poison'
+      return 'poison', ended and rid or nil
     end
   end
   redis.call('HSET', nk, 'status', 'READY')
@@ -161,4 +194,22 @@ local function requeue_job(job, wid, event_type, count_requeue, max_requeues)
   redis.call('RPUSH', queue_key(s[4]), job)
   emit(rid, event_type, nid, s[3], cjson.encode({worker = wid, requeues = n}))
   return 'requeued'
+end
+
+-- Budget reservations (budget.lua, record_step.lua). A reservation is a field of the
+-- run's reservations hash: id -> "tokens_in tokens_out cost_usd expires_ms". The run
+-- hash keeps the totals res_in, res_out, res_cost so checks are O(1).
+local function parse_reservation(v)
+  local a, b, c, d = string.match(v, '^(%S+) (%S+) (%S+) (%S+)$')
+  return tonumber(a), tonumber(b), tonumber(c), tonumber(d)
+end
+
+local function drop_reservation(rk, resk, id)
+  local v = redis.call('HGET', resk, id)
+  if not v then return end
+  local tin, tout, cost = parse_reservation(v)
+  redis.call('HDEL', resk, id)
+  redis.call('HINCRBY', rk, 'res_in', -tin)
+  redis.call('HINCRBY', rk, 'res_out', -tout)
+  redis.call('HINCRBYFLOAT', rk, 'res_cost', -cost)
 end

@@ -7,16 +7,7 @@
 local rid = ARGV[6]
 local r = redis.call('HMGET', KEYS[1], 'status', 'node_ids')
 if not r[1] or is_run_terminal(r[1]) then return -1 end
-local n = 0
-for nid in string.gmatch(r[2] or '', '[^,]+') do
-  local nk = node_key(rid, nid)
-  if not is_terminal(redis.call('HGET', nk, 'status')) then
-    redis.call('HSET', nk, 'status', 'CANCELLED', 'finished_at', NOW)
-    redis.call('HDEL', nk, 'lease', 'retry_at')
-    emit(rid, 'NODE_CANCELLED', nid, 0, '{}')
-    n = n + 1
-  end
-end
+local n = cancel_nodes(rid)
 redis.call('HSET', KEYS[1], 'status', 'CANCELLED', 'finished_at', NOW)
 emit(rid, 'RUN_CANCELLED', '', 0, cjson.encode({nodes_cancelled = n}))
 return n

@@ -4,7 +4,9 @@
 -- ARGV[10] retry delay in ms, or "-1" for a final failure
 -- ARGV[11] node fields to set (JSON object of strings)
 -- ARGV[12] buffered events (JSON array of [type, data_json])
--- Returns 2 when a retry was scheduled, 1 when failed for good, 0 when stale.
+-- Returns 2 when a retry was scheduled, 1 when failed for good, 3 when failed for good
+-- and the failure (of a critical node) ended the run with other nodes in flight,
+-- 0 when stale.
 -- Idempotent: a retried call of the same attempt gets the first call's answer.
 local wid, job, attempt = ARGV[6], ARGV[7], ARGV[8]
 local rid, nid = split_job(job)
@@ -36,6 +38,6 @@ if delay >= 0 then
     retry = n, delay_ms = delay, due_ms = due, error = cjson.decode(ARGV[9])}))
   return 2
 end
-redis.call('HSET', nk, 'closed_by', closed_by, 'closed_result', 1)
-fail_node(rid, nid, attempt, ARGV[9])
-return 1
+local result = fail_node(rid, nid, attempt, ARGV[9]) and 3 or 1
+redis.call('HSET', nk, 'closed_by', closed_by, 'closed_result', result)
+return result

@@ -1,9 +1,10 @@
 -- record_step.lua: append one executed step to the run's step ledger (fenced).
--- KEYS[1] the worker's active list
+-- KEYS[1] the worker's active list   KEYS[2] the run's budget reservations hash
 -- ARGV[6] worker id   ARGV[7] job   ARGV[8] attempt   ARGV[9] step sequence number (1-based)
 -- ARGV[10] ledger record (JSON)   ARGV[11] input tokens   ARGV[12] output tokens
 -- ARGV[13] cost in USD   ARGV[14] "1" for a tool call, "0" otherwise
 -- ARGV[15] buffered events (JSON array of [type, data_json])
+-- ARGV[16] budget reservation id to settle ('' for none): usage and release in one step
 -- Returns 1 when recorded (or already recorded by this same attempt: a retried call
 -- after a lost reply changes nothing), 0 when the attempt is stale.
 local wid, job, attempt, seq = ARGV[6], ARGV[7], ARGV[8], tonumber(ARGV[9])
@@ -33,6 +34,9 @@ redis.call('HINCRBY', rk, 'tool_calls', tool)
 if cost > 0 then
   redis.call('HINCRBYFLOAT', nk, 'cost_usd', ARGV[13])
   redis.call('HINCRBYFLOAT', rk, 'cost_usd', ARGV[13])
+end
+if ARGV[16] and ARGV[16] ~= '' then
+  drop_reservation(rk, KEYS[2], ARGV[16])
 end
 flush(rid, nid, attempt, ARGV[15])
 return 1

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-ChunkCallback = Callable[[str, int], None]
-"""``on_chunk(text_delta, output_tokens_so_far)``; raising in it aborts the stream."""
+ChunkCallback = Callable[[str, int], Awaitable[None]]
+"""``await on_chunk(text_delta, output_tokens_so_far)`` for every streamed piece; an
+exception raised in it must close the stream and propagate unchanged (it is how budgets
+stop a model mid-stream). It may await (e.g. to extend a budget reservation)."""
 
 
 def estimate_tokens(text: str) -> int:

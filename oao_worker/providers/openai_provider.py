@@ -181,7 +181,7 @@ class OpenAIProvider(Provider):
                                 part.arguments += tc.function.arguments
                 if delta_text:
                     content += delta_text
-                    on_chunk(delta_text, reported if reported is not None else estimate_tokens(content))
+                    await on_chunk(delta_text, reported if reported is not None else estimate_tokens(content))
         tool_calls = [self._decode_call(calls[i], i) for i in sorted(calls)]
         if usage is None:
             usage = self._estimate_usage(request, content, tool_calls)
@@ -220,7 +220,7 @@ class OpenAIProvider(Provider):
             usage = Usage(resp.usage.prompt_tokens, resp.usage.completion_tokens)
         else:
             usage = self._estimate_usage(request, content, tool_calls)
-        on_chunk(content, usage.output_tokens)
+        await on_chunk(content, usage.output_tokens)
         return ModelReply(
             content=content,
             tool_calls=tool_calls,

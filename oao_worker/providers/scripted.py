@@ -92,7 +92,7 @@ class ScriptedProvider(Provider):
                 await asyncio.sleep(self.spec.stream_delay_s)
             piece = text[i : i + step]
             produced += piece
-            on_chunk(piece, estimate_tokens(produced))
+            await on_chunk(piece, estimate_tokens(produced))
         out_tokens = estimate_tokens(text) + sum(estimate_tokens(str(t.args)) for t in calls)
         return ModelReply(
             content=text,

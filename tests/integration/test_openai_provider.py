@@ -80,7 +80,7 @@ class Chunks:
     def __init__(self) -> None:
         self.calls: list[tuple[str, int]] = []
 
-    def __call__(self, text: str, tokens: int) -> None:
+    async def __call__(self, text: str, tokens: int) -> None:
         self.calls.append((text, tokens))
 
     @property
@@ -310,19 +310,16 @@ async def test_on_chunk_raising_closes_the_stream(
     violation = PolicyViolation("max_tokens", 3, 4)
     seen: list[int] = []
 
-    def on_chunk(text: str, tokens: int) -> None:
+    async def on_chunk(text: str, tokens: int) -> None:
         seen.append(tokens)
         if len(seen) == 3:
             raise violation
 
-    started = time.monotonic()
     with pytest.raises(PolicyViolation) as exc_info:
         await provider.complete(request(), on_chunk)
-    elapsed = time.monotonic() - started
 
     assert exc_info.value is violation  # unchanged, not wrapped
     assert len(seen) == 3 < n_chunks
-    assert elapsed < n_chunks * 0.02 / 2  # did not drain the stream
     assert await asyncio.to_thread(server.wait_for_disconnect, 5.0)
     assert server.disconnected_early == 1
     assert server.chunks_sent < n_chunks

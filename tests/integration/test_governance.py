@@ -1,0 +1,190 @@
+"""Governance against a real server: shared run budgets by reservation, mid-stream
+limits, costs, allow/deny-lists, failure rules, and cancel that stops running nodes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from oao_common.broker import Broker
+from oao_scheduler.progress import wait_for_run
+from oao_scheduler.submit import submit_spec
+from oao_testkit import fleet, make_spec, of_type, run_spec
+
+AGENTS = {
+    "one": {"kind": "python", "entrypoint": "oao_test_agents:one_call", "model": "m"},
+    "noop": {"kind": "python", "entrypoint": "oao_test_agents:noop"},
+    "sleeper": {"kind": "python", "entrypoint": "oao_test_agents:sleeper"},
+    "broken": {"kind": "python", "entrypoint": "oao_test_agents:broken"},
+}
+NO_RETRY = {"retry": {"max_retries": 0}}
+
+
+def model(reply: str, delay: float = 0.0, **kw: object) -> dict[str, object]:
+    return {"m": {"provider": "scripted", "replies": [reply], "reply_delay_s": delay, **kw}}
+
+
+async def test_two_nodes_race_for_the_last_of_a_run_budget(broker: Broker) -> None:
+    # each call reserves ~2 input + 200 output tokens; the run has room for one
+    spec = make_spec(
+        [{"id": "a", "agent": "one", "task": "200"}, {"id": "b", "agent": "one", "task": "200"}],
+        agents=AGENTS,
+        models=model("short answer", delay=0.3),
+        policy={"max_tokens": 300},
+        defaults=NO_RETRY,
+    )
+    rid = await run_spec(broker, spec, workers=2, concurrency=1)
+    nodes = await broker.get_nodes(rid, ["a", "b"])
+    assert sorted(n["status"] for n in nodes) == ["FAILED", "SUCCEEDED"]
+    [failed] = [n for n in nodes if n["status"] == "FAILED"]
+    err = json.loads(failed["error"])
+    assert err["rule"] == "max_tokens" and err["scope"] == "run" and err["limit"] == 300
+    assert err["value"] > 300
+    assert "run budget" in err["reason"]
+    run = await broker.get_run(rid)
+    assert int(run["tokens_in"]) + int(run["tokens_out"]) <= 300
+    assert int(run["res_in"]) == 0 and int(run["res_out"]) == 0  # settled, nothing leaked
+    # both calls really overlapped: the loser was refused while the winner was in flight
+    ev = await broker.events(rid)
+    started = sorted(e.ts_ms for e in of_type(ev, "NODE_STARTED"))
+    winner_done = of_type(ev, "NODE_SUCCEEDED")[0].ts_ms
+    assert started[1] < winner_done
+
+
+async def test_run_budget_stops_a_stream_midway(broker: Broker) -> None:
+    long_reply = "word " * 2000  # ~2500 tokens, streamed in 8-token chunks
+    spec = make_spec(
+        [{"id": "a", "agent": "one", "task": "0"}],
+        agents=AGENTS,
+        models=model(long_reply),
+        policy={"max_output_tokens": 1200},
+        defaults=NO_RETRY,
+    )
+    rid = await run_spec(broker, spec)
+    [n] = await broker.get_nodes(rid, ["a"])
+    err = json.loads(n["error"])
+    assert n["status"] == "FAILED" and err["rule"] == "max_output_tokens" and err["scope"] == "run"
+    # the reservation was extended chunk by chunk (512 tokens each) and refused past 1200
+    assert err["value"] == 1536
+    ev = await broker.events(rid)
+    assert of_type(ev, "POLICY_VIOLATION")[0].data["scope"] == "run"
+    assert int((await broker.get_run(rid))["res_out"]) == 0
+
+
+async def test_costs_are_recorded_and_capped(broker: Broker) -> None:
+    priced = model("x" * 400, pricing={"input_usd_per_mtok": 1000.0, "output_usd_per_mtok": 2000.0})
+    ok = make_spec([{"id": "a", "agent": "one", "task": "0"}], agents=AGENTS, models=priced)
+    rid = await run_spec(broker, ok)
+    [n] = await broker.get_nodes(rid, ["a"])
+    # 100 output tokens at $2000/M + input tokens at $1000/M
+    expected = (int(n["tokens_in"]) * 1000 + int(n["tokens_out"]) * 2000) / 1e6
+    assert abs(float(n["cost_usd"]) - expected) < 1e-9 and float(n["cost_usd"]) > 0.2
+    assert abs(float((await broker.get_run(rid))["cost_usd"]) - expected) < 1e-9
+    capped = make_spec(
+        [{"id": "a", "agent": "one", "task": "0", "policy": {"max_cost_usd": 0.1}}],
+        agents=AGENTS,
+        models=priced,
+        defaults=NO_RETRY,
+    )
+    rid = await run_spec(broker, capped)
+    [n] = await broker.get_nodes(rid, ["a"])
+    err = json.loads(n["error"])
+    assert n["status"] == "FAILED" and err["rule"] == "max_cost_usd" and err["value"] > 0.1
+
+
+async def test_input_and_output_token_limits(broker: Broker) -> None:
+    spec = make_spec(
+        [{"id": "a", "agent": "one", "task": "0", "policy": {"max_output_tokens": 10}}],
+        agents=AGENTS,
+        models=model("y" * 400),
+        defaults=NO_RETRY,
+    )
+    rid = await run_spec(broker, spec)
+    [n] = await broker.get_nodes(rid, ["a"])
+    assert json.loads(n["error"])["rule"] == "max_output_tokens"
+
+
+async def test_deny_list_wins_over_allow_list(broker: Broker) -> None:
+    spec = make_spec(
+        [{"id": "a", "agent": "d"}],
+        agents={
+            "d": {
+                "kind": "python",
+                "entrypoint": "oao_test_agents:call_denied_tool",
+                "tools": ["side_effect"],
+                "deny_tools": ["side_effect"],
+            }
+        },
+        defaults=NO_RETRY,
+    )
+    rid = await run_spec(broker, spec)
+    [n] = await broker.get_nodes(rid, ["a"])
+    err = json.loads(n["error"])
+    assert err["rule"] == "tool_not_allowed" and "denied: side_effect" in err["reason"]
+
+
+async def test_critical_node_failure_fails_run_and_stops_the_rest(broker: Broker) -> None:
+    spec = make_spec(
+        [
+            {"id": "crit", "agent": "broken", "priority": 9},
+            {"id": "slow", "agent": "sleeper", "task": "30"},
+            {"id": "later", "agent": "noop", "depends_on": ["slow"]},
+        ],
+        agents=AGENTS,
+        defaults=NO_RETRY,
+    )
+    async with fleet(broker, workers=1, concurrency=2) as [w]:
+        s = await submit_spec(broker, spec)
+        await wait_for_run(broker, s.run_id, interval_s=0.02, timeout_s=15)
+        for _ in range(200):  # the running sleeper is stopped, not left to run 30 s
+            if not w._inflight:
+                break
+            await asyncio.sleep(0.05)
+        assert not w._inflight
+    run = await broker.get_run(s.run_id)
+    assert run["status"] == "FAILED"
+    nodes = {n["id"]: n["status"] for n in await broker.get_nodes(s.run_id, ["crit", "slow", "later"])}
+    assert nodes == {"crit": "FAILED", "slow": "CANCELLED", "later": "CANCELLED"}
+    [ev] = of_type(await broker.events(s.run_id), "RUN_FAILED")
+    assert ev.data["critical_node"] == "crit"
+    assert await broker.redis.llen(broker.keys.active(w.id)) == 0
+
+
+async def test_partial_completion_and_failure_ratio(broker: Broker) -> None:
+    nodes = [{"id": "bad", "agent": "broken", "critical": False}] + [
+        {"id": f"ok{i}", "agent": "noop"} for i in range(3)
+    ]
+    partial = make_spec(nodes, agents=AGENTS, defaults=NO_RETRY, failure={"allow_partial_completion": True})
+    rid = await run_spec(broker, partial)
+    assert (await broker.get_run(rid))["status"] == "PARTIAL"
+    assert of_type(await broker.events(rid), "RUN_PARTIAL")
+    strict = make_spec(nodes, agents=AGENTS, defaults=NO_RETRY)
+    assert (await broker.get_run(await run_spec(broker, strict)))["status"] == "FAILED"
+    ratio = make_spec(
+        nodes,
+        agents=AGENTS,
+        defaults=NO_RETRY,
+        failure={"allow_partial_completion": True, "max_failure_ratio": 0.2},
+    )
+    assert (await broker.get_run(await run_spec(broker, ratio)))["status"] == "FAILED"
+
+
+async def test_cancel_stops_in_flight_nodes_without_waiting_for_their_step(broker: Broker) -> None:
+    spec = make_spec(
+        [{"id": "a", "agent": "one", "task": "0"}, {"id": "b", "agent": "one", "task": "0"}],
+        agents=AGENTS,
+        models=model("late", delay=60),
+    )
+    async with fleet(broker, workers=1, concurrency=2) as [w]:
+        s = await submit_spec(broker, spec)
+        while len(w._inflight) < 2:
+            await asyncio.sleep(0.02)
+        assert await broker.cancel(s.run_id) == 2
+        for _ in range(200):
+            if not w._inflight and not await broker.redis.llen(broker.keys.active(w.id)):
+                break
+            await asyncio.sleep(0.05)
+        assert not w._inflight  # stopped inside a 60 s model call
+        assert await broker.redis.llen(broker.keys.active(w.id)) == 0
+    assert [n["status"] for n in await broker.get_nodes(s.run_id, ["a", "b"])] == ["CANCELLED"] * 2
+    assert int((await broker.get_run(s.run_id)).get("res_out") or 0) == 0
