@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 
+from oao_testkit import fleet, make_spec, of_type, run_spec
+
 from oao_common.broker import Broker
 from oao_scheduler.progress import wait_for_run
 from oao_scheduler.submit import submit_spec
-from oao_testkit import fleet, make_spec, of_type, run_spec
 
 AGENTS = {
     "one": {"kind": "python", "entrypoint": "oao_test_agents:one_call", "model": "m"},
