@@ -400,10 +400,10 @@ class Broker:
         """The run hash (empty dict if unknown)."""
         return dict(await self.redis.hgetall(self.keys.run(run_id)))
 
-    async def get_spec_json(self, run_id: str) -> tuple[str | None, str | None]:
-        """``(spec_json, inputs_json)`` of a run, for a worker's spec cache."""
-        spec, inputs = await self.redis.hmget(self.keys.run(run_id), "spec", "inputs")
-        return spec, inputs
+    async def get_spec_json(self, run_id: str) -> tuple[str | None, str | None, str | None]:
+        """``(spec_json, inputs_json, started_at_ms)`` of a run, for a worker's cache."""
+        spec, inputs, started = await self.redis.hmget(self.keys.run(run_id), "spec", "inputs", "started_at")
+        return spec, inputs, started
 
     async def get_nodes(self, run_id: str, node_ids: list[str]) -> list[dict[str, str]]:
         """The node hashes, in the order of ``node_ids``."""

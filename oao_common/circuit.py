@@ -31,7 +31,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from redis.asyncio import Redis
@@ -125,7 +125,9 @@ class CircuitBreaker:
         self.keys = keys
         self.scripts = Scripts(redis, keys)
 
-    async def _call(self, key: str, op: str, spec: CircuitBreakerSpec, pid: str, *extra: str | int) -> list:
+    async def _call(
+        self, key: str, op: str, spec: CircuitBreakerSpec, pid: str, *extra: str | int
+    ) -> list[Any]:
         argv = [
             op,
             pid,

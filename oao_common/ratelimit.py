@@ -326,9 +326,10 @@ class RateLimiter:
         await self._call(reservation.name, "settle", t, lease=reservation.lease_id, tokens=refund)
 
     async def extend(self, reservation: Reservation, lease_ttl_s: float | None = None) -> bool:
-        """Renew the reservation's concurrency slot for ``lease_ttl_s`` seconds from now
-        (a long or streaming call). Returns ``False`` if the lease had already expired
-        (the slot may be someone else's now) or the reservation holds no slot."""
+        """Renew the reservation's concurrency slot: its lease now ends ``lease_ttl_s``
+        seconds from now (server time), for a long or streaming call. Returns ``False``
+        if the lease had already expired (the slot may be someone else's now) or the
+        reservation holds no slot."""
         if not reservation.holds_slot or reservation.done:
             return False
         ttl = self.lease_ttl_s if lease_ttl_s is None else lease_ttl_s

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -24,11 +25,12 @@ from oao_common.errors import (
     OAOError,
     PermanentError,
     StaleAttemptError,
+    TransientError,
     UncertainSideEffect,
 )
 from oao_common.events import EventType, pending_event
 from oao_common.hashing import canonical_json, sha256_hex
-from oao_common.policy import RunPolicySpec
+from oao_common.policy import RetrySpec, RunPolicySpec, backoff_delay_s
 from oao_common.pricing import FREE, Price
 from oao_common.spec import Spec
 
@@ -38,6 +40,14 @@ from .lifecycle import AgentState, Lifecycle
 from .providers import ModelReply, ModelRequest, Provider
 from .providers.base import estimate_message_tokens
 from .tools import Tool, ToolCallInfo
+
+
+def _transient(e: BaseException) -> bool:
+    return isinstance(e, TransientError)
+
+
+def _transient_tool_error(e: BaseException) -> bool:
+    return isinstance(e, (TransientError, ConnectionError, TimeoutError))
 
 
 def tool_idempotency_key(run_id: str, node_id: str, tool: str, args: dict[str, Any], seq: int) -> str:
@@ -70,6 +80,7 @@ class AgentContext:
         default_model: str | None = None,
         prices: dict[str, Price] | None = None,
         budget: RunBudget | None = None,
+        retry: RetrySpec | None = None,
     ) -> None:
         self.broker = broker
         self.worker_id = worker_id
@@ -86,6 +97,7 @@ class AgentContext:
         self.tools = tools
         self.default_model = default_model
         self.prices = prices or {}
+        self.retry = retry or RetrySpec(max_retries=0)
         self.budget = budget or RunBudget(broker, job.run_id, RunPolicySpec(), 0)
         self.idempotency_key: str | None = None
         self.replayed_steps = 0
@@ -204,6 +216,40 @@ class AgentContext:
         self.governor.after_step(step)
         return result
 
+    async def _retrying(
+        self,
+        step: StepInfo,
+        call: Callable[[], Awaitable[Any]],
+        retriable: Callable[[BaseException], bool],
+    ) -> Any:
+        """Run ``call`` and retry it inside the step while ``retriable(error)``, up to the
+        node's ``max_retries`` times, with the node's backoff and jitter (and at least a
+        server's ``Retry-After``). Each retry is a ``STEP_RETRIED`` event."""
+        n = 0
+        while True:
+            try:
+                return await call()
+            except Exception as e:
+                if n >= (self.retry.max_retries or 0) or not retriable(e):
+                    raise
+                n += 1
+                delay = backoff_delay_s(self.retry, n)
+                hint = getattr(e, "retry_after_s", None)
+                if hint:
+                    delay = max(delay, float(hint))
+                self.emit(
+                    EventType.STEP_RETRIED,
+                    {
+                        "seq": step.seq,
+                        "kind": step.kind,
+                        "name": step.name,
+                        "retry": n,
+                        "delay_ms": int(delay * 1000),
+                        "error": f"{type(e).__name__}: {e}",
+                    },
+                )
+                await asyncio.sleep(delay)
+
     async def _begin_tool_step(self, seq: int, name: str, req_hash: str) -> None:
         """Guard a side effect: refuse to repeat an unrecorded non-idempotent call, and
         write a fenced "started" marker before executing (DESIGN.md guarantee 3)."""
@@ -285,7 +331,7 @@ class AgentContext:
                     reserved_out += RESERVE_CHUNK
 
             try:
-                reply = await provider.complete(request, on_chunk)
+                reply = await self._retrying(step, lambda: provider.complete(request, on_chunk), _transient)
             except BaseException:
                 if reservation:
                     await budget.release(reservation)
@@ -335,7 +381,13 @@ class AgentContext:
                 raise PermanentError(f"unknown tool {name!r} (known: {', '.join(sorted(self.tools))})")
             try:
                 info = ToolCallInfo(key, self.run_id, self.node_id, step.seq, self.attempt)
-                value = await self.tools[name].call(args, info)
+                tool = self.tools[name]
+                value = await self._retrying(
+                    step,
+                    lambda: tool.call(args, info),
+                    # an idempotent tool may be called again; others could repeat an effect
+                    lambda e: tool.spec.idempotent and _transient_tool_error(e),
+                )
             except OAOError:
                 raise
             except Exception as e:

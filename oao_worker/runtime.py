@@ -25,6 +25,7 @@ class RunRuntime:
     providers: dict[str, Provider]
     tools: dict[str, Tool]
     prices: dict[str, Price] = field(default_factory=dict)
+    started_at_ms: int = 0
     agents: dict[str, Agent] = field(default_factory=dict)
 
     def agent(self, name: str) -> Agent:
@@ -50,7 +51,7 @@ class RuntimeCache:
         if rt is not None:
             self._items.move_to_end(run_id)
             return rt
-        spec_json, inputs_json = await self.broker.get_spec_json(run_id)
+        spec_json, inputs_json, started_at = await self.broker.get_spec_json(run_id)
         if spec_json is None:
             raise PermanentError(f"run {run_id} has no spec in Redis")
         try:
@@ -63,6 +64,7 @@ class RuntimeCache:
             providers={name: make_provider(name, m) for name, m in spec.models.items()},
             tools=load_tools(spec.tools),
             prices={name: price_of(m) for name, m in spec.models.items()},
+            started_at_ms=int(started_at or 0),
         )
         self._items[run_id] = rt
         while len(self._items) > self.size:

@@ -331,13 +331,27 @@ class Worker:
                 default_model=rt.spec.default_model(node.agent),
                 prices=rt.prices,
                 budget=RunBudget(self.broker, job.run_id, rt.spec.policy, ttl_s=policy.timeout_s or 300.0),
+                retry=rt.spec.effective_retry(node),
             )
             agent = rt.agent(node.agent)
+            limit, scope, run_elapsed = policy.timeout_s, "node", 0.0
+            run_timeout = rt.spec.policy.timeout_s
+            if run_timeout is not None and rt.started_at_ms:
+                run_elapsed = max(0.0, time.time() - rt.started_at_ms / 1000)
+                left = run_timeout - run_elapsed
+                if left <= 0:
+                    raise PolicyViolation("timeout_s", run_timeout, round(run_elapsed, 3), scope="run")
+                if limit is None or left < limit:
+                    limit, scope = left, "run"
             try:
-                async with asyncio.timeout(policy.timeout_s):
+                async with asyncio.timeout(limit):
                     output = await agent.run(ctx)
             except TimeoutError:
                 elapsed = round(time.monotonic() - started, 3)
+                if scope == "run":
+                    raise PolicyViolation(
+                        "timeout_s", run_timeout, round(run_elapsed + elapsed, 3), scope="run"
+                    ) from None
                 raise PolicyViolation("timeout_s", policy.timeout_s, elapsed) from None
             ok = await self.broker.complete(self.id, job, output, ctx.node_fields(), ctx.drain_events())
             if ok:

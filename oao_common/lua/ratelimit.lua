@@ -21,7 +21,7 @@
 --            nothing taken; blocked names buckets, 'concurrency' or 'penalty'
 --            | {-1, bucket} the cost exceeds that bucket's capacity: never admissible
 --   settle   {removed}: 1 if the lease was still held (the tokens are credited anyway)
---   extend   {1} lease renewed | {0} lease already expired or released
+--   extend   {1} lease now expires at NOW + ARGV[10] | {0} lease already expired or released
 --   penalize {until_ms}
 --   peek     {{level_string, ...}, live_leases, penalty_ms_left}  (writes nothing)
 local hk, sk, op, lease = KEYS[1], KEYS[2], ARGV[6], ARGV[7]
@@ -128,7 +128,7 @@ if op == 'extend' then
     redis.call('ZREM', sk, lease)
     return {0}
   end
-  redis.call('ZADD', sk, 'XX', math.max(exp, NOW + ms), lease)
+  redis.call('ZADD', sk, 'XX', NOW + ms, lease)
   expire_slots()
   return {1}
 end

@@ -189,3 +189,37 @@ async def test_cancel_stops_in_flight_nodes_without_waiting_for_their_step(broke
         assert await broker.redis.llen(broker.keys.active(w.id)) == 0
     assert [n["status"] for n in await broker.get_nodes(s.run_id, ["a", "b"])] == ["CANCELLED"] * 2
     assert int((await broker.get_run(s.run_id)).get("res_out") or 0) == 0
+
+
+async def test_model_call_retries_inside_the_step(broker: Broker) -> None:
+    from openai_server import OpenAIStubServer
+
+    with OpenAIStubServer() as server:
+        server.reply_error(503, "overloaded")
+        server.reply_error(429, "slow down", retry_after="0")
+        server.reply_text("finally")
+        spec = make_spec(
+            [{"id": "a", "agent": "one", "task": "50"}],
+            agents=AGENTS,
+            models={"m": {"provider": "openai", "model": "gpt-4o-mini", "base_url": server.base_url}},
+            defaults={"retry": {"max_retries": 3, "retry_delay_s": 0.01, "jitter": False}},
+        )
+        rid = await run_spec(broker, spec)
+    [n] = await broker.get_nodes(rid, ["a"])
+    assert n["status"] == "SUCCEEDED" and json.loads(n["output"]) == "finally"
+    assert n["attempt"] == "1" and n["retries"] == "0"  # the node never restarted
+    retried = of_type(await broker.events(rid), "STEP_RETRIED")
+    assert [e.data["retry"] for e in retried] == [1, 2]
+    assert "503" in retried[0].data["error"] and "429" in retried[1].data["error"]
+    assert float(n["cost_usd"]) > 0  # priced from the default table (gpt-4o-mini)
+
+
+async def test_run_timeout_bounds_every_node(broker: Broker) -> None:
+    spec = make_spec(
+        [{"id": "s", "agent": "sleeper", "task": "30", "policy": {"timeout_s": 60}}],
+        agents=AGENTS, policy={"timeout_s": 0.3}, defaults=NO_RETRY,
+    )
+    rid = await run_spec(broker, spec)
+    [n] = await broker.get_nodes(rid, ["s"])
+    err = json.loads(n["error"])
+    assert err["rule"] == "timeout_s" and err["scope"] == "run" and err["limit"] == 0.3
