@@ -8,6 +8,7 @@ every :class:`PermanentError` (policy violations, non-determinism, bad input, HT
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 
@@ -72,6 +73,7 @@ class PolicyViolation(PermanentError):
         self.value = value
         self.detail = detail
         self.scope = scope
+        self.at_ms = int(time.time() * 1000)  # when the crossing was detected (wall clock)
         title, unit = self.TITLES.get(rule, (rule, ""))
         where = "run budget: " if scope == "run" else ""
         figures = f" ({where}{value} > {limit} {unit})".rstrip() if limit is not None else ""
@@ -88,6 +90,7 @@ class PolicyViolation(PermanentError):
             "limit": self.limit,
             "value": self.value,
             "reason": str(self),
+            "at_ms": self.at_ms,
         }
 
 
