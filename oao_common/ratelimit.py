@@ -7,8 +7,8 @@ when the call failed) afterwards. The state lives in Redis and changes only insi
 ``oao_common/lua/ratelimit.lua``, one atomic script, so every worker sees the same
 limits and no two workers can both take the last unit of one.
 
-Algorithm: a token bucket per tier with continuous refill (the "token bucket" of
-Turner 1986 / RFC 2697's single-rate meter without the excess bucket; see also
+Algorithm: a token bucket per tier with continuous refill (the committed-rate bucket
+of RFC 2697's single-rate meter, refilled continuously rather than per tick; see
 https://en.wikipedia.org/wiki/Token_bucket). A tier with limit ``L`` per window ``W``
 is a bucket of capacity ``L`` that refills at ``L / W`` units per second and starts
 full, so it admits bursts up to ``L`` and ``L`` per ``W`` sustained. Levels are
@@ -313,17 +313,23 @@ class RateLimiter:
         concurrency slot. No-op if the reservation was already settled or released."""
         await self._finish(reservation, reservation.tokens - actual_tokens)
 
-    async def release(self, reservation: Reservation) -> None:
-        """The call failed before using tokens: give back all reserved tokens (the
-        request stays counted: it reached the provider or may have) and free the slot."""
-        await self._finish(reservation, reservation.tokens)
+    async def release(self, reservation: Reservation, *, call_made: bool = True) -> None:
+        """The call failed before using tokens: give back all reserved tokens and free
+        the slot. The request stays counted (it reached the provider, or may have)
+        unless ``call_made=False``: the call was never attempted (e.g. a circuit breaker
+        refused it after admission), so its requests are given back too."""
+        await self._finish(reservation, reservation.tokens, 0 if call_made else reservation.requests)
 
-    async def _finish(self, reservation: Reservation, refund: int) -> None:
+    async def _finish(self, reservation: Reservation, refund: int, requests_back: int = 0) -> None:
         if reservation.done:
             return
+        # Marked first: if the script's reply is lost and the caller retries, tokens are
+        # not refunded twice (the slot frees itself when its lease ends).
         reservation.done = True
         t = reservation.tiers
-        await self._call(reservation.name, "settle", t, lease=reservation.lease_id, tokens=refund)
+        await self._call(
+            reservation.name, "settle", t, lease=reservation.lease_id, requests=requests_back, tokens=refund
+        )
 
     async def extend(self, reservation: Reservation, lease_ttl_s: float | None = None) -> bool:
         """Renew the reservation's concurrency slot: its lease now ends ``lease_ttl_s``

@@ -9,7 +9,7 @@
 -- KEYS[1] limiter hash   KEYS[2] concurrency slot zset
 -- ARGV[6] op: 'acquire' | 'settle' | 'extend' | 'penalize' | 'peek'
 -- ARGV[7] lease id ('' when the call holds no slot)
--- ARGV[8] requests to take (acquire)
+-- ARGV[8] requests: to take (acquire) or to give back (settle of a call never made)
 -- ARGV[9] tokens: to take (acquire) or to give back (settle; negative charges extra)
 -- ARGV[10] ms: lease time to live (acquire, extend) or penalty length (penalize)
 -- ARGV[11] max concurrent leases (0: no cap)
@@ -109,10 +109,11 @@ if op == 'acquire' then
 end
 
 if op == 'settle' then
-  if tokens ~= 0 then
+  if tokens ~= 0 or requests ~= 0 then
     for _, b in ipairs(buckets) do
-      if b.unit == 't' then
-        store(b, math.max(-b.cap, math.min(b.cap, level(b) + tokens)))
+      local back = (b.unit == 'r') and requests or tokens
+      if back ~= 0 then
+        store(b, math.max(-b.cap, math.min(b.cap, level(b) + back)))
       end
     end
     expire_hash()

@@ -112,6 +112,13 @@ async def test_settle_refunds_unused_tokens_and_release_refunds_all(rl: RateLimi
     assert s.levels["tpd"] == pytest.approx(900, abs=TOL)
     assert s.levels["rpd"] == pytest.approx(98, abs=TOL)  # failed calls still count as requests
 
+    res = await rl.acquire("m", spec, tokens=300)
+    assert isinstance(res, Reservation)
+    await rl.release(res, call_made=False)  # never attempted: the request comes back too
+    s = await rl.state("m", spec)
+    assert s.levels["tpd"] == pytest.approx(900, abs=TOL)
+    assert s.levels["rpd"] == pytest.approx(98, abs=TOL)
+
 
 async def test_refund_is_capped_at_capacity(rl: RateLimiter) -> None:
     tiers = Tiers((Bucket("tps", "tokens", 100, 0.2),))
