@@ -23,15 +23,16 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import psutil
 import redis
 
+T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_URL = "redis://127.0.0.1:6379/14"
 TERMINAL_RUN_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED", "PARTIAL"})
@@ -95,6 +96,16 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
         default=120.0,
         help="before each measurement wait up to this many seconds for other load on the machine "
         "to stop (default 120; 0: do not wait)",
+    )
+    parser.add_argument(
+        "--max-other-pct",
+        type=float,
+        default=15.0,
+        help="a measurement during which other processes used more than this %% of a core is "
+        "repeated (default 15)",
+    )
+    parser.add_argument(
+        "--retries", type=int, default=3, help="repeats of a disturbed measurement (default 3)"
     )
     parser.add_argument(
         "--keep-logs", action="store_true", help="keep the worker logs (their directory is printed)"
@@ -438,6 +449,60 @@ def own_cpu_s() -> float:
     """CPU seconds of this (harness) process so far."""
     t = psutil.Process().cpu_times()
     return float(t.user + t.system)
+
+
+class LoadWatch:
+    """CPU used during a ``with`` block by the Redis server, by ``pids`` (with their
+    children) and by the rest of the machine (``other``: neither those, nor this
+    harness). ``other`` should be ~0; on a shared 2-core machine it is the load that
+    skews a measurement. Figures are CPU seconds; ``*_pct`` are of one core."""
+
+    def __init__(self, target: RedisTarget | None, pids: Sequence[int]) -> None:
+        self.target = target
+        self.pids = list(pids)
+        self.wall_s = self.server_s = self.workers_s = self.other_s = 0.0
+
+    def _server(self) -> float:
+        return self.target.server_cpu_s() if self.target is not None else 0.0
+
+    def __enter__(self) -> LoadWatch:
+        self._t0 = time.perf_counter()
+        self._s0, self._w0 = self._server(), cpu_seconds(self.pids)
+        self._m0, self._h0 = machine_busy_s(), own_cpu_s()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall_s = time.perf_counter() - self._t0
+        self.server_s = self._server() - self._s0
+        self.workers_s = cpu_seconds(self.pids) - self._w0
+        ours = self.server_s + self.workers_s + own_cpu_s() - self._h0
+        self.other_s = max(0.0, machine_busy_s() - self._m0 - ours)
+
+    @property
+    def other_pct(self) -> float:
+        return 100 * self.other_s / self.wall_s if self.wall_s else 0.0
+
+
+def measured(
+    body: Callable[[], T],
+    target: RedisTarget | None,
+    pids: Sequence[int],
+    args: argparse.Namespace,
+    what: str,
+) -> tuple[T, LoadWatch]:
+    """Run ``body()`` under a :class:`LoadWatch`, after waiting for the machine to be
+    idle (``--idle-wait``). A run during which other processes used more than
+    ``--max-other-pct`` of a core is discarded and run again, up to ``--retries`` times;
+    the last one is kept (its ``other_pct`` shows the disturbance)."""
+    for attempt in range(args.retries + 1):
+        if args.idle_wait:
+            wait_for_idle(args.idle_wait)
+        with LoadWatch(target, pids) as load:
+            result = body()
+        if load.other_pct <= args.max_other_pct or attempt == args.retries:
+            return result, load
+        log(f"{what}: other processes used {load.other_pct:.0f}% of a core meanwhile; running it again")
+    raise AssertionError("unreachable")
 
 
 def busy_pct(seconds: float) -> float:

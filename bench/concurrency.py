@@ -32,18 +32,17 @@ from bench._common import (
     RssSampler,
     add_common_args,
     check_idle,
-    cpu_seconds,
     emit,
     format_machine,
     format_table,
     install_signal_exit,
     log,
     machine_info,
+    measured,
     median,
     rss_bytes,
     start_oao_workers,
     vm_hwm,
-    wait_for_idle,
 )
 
 MIB = 2**20
@@ -72,6 +71,8 @@ class OaoRun:
     peak_rss_sampled: int
     rss_samples: int
     worker_cpu_s: float
+    server_cpu_s: float
+    other_cpu_pct: float
     last_claim_at_s: float
     first_finish_at_s: float
     last_finish_at_s: float
@@ -176,9 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         info = machine_info(target)
         info["busy_before_pct"] = check_idle()
         log(format_machine(info))
-        if args.idle_wait:
-            wait_for_idle(args.idle_wait)
-        floor = run_floor(args.nodes, args.delay)
+        floor, _ = measured(lambda: run_floor(args.nodes, args.delay), None, [], args, "floor")
         log(f"floor: {args.nodes} x asyncio.sleep({args.delay}) in {floor['wall_s']:.3f}s")
         prefix = f"oaobench-{secrets.token_hex(3)}"
         (worker,) = start_oao_workers(
@@ -190,25 +189,30 @@ def main(argv: list[str] | None = None) -> int:
         log(f"worker pid {worker.pid} warm, idle RSS {idle_rss / MIB:.1f} MiB")
         spec = build_spec(args.nodes, args.delay)
         for rep in range(args.repeat):
-            if args.idle_wait:
-                wait_for_idle(args.idle_wait)
-            cpu0 = cpu_seconds([worker.pid])
-            with (
-                PySpy(procs, args.py_spy, f"concurrency-r{rep}", [worker.pid]),
-                RssSampler(worker.pid, 0.05) as rss,
-            ):
-                m = asyncio.run(submit_and_wait(target.url, prefix, spec, poll_s, args.timeout))
+
+            def body(rep: int = rep) -> tuple[dict[str, Any], RssSampler]:
+                with (
+                    PySpy(procs, args.py_spy, f"concurrency-r{rep}", [worker.pid]),
+                    RssSampler(worker.pid, 0.05) as rss,
+                ):
+                    m = asyncio.run(submit_and_wait(target.url, prefix, spec, poll_s, args.timeout))
+                return m, rss
+
+            (m, rss), load = measured(body, target, [worker.pid], args, f"run {rep}")
             run = OaoRun(
                 peak_rss_sampled=rss.peak,
                 rss_samples=rss.samples,
-                worker_cpu_s=cpu_seconds([worker.pid]) - cpu0,
+                worker_cpu_s=load.workers_s,
+                server_cpu_s=load.server_s,
+                other_cpu_pct=load.other_pct,
                 **m,
             )
             runs.append(run)
             log(
                 f"oao: {args.nodes} nodes in {run.wall_s:.3f}s, "
                 f"peak RSS {run.peak_rss_sampled / MIB:.1f} MiB, "
-                f"last claim at +{run.last_claim_at_s:.3f}s, last finish at +{run.last_finish_at_s:.3f}s"
+                f"last claim at +{run.last_claim_at_s:.3f}s, last finish at +{run.last_finish_at_s:.3f}s; "
+                f"other load {run.other_cpu_pct:.0f}%"
             )
         hwm = vm_hwm(worker.pid)
         procs.stop_all([worker])
@@ -239,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         ],
     ]
     detail_headers = ["run", "wall s", "submit s", "last claim +s", "first finish +s", "last finish +s",
-                      "sampled peak MiB", "worker CPU s"]  # fmt: skip
+                      "sampled peak MiB", "worker CPU s", "server CPU s", "other CPU %"]  # fmt: skip
     detail = [
         [
             i,
@@ -250,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
             r.last_finish_at_s,
             r.peak_rss_sampled / MIB,
             r.worker_cpu_s,
+            r.server_cpu_s,
+            round(r.other_cpu_pct),
         ]
         for i, r in enumerate(runs)
     ]

@@ -43,9 +43,9 @@ from bench._common import (
     install_signal_exit,
     log,
     machine_info,
+    measured,
     percentile,
     start_oao_workers,
-    wait_for_idle,
 )
 
 TARGET_P50_MS = 3.0
@@ -261,25 +261,29 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     install_signal_exit()
     gap_s = args.gap_ms / 1000
+    n_base = args.baseline_samples
     with RedisTarget(args.redis_url, args.embedded) as target, ProcessGroup(args.keep_logs) as procs:
         info = machine_info(target)
         info["busy_before_pct"] = check_idle()
         log(format_machine(info))
         url = target.url
-        if args.idle_wait:
-            wait_for_idle(args.idle_wait)
-        ping = asyncio.run(baseline_ping(url, args.baseline_samples))
-        handoff = asyncio.run(baseline_handoff(url, args.baseline_samples))
-        echo = asyncio.run(baseline_echo(url, procs, args.baseline_samples, gap_s / 10))
+        ping, _ = measured(lambda: asyncio.run(baseline_ping(url, n_base)), target, [], args, "ping")
+        handoff, _ = measured(lambda: asyncio.run(baseline_handoff(url, n_base)), target, [], args, "handoff")
+        echo, _ = measured(
+            lambda: asyncio.run(baseline_echo(url, procs, n_base, gap_s / 10)), target, [], args, "echo"
+        )
         log(f"baselines p50: ping {ping.p50:.3f} ms, handoff {handoff.p50:.3f} ms, echo {echo.p50:.3f} ms")
         prefix = f"oaobench-{secrets.token_hex(3)}"
         (worker,) = start_oao_workers(
             procs, target, prefix, 1, args.concurrency, log_level=args.worker_log_level
         )
-        if args.idle_wait:
-            wait_for_idle(args.idle_wait)
-        with PySpy(procs, args.py_spy, "latency", [worker.pid]):
-            oao = asyncio.run(measure_oao(url, prefix, args.runs, gap_s, args.warmup))
+
+        def body() -> dict[str, list[float]]:
+            with PySpy(procs, args.py_spy, "latency", [worker.pid]):
+                return asyncio.run(measure_oao(url, prefix, args.runs, gap_s, args.warmup))
+
+        oao, load = measured(body, target, [worker.pid], args, "OAO latency")
+        log(f"OAO runs done; other load {load.other_pct:.0f}% of a core")
         procs.stop_all([worker])
     total = Series("OAO submit -> RUN_SUCCEEDED (1 node)", oao["total"])
     parts = [
@@ -309,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             format_table(headers, rows),
             "",
             verdict,
+            f"other load on the machine during the OAO runs: {load.other_pct:.0f}% of a core",
         ]
     )
     document = {
@@ -321,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         "oao_parts": [s.summary() for s in parts],
         "baselines": [s.summary() for s in baselines],
         "target": {"p50_ms": TARGET_P50_MS, "value": total.p50, "met": met},
+        "other_cpu_pct": load.other_pct,
         "samples_ms": {"oao": total.samples_ms, **{s.name: s.samples_ms for s in baselines}},
     }
     emit(args.json, document, text)

@@ -43,19 +43,16 @@ from bench._common import (
     RedisTarget,
     add_common_args,
     check_idle,
-    cpu_seconds,
     emit,
     format_machine,
     format_table,
     install_signal_exit,
     log,
-    machine_busy_s,
     machine_info,
+    measured,
     median,
-    own_cpu_s,
     start_oao_workers,
     venv_bin,
-    wait_for_idle,
     wait_until,
 )
 
@@ -106,27 +103,25 @@ def measure(
     submits: list[float] = []
     cpu_server = cpu_workers = cpu_other = 0.0
     for rep in range(repeat or args.repeat):
-        if args.idle_wait:
-            wait_for_idle(args.idle_wait)
-        s0, w0, m0, h0 = target.server_cpu_s(), cpu_seconds(pids), machine_busy_s(), own_cpu_s()
-        if profile is not None:
+
+        def body(rep: int = rep) -> tuple[float, float]:
+            if profile is None:
+                return once(args.jobs)
             with profile(rep):
-                elapsed, t_submit = once(args.jobs)
-        else:
-            elapsed, t_submit = once(args.jobs)
-        server, workers = target.server_cpu_s() - s0, cpu_seconds(pids) - w0
-        cpu_server += server
-        cpu_workers += workers
-        # everything else the machine did meanwhile: other load skews the figures
-        cpu_other += max(0.0, machine_busy_s() - m0 - server - workers - (own_cpu_s() - h0))
+                return once(args.jobs)
+
+        (elapsed, t_submit), load = measured(body, target, pids, args, f"{system} {shape} p={processes}")
+        cpu_server += load.server_s
+        cpu_workers += load.workers_s
+        cpu_other += load.other_s
         times.append(elapsed)
         submits.append(t_submit)
         log(
             f"{system} [{config}] {shape} p={processes}: {args.jobs} jobs in {elapsed:.3f}s "
-            f"(enqueue {t_submit:.3f}s) = {args.jobs / elapsed:,.0f}/s"
+            f"(enqueue {t_submit:.3f}s) = {args.jobs / elapsed:,.0f}/s; other load {load.other_pct:.0f}%"
         )
     sec = median(times)
-    total = sum(times)
+    total = sum(times)  # CPU shares are over the measured runs only (~ their wall time)
     return Result(
         system=system,
         config=config,

@@ -18,6 +18,7 @@ from jinja2 import TemplateSyntaxError, nodes
 from jinja2.sandbox import SandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .circuit import CircuitBreakerSpec
 from .errors import SpecError
 from .policy import (
     DEFAULT_POLICY,
@@ -28,6 +29,7 @@ from .policy import (
     RunPolicySpec,
     merge,
 )
+from .ratelimit import RateLimitSpec
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
 ENTRYPOINT_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$"
@@ -67,6 +69,11 @@ class ScriptedModelSpec(_Strict):
     reply_delay_s: float = Field(default=0.0, ge=0, description="sleep before the reply")
     chunk_tokens: int = Field(default=8, ge=1)
     pricing: PricingSpec | None = None
+    rate_limit: RateLimitSpec | None = None
+    circuit_breaker: CircuitBreakerSpec | None = None
+    limit_key: str | None = Field(
+        default=None, description="limiter / breaker name shared by several models (e.g. a provider)"
+    )
 
 
 class OpenAIModelSpec(_Strict):
@@ -80,6 +87,11 @@ class OpenAIModelSpec(_Strict):
     timeout_s: float = Field(default=60.0, gt=0)
     stream: bool = True
     pricing: PricingSpec | None = None
+    rate_limit: RateLimitSpec | None = None
+    circuit_breaker: CircuitBreakerSpec | None = None
+    limit_key: str | None = Field(
+        default=None, description="limiter / breaker name shared by several models (e.g. a provider)"
+    )
 
 
 ModelSpec = Annotated[ScriptedModelSpec | OpenAIModelSpec, Field(discriminator="provider")]
@@ -119,6 +131,8 @@ class ToolSpec(_Strict):
     entrypoint: str = Field(pattern=ENTRYPOINT_PATTERN)
     description: str = ""
     idempotent: bool = False
+    rate_limit: RateLimitSpec | None = None
+    circuit_breaker: CircuitBreakerSpec | None = None
 
 
 class NodeSpec(_Strict):

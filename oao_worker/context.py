@@ -17,9 +17,10 @@ import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from oao_common.broker import Broker, ClaimedJob
+from oao_common.circuit import CircuitOpenError
 from oao_common.errors import (
     NonDeterminismError,
     OAOError,
@@ -32,22 +33,29 @@ from oao_common.events import EventType, pending_event
 from oao_common.hashing import canonical_json, sha256_hex
 from oao_common.policy import RetrySpec, RunPolicySpec, backoff_delay_s
 from oao_common.pricing import FREE, Price
+from oao_common.ratelimit import RateLimitTimeout
 from oao_common.spec import Spec
 
 from .budget import RESERVE_CHUNK, RunBudget
 from .governance import Governor, StepInfo
+from .guards import CallGuards, Guard
 from .lifecycle import AgentState, Lifecycle
 from .providers import ModelReply, ModelRequest, Provider
 from .providers.base import estimate_message_tokens
 from .tools import Tool, ToolCallInfo
 
+T = TypeVar("T")
+
 
 def _transient(e: BaseException) -> bool:
-    return isinstance(e, TransientError)
+    """Retried inside the step: transient provider errors, but not a fleet guard's
+    refusal (open circuit, rate-limit wait exhausted): those fail fast and are retried
+    by the node, through the delayed set, after their ``retry_after_s``."""
+    return isinstance(e, TransientError) and not isinstance(e, (CircuitOpenError, RateLimitTimeout))
 
 
 def _transient_tool_error(e: BaseException) -> bool:
-    return isinstance(e, (TransientError, ConnectionError, TimeoutError))
+    return _transient(e) or isinstance(e, (ConnectionError, TimeoutError))
 
 
 def tool_idempotency_key(run_id: str, node_id: str, tool: str, args: dict[str, Any], seq: int) -> str:
@@ -81,6 +89,8 @@ class AgentContext:
         prices: dict[str, Price] | None = None,
         budget: RunBudget | None = None,
         retry: RetrySpec | None = None,
+        call_guards: CallGuards | None = None,
+        guards: dict[str, Guard] | None = None,
     ) -> None:
         self.broker = broker
         self.worker_id = worker_id
@@ -98,6 +108,8 @@ class AgentContext:
         self.default_model = default_model
         self.prices = prices or {}
         self.retry = retry or RetrySpec(max_retries=0)
+        self.call_guards = call_guards
+        self.guards = guards or {}
         self.budget = budget or RunBudget(broker, job.run_id, RunPolicySpec(), 0)
         self.idempotency_key: str | None = None
         self.replayed_steps = 0
@@ -216,6 +228,23 @@ class AgentContext:
         self.governor.after_step(step)
         return result
 
+    async def _guarded(
+        self,
+        guard_key: str,
+        tokens: int,
+        fn: Callable[[], Awaitable[T]],
+        used_tokens: Callable[[T], int],
+    ) -> T:
+        """Run one call under its fleet-wide rate limiter and circuit breaker, if any."""
+        guard = self.guards.get(guard_key)
+        if self.call_guards is None or guard is None:
+            return await fn()
+
+        def on_wait(wait_s: float) -> None:
+            self.emit(EventType.RATE_LIMIT_WAIT, {"key": guard.key, "wait_s": round(wait_s, 3)})
+
+        return await self.call_guards.call(guard, tokens, fn, used_tokens, on_wait)
+
     async def _retrying(
         self,
         step: StepInfo,
@@ -331,7 +360,16 @@ class AgentContext:
                     reserved_out += RESERVE_CHUNK
 
             try:
-                reply = await self._retrying(step, lambda: provider.complete(request, on_chunk), _transient)
+                reply = await self._retrying(
+                    step,
+                    lambda: self._guarded(
+                        f"model:{name}",
+                        step.input_tokens + reserved_out,
+                        lambda: provider.complete(request, on_chunk),
+                        lambda r: r.usage.total,
+                    ),
+                    _transient,
+                )
             except BaseException:
                 if reservation:
                     await budget.release(reservation)
@@ -384,7 +422,7 @@ class AgentContext:
                 tool = self.tools[name]
                 value = await self._retrying(
                     step,
-                    lambda: tool.call(args, info),
+                    lambda: self._guarded(f"tool:{name}", 0, lambda: tool.call(args, info), lambda _: 0),
                     # an idempotent tool may be called again; others could repeat an effect
                     lambda e: tool.spec.idempotent and _transient_tool_error(e),
                 )

@@ -14,6 +14,7 @@ from oao_common.pricing import Price, price_of
 from oao_common.spec import Spec
 
 from .agents import Agent, build_agent
+from .guards import Guard
 from .providers import Provider, make_provider
 from .tools import Tool, load_tools
 
@@ -25,6 +26,7 @@ class RunRuntime:
     providers: dict[str, Provider]
     tools: dict[str, Tool]
     prices: dict[str, Price] = field(default_factory=dict)
+    guards: dict[str, Guard] = field(default_factory=dict)
     started_at_ms: int = 0
     agents: dict[str, Agent] = field(default_factory=dict)
 
@@ -34,6 +36,21 @@ class RunRuntime:
         if a is None:
             a = self.agents[name] = build_agent(name, self.spec.agents[name])
         return a
+
+
+def guards_of(spec: Spec) -> dict[str, Guard]:
+    """``"model:<name>"`` / ``"tool:<name>"`` → the guard of each model and tool that has a
+    rate limit or circuit breaker (a model's ``limit_key`` names a shared limiter)."""
+    out: dict[str, Guard] = {}
+    for name, m in spec.models.items():
+        g = Guard(m.limit_key or f"model:{name}", m.rate_limit, m.circuit_breaker)
+        if g.active:
+            out[f"model:{name}"] = g
+    for name, t in spec.tools.items():
+        g = Guard(f"tool:{name}", t.rate_limit, t.circuit_breaker)
+        if g.active:
+            out[f"tool:{name}"] = g
+    return out
 
 
 class RuntimeCache:
@@ -64,6 +81,7 @@ class RuntimeCache:
             providers={name: make_provider(name, m) for name, m in spec.models.items()},
             tools=load_tools(spec.tools),
             prices={name: price_of(m) for name, m in spec.models.items()},
+            guards=guards_of(spec),
             started_at_ms=int(started_at or 0),
         )
         self._items[run_id] = rt

@@ -27,6 +27,7 @@ from typing import Any
 from redis import exceptions as redis_exc
 
 from oao_common.broker import Broker, ClaimedJob
+from oao_common.circuit import CircuitBreaker
 from oao_common.errors import (
     PermanentError,
     PolicyViolation,
@@ -36,11 +37,13 @@ from oao_common.errors import (
 from oao_common.events import EventType, pending_event
 from oao_common.log import get_logger
 from oao_common.policy import backoff_delay_s
+from oao_common.ratelimit import RateLimiter
 from oao_common.templating import render
 
 from .budget import RunBudget
 from .context import AgentContext
 from .governance import Governor, StrictPolicy
+from .guards import CallGuards
 from .runtime import RuntimeCache
 
 REDIS_ERRORS = (redis_exc.ConnectionError, redis_exc.TimeoutError, OSError)
@@ -125,6 +128,9 @@ class Worker:
         self.claim_timeout_s = min(claim_timeout_s, heartbeat_ttl_s / 4)
         self.claim_batch = claim_batch
         self.runtimes = RuntimeCache(broker)
+        self.call_guards = CallGuards(
+            RateLimiter(broker.redis, broker.keys), CircuitBreaker(broker.redis, broker.keys)
+        )
         self.log = get_logger(worker_id=self.id)
         self._slots = _Slots(concurrency)
         self._stop = asyncio.Event()
@@ -332,6 +338,8 @@ class Worker:
                 prices=rt.prices,
                 budget=RunBudget(self.broker, job.run_id, rt.spec.policy, ttl_s=policy.timeout_s or 300.0),
                 retry=rt.spec.effective_retry(node),
+                call_guards=self.call_guards,
+                guards=rt.guards,
             )
             agent = rt.agent(node.agent)
             limit, scope, run_elapsed = policy.timeout_s, "node", 0.0

@@ -4,6 +4,7 @@ limits, costs, allow/deny-lists, failure rules, and cancel that stops running no
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 
 from oao_testkit import fleet, make_spec, of_type, run_spec
@@ -217,9 +218,72 @@ async def test_model_call_retries_inside_the_step(broker: Broker) -> None:
 async def test_run_timeout_bounds_every_node(broker: Broker) -> None:
     spec = make_spec(
         [{"id": "s", "agent": "sleeper", "task": "30", "policy": {"timeout_s": 60}}],
-        agents=AGENTS, policy={"timeout_s": 0.3}, defaults=NO_RETRY,
+        agents=AGENTS,
+        policy={"timeout_s": 0.3},
+        defaults=NO_RETRY,
     )
     rid = await run_spec(broker, spec)
     [n] = await broker.get_nodes(rid, ["s"])
     err = json.loads(n["error"])
     assert err["rule"] == "timeout_s" and err["scope"] == "run" and err["limit"] == 0.3
+
+
+async def test_rate_limit_is_shared_by_the_fleet(broker: Broker) -> None:
+    spec = make_spec(
+        [{"id": f"n{i}", "agent": "one", "task": "20"} for i in range(4)],
+        agents=AGENTS,
+        models=model("ok", delay=0.2, rate_limit={"max_concurrent": 1}),
+    )
+    rid = await run_spec(broker, spec, workers=2, concurrency=2)
+    assert (await broker.get_run(rid))["status"] == "SUCCEEDED"
+    ev = await broker.events(rid)
+    waits = of_type(ev, "RATE_LIMIT_WAIT")
+    assert waits and all(w.data["key"] == "model:m" for w in waits)
+    # one model call at a time across both workers: each call sleeps 200 ms, so when
+    # they are serialized their ends are at least ~200 ms apart (sleep never shortens)
+    ends = sorted(e.ts_ms for e in of_type(ev, "STEP_COMPLETED"))
+    assert all(b - a >= 190 for a, b in itertools.pairwise(ends)), ends
+
+
+async def test_open_circuit_fails_fast_without_calling_the_model(broker: Broker) -> None:
+    from openai_server import OpenAIStubServer
+
+    with OpenAIStubServer() as server:
+        for _ in range(4):
+            server.reply_error(500, "down")
+        models = {
+            "m": {
+                "provider": "openai",
+                "model": "gpt-4o-mini",
+                "base_url": server.base_url,
+                "circuit_breaker": {"min_calls": 2, "failure_ratio": 0.5, "cool_down_s": 60},
+            }
+        }
+        spec = make_spec(
+            [{"id": "a", "agent": "one", "task": "5"}],
+            agents=AGENTS,
+            models=models,
+            defaults={"retry": {"max_retries": 1, "retry_delay_s": 0.01, "jitter": False}},
+        )
+        s = await submit_spec(broker, spec)
+        async with fleet(broker):
+            while (await broker.get_nodes(s.run_id, ["a"]))[0].get("retries") != "1":
+                await asyncio.sleep(0.02)
+            # attempt 1: the call and its in-step retry both got 500: the circuit opened
+            assert len(server.requests) == 2
+            [n] = await broker.get_nodes(s.run_id, ["a"])
+            retry_at = int(n["retry_at"])
+        # the node retry waits out the circuit's cool-down instead of hammering the model
+        ev = await broker.events(s.run_id)
+        [sched] = of_type(ev, "NODE_RETRY_SCHEDULED")
+        assert "500" in sched.data["error"]["message"]
+        assert sched.data["delay_ms"] < 1000 and retry_at - sched.ts_ms < 1000
+        # a second node of another run is refused at once, without a request
+        other = make_spec(
+            [{"id": "b", "agent": "one", "task": "5"}], agents=AGENTS, models=models, defaults=NO_RETRY
+        )
+        rid2 = await run_spec(broker, other)
+        assert len(server.requests) == 2
+    [b] = await broker.get_nodes(rid2, ["b"])
+    err = json.loads(b["error"])
+    assert b["status"] == "FAILED" and err["type"] == "CircuitOpenError" and "model:m" in err["message"]
