@@ -491,6 +491,12 @@ class Broker:
             res = await p.execute()
         return {q: int(n) for q, n in zip(queues, res, strict=True)}
 
+    async def all_queue_lengths(self) -> dict[str, int]:
+        """Length of every ready list under the prefix (uses SCAN)."""
+        head = self.keys.queue("")
+        names = [k[len(head) :] async for k in self.redis.scan_iter(match=head + "*", count=500)]
+        return await self.queue_lengths(names) if names else {}
+
     async def run_is_terminal(self, run_id: str) -> bool:
         st = await self.redis.hget(self.keys.run(run_id), "status")
         return st is not None and RunState(st).terminal

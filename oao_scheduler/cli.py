@@ -30,6 +30,7 @@ from oao_common.cli_support import (
 )
 from oao_common.connection import DEFAULT_URL, EmbeddedServer, connect, ping, redact
 from oao_common.log import configure_logging, get_logger
+from oao_common.metrics import serve_metrics
 from oao_common.spec import Spec, apply_inputs, load_spec, parse_input_pairs
 from oao_common.states import RunState
 
@@ -439,6 +440,13 @@ async def workers(redis_url: str | None, prefix: str, as_json: bool) -> int:
     show_default=True,
     help="Requeues after worker deaths before a node is dead-lettered (poison).",
 )
+@click.option(
+    "--metrics-port",
+    type=int,
+    default=None,
+    envvar="OAO_METRICS_PORT",
+    help="Serve Prometheus metrics at :PORT/metrics (env OAO_METRICS_PORT).",
+)
 @run_async
 async def serve(
     redis_url: str | None,
@@ -446,6 +454,7 @@ async def serve(
     reaper_interval: float,
     heartbeat_ttl: float,
     max_requeues: int,
+    metrics_port: int | None,
 ) -> int:
     """Run the reaper (dead-worker recovery) and the delayed-retry promoter.
 
@@ -455,6 +464,8 @@ async def serve(
     url = redis_url or DEFAULT_URL
     broker = await _broker(url, prefix)
     log = get_logger(component="serve")
+    if metrics_port:
+        serve_metrics(metrics_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

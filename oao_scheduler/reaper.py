@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from redis import exceptions as redis_exc
 
+from oao_common import metrics
 from oao_common.broker import Broker, ReapResult
 from oao_common.log import get_logger
 
@@ -45,12 +46,14 @@ class Reaper:
         interval_s: float = 1.0,
         heartbeat_ttl_s: float = 5.0,
         max_requeues: int = 5,
+        gauge_every: int = 5,
     ) -> None:
         self.broker = broker
         self.interval_s = interval_s
         self.heartbeat_ttl_s = heartbeat_ttl_s
         self.max_requeues = max_requeues
         self.stats = ReaperStats()
+        self.gauge_every = gauge_every
         self.log = get_logger(component="reaper")
 
     async def tick(self) -> list[ReapResult]:
@@ -68,6 +71,8 @@ class Reaper:
             results.append(r)
             self.stats.requeued += r.requeued
             self.stats.poisoned += r.poisoned
+            metrics.REQUEUED.labels("worker_dead").inc(r.requeued)
+            metrics.DEAD_LETTERED.inc(r.poisoned)
             self.stats.reaped_workers.append(wid)
             self.log.warning(
                 "reaper.worker_dead",
@@ -76,7 +81,17 @@ class Reaper:
                 poisoned=r.poisoned,
                 dropped=r.dropped,
             )
+        if self.stats.passes % self.gauge_every == 1 or self.gauge_every == 1:
+            await self.update_gauges()
         return results
+
+    async def update_gauges(self) -> None:
+        """Queue sizes, delayed retries and live workers, for ``oao_queue_size`` & co."""
+        sizes = await self.broker.all_queue_lengths()
+        for q, n in sizes.items():
+            metrics.QUEUE_SIZE.labels(q).set(n)
+        metrics.DELAYED_SIZE.set(await self.broker.redis.zcard(self.broker.keys.delayed))
+        metrics.WORKERS_ALIVE.set(sum(1 for w in await self.broker.workers() if w["alive"]))
 
     async def run(self, stop: asyncio.Event) -> None:
         """Tick every ``interval_s`` until ``stop`` is set; Redis outages are logged and

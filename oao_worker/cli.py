@@ -15,6 +15,7 @@ from oao_common.broker import Broker
 from oao_common.cli_support import add_app_dir, prefix_option, redis_url_option, run_async
 from oao_common.connection import DEFAULT_URL, connect, ping
 from oao_common.log import configure_logging
+from oao_common.metrics import serve_metrics
 
 from .worker import Worker
 
@@ -42,6 +43,13 @@ from .worker import Worker
 )
 @click.option("--worker-id", default=None, help="Default: <host>-<pid>-<random>.")
 @click.option("--app-dir", default=None, help="Directory put on sys.path for entrypoints (default: cwd).")
+@click.option(
+    "--metrics-port",
+    type=int,
+    default=None,
+    envvar="OAO_METRICS_PORT",
+    help="Serve Prometheus metrics at :PORT/metrics (env OAO_METRICS_PORT).",
+)
 @click.option("--log-level", default=None, help="debug, info, warning, error (env OAO_LOG_LEVEL).")
 @run_async
 async def main(
@@ -53,6 +61,7 @@ async def main(
     grace_period: float,
     worker_id: str | None,
     app_dir: str | None,
+    metrics_port: int | None,
     log_level: str | None,
 ) -> int:
     """Claim nodes from Redis and run their agents until SIGTERM / SIGINT.
@@ -63,6 +72,8 @@ async def main(
     """
     configure_logging(log_level)
     add_app_dir(app_dir)
+    if metrics_port:
+        serve_metrics(metrics_port)
     url = redis_url or DEFAULT_URL
     r = connect(url)
     await ping(r, url)

@@ -19,6 +19,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from oao_common import metrics
 from oao_common.broker import Broker, ClaimedJob
 from oao_common.circuit import CircuitOpenError
 from oao_common.errors import (
@@ -172,6 +173,7 @@ class AgentContext:
                 kind, int(u.get("in", 0)), int(u.get("out", 0)), float(u.get("cost_usd", 0.0))
             )
             self.replayed_steps += 1
+            metrics.STEPS.labels(kind, "replayed").inc()
             self.emit(EventType.STEP_REPLAYED, {"seq": seq, "kind": kind, "name": name})
             return rec.get("result")
 
@@ -225,6 +227,14 @@ class AgentContext:
         )
         if not ok:
             raise StaleAttemptError(f"{self.run_id}/{self.node_id} attempt {self.attempt} is stale")
+        metrics.STEPS.labels(kind, "executed").inc()
+        if kind == "llm":
+            metrics.TOKENS.labels(name, "input").inc(tin)
+            metrics.TOKENS.labels(name, "output").inc(tout)
+            if cost:
+                metrics.COST_USD.labels(name).inc(cost)
+        elif kind == "tool":
+            metrics.TOOL_CALLS.labels(name).inc()
         self.governor.after_step(step)
         return result
 
@@ -241,6 +251,7 @@ class AgentContext:
             return await fn()
 
         def on_wait(wait_s: float) -> None:
+            metrics.RATE_LIMIT_WAITS.inc()
             self.emit(EventType.RATE_LIMIT_WAIT, {"key": guard.key, "wait_s": round(wait_s, 3)})
 
         return await self.call_guards.call(guard, tokens, fn, used_tokens, on_wait)
@@ -262,6 +273,7 @@ class AgentContext:
                 if n >= (self.retry.max_retries or 0) or not retriable(e):
                     raise
                 n += 1
+                metrics.RETRIES.labels("step").inc()
                 delay = backoff_delay_s(self.retry, n)
                 hint = getattr(e, "retry_after_s", None)
                 if hint:

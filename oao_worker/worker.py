@@ -26,6 +26,7 @@ from typing import Any
 
 from redis import exceptions as redis_exc
 
+from oao_common import metrics
 from oao_common.broker import Broker, ClaimedJob
 from oao_common.circuit import CircuitBreaker
 from oao_common.errors import (
@@ -191,6 +192,7 @@ class Worker:
             await asyncio.sleep(delay)
             try:
                 n = await self.broker.handback(self.id)
+                metrics.REQUEUED.labels("handback").inc(n)
                 await self.broker.deregister(self.id)
                 self.log.info("worker.stopped", handed_back=n, completed=self.completed, failed=self.failed)
                 return
@@ -313,11 +315,14 @@ class Worker:
         log = self.log.bind(run_id=job.run_id, node_id=job.node_id, attempt=job.attempt)
         ctx: AgentContext | None = None
         started = time.monotonic()
+        agent_type = "?"
+        metrics.ACTIVE_AGENTS.inc()
         try:
             log.debug("node.started")
             rt = await self.runtimes.get(job.run_id)
             node = rt.spec.node(job.node_id)
             agent_spec = rt.spec.agents[node.agent]
+            agent_type = agent_spec.kind
             policy = rt.spec.effective_policy(node)
             variables = {
                 "inputs": rt.inputs,
@@ -362,6 +367,9 @@ class Worker:
                     ) from None
                 raise PolicyViolation("timeout_s", policy.timeout_s, elapsed) from None
             ok = await self.broker.complete(self.id, job, output, ctx.node_fields(), ctx.drain_events())
+            outcome = "succeeded" if ok else "stale"
+            metrics.EXECUTIONS.labels(outcome, agent_type).inc()
+            metrics.EXECUTION_SECONDS.labels(agent_type).observe(time.monotonic() - started)
             if ok:
                 self.completed += 1
                 log.info(
@@ -371,6 +379,7 @@ class Worker:
                     duration_ms=int((time.monotonic() - started) * 1000),
                 )
             else:
+                metrics.STALE_WRITES.inc()
                 log.warning("node.stale_completion_rejected")
         except asyncio.CancelledError:
             me = asyncio.current_task()
@@ -381,13 +390,19 @@ class Worker:
                 log.info("node.abandoned", reason="shutdown or lease lost")
                 raise
         except StaleAttemptError as e:
+            metrics.STALE_WRITES.inc()
+            metrics.EXECUTIONS.labels("stale", agent_type).inc()
             log.warning("node.stale_attempt", error=str(e))
         except Exception as e:
-            await self._fail(job, ctx, e, log)
+            outcome = await self._fail(job, ctx, e, log)
+            metrics.EXECUTIONS.labels(outcome, agent_type).inc()
+            metrics.EXECUTION_SECONDS.labels(agent_type).observe(time.monotonic() - started)
         finally:
+            metrics.ACTIVE_AGENTS.dec()
             self._slots.release()
 
-    async def _fail(self, job: ClaimedJob, ctx: AgentContext | None, e: Exception, log: Any) -> None:
+    async def _fail(self, job: ClaimedJob, ctx: AgentContext | None, e: Exception, log: Any) -> str:
+        """Record a failed attempt; returns the outcome label (retry, failed, stale, unrecorded)."""
         events = ctx.drain_events() if ctx else []
         if ctx and ctx.lifecycle.state != "TERMINATE":
             ctx.lifecycle.terminate()
@@ -396,6 +411,7 @@ class Worker:
         info = error_info(e)
         delay: float | None = None
         if isinstance(e, PolicyViolation):
+            metrics.POLICY_VIOLATIONS.labels(e.rule, e.scope).inc()
             events.append(pending_event(EventType.POLICY_VIOLATION, e.to_dict()))
         elif not isinstance(e, PermanentError):
             try:
@@ -415,16 +431,20 @@ class Worker:
                 error=str(re),
                 note="the job stays in the active list; handback or the reaper requeues it",
             )
-            return
+            return "unrecorded"
         if r == 2:
+            metrics.RETRIES.labels("node").inc()
             log.warning(
                 "node.retry_scheduled",
                 error=info["message"],
                 delay_s=round(delay or 0, 3),
                 retry=job.retries + 1,
             )
-        elif r == 1:
+            return "retry"
+        if r == 1:
             self.failed += 1
             log.error("node.failed", error=info["message"], error_type=info["type"])
-        else:
-            log.warning("node.stale_failure_rejected", error=info["message"])
+            return "failed"
+        metrics.STALE_WRITES.inc()
+        log.warning("node.stale_failure_rejected", error=info["message"])
+        return "stale"
