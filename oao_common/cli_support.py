@@ -38,6 +38,13 @@ prefix_option = click.option(
     help=f"Key prefix in Redis (env {ENV_PREFIX}); lets several OAO setups share a server.",
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+metrics_port_option = click.option(
+    "--metrics-port",
+    type=int,
+    default=None,
+    envvar="OAO_METRICS_PORT",
+    help="Serve Prometheus metrics at :PORT/metrics (env OAO_METRICS_PORT).",
+)
 
 
 def add_app_dir(path: str | None = None) -> None:

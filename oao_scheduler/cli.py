@@ -23,6 +23,7 @@ from oao_common.cli_support import (
     EXIT_USAGE,
     add_app_dir,
     json_option,
+    metrics_port_option,
     prefix_option,
     print_json,
     redis_url_option,
@@ -251,6 +252,22 @@ async def submit(
     return _exit_for(status)
 
 
+async def _show(run_id: str, redis_url: str | None, prefix: str, as_json: bool, full: bool) -> int:
+    """Print a run's status table (or, with ``full``, the whole report)."""
+    broker = await _broker(redis_url, prefix)
+    rep = await collect(broker, run_id, with_events=full or as_json)
+    if rep is None:
+        click.echo(f"error: no run {run_id!r}", err=True)
+        return EXIT_USAGE
+    if as_json:
+        print_json(rep)
+    elif full:
+        render_report(rep, out)
+    else:
+        render_status(rep, out)
+    return EXIT_OK
+
+
 @main.command()
 @click.argument("run_id")
 @redis_url_option
@@ -258,17 +275,8 @@ async def submit(
 @json_option
 @run_async
 async def status(run_id: str, redis_url: str | None, prefix: str, as_json: bool) -> int:
-    """Show a run's status and its node table."""
-    broker = await _broker(redis_url, prefix)
-    report = await collect(broker, run_id, with_events=as_json)
-    if report is None:
-        click.echo(f"error: no run {run_id!r}", err=True)
-        return EXIT_USAGE
-    if as_json:
-        print_json(report)
-    else:
-        render_status(report, out)
-    return EXIT_OK
+    """Show a run's status, execution hash and node table."""
+    return await _show(run_id, redis_url, prefix, as_json, full=False)
 
 
 @main.command()
@@ -279,16 +287,7 @@ async def status(run_id: str, redis_url: str | None, prefix: str, as_json: bool)
 @run_async
 async def report(run_id: str, redis_url: str | None, prefix: str, as_json: bool) -> int:
     """Print the full execution report of a run (per node: states, steps, output, error)."""
-    broker = await _broker(redis_url, prefix)
-    rep = await collect(broker, run_id)
-    if rep is None:
-        click.echo(f"error: no run {run_id!r}", err=True)
-        return EXIT_USAGE
-    if as_json:
-        print_json(rep)
-    else:
-        render_report(rep, out)
-    return EXIT_OK
+    return await _show(run_id, redis_url, prefix, as_json, full=True)
 
 
 def _event_line(ev: Any, t0: int) -> str:
@@ -440,13 +439,7 @@ async def workers(redis_url: str | None, prefix: str, as_json: bool) -> int:
     show_default=True,
     help="Requeues after worker deaths before a node is dead-lettered (poison).",
 )
-@click.option(
-    "--metrics-port",
-    type=int,
-    default=None,
-    envvar="OAO_METRICS_PORT",
-    help="Serve Prometheus metrics at :PORT/metrics (env OAO_METRICS_PORT).",
-)
+@metrics_port_option
 @run_async
 async def serve(
     redis_url: str | None,

@@ -12,7 +12,13 @@ import signal
 import click
 
 from oao_common.broker import Broker
-from oao_common.cli_support import add_app_dir, prefix_option, redis_url_option, run_async
+from oao_common.cli_support import (
+    add_app_dir,
+    metrics_port_option,
+    prefix_option,
+    redis_url_option,
+    run_async,
+)
 from oao_common.connection import DEFAULT_URL, connect, ping
 from oao_common.log import configure_logging
 from oao_common.metrics import serve_metrics
@@ -43,13 +49,7 @@ from .worker import Worker
 )
 @click.option("--worker-id", default=None, help="Default: <host>-<pid>-<random>.")
 @click.option("--app-dir", default=None, help="Directory put on sys.path for entrypoints (default: cwd).")
-@click.option(
-    "--metrics-port",
-    type=int,
-    default=None,
-    envvar="OAO_METRICS_PORT",
-    help="Serve Prometheus metrics at :PORT/metrics (env OAO_METRICS_PORT).",
-)
+@metrics_port_option
 @click.option("--log-level", default=None, help="debug, info, warning, error (env OAO_LOG_LEVEL).")
 @run_async
 async def main(

@@ -72,6 +72,27 @@ end
 -- The run's final state once every node is terminal (DESIGN.md run states; FailureSpec):
 -- no failure: SUCCEEDED; failed / total > max_failure_ratio: FAILED; else PARTIAL when
 -- the run allows partial completion, FAILED otherwise.
+-- The start of every fenced write: parse the job and check the fence. Returns
+-- rid, nid, node key when the caller holds the node; nil after recording a rejection.
+local function fence_or_reject(active, job, wid, attempt, what)
+  local rid, nid = split_job(job)
+  local nk = node_key(rid, nid)
+  local ok, s = fenced(nk, wid, attempt)
+  if not ok then
+    reject_stale(active, job, rid, nid, wid, attempt, s, what)
+    return nil
+  end
+  return rid, nid, nk
+end
+
+-- A retried complete / fail of an attempt that already closed gets the first answer.
+local function closed_result(job, wid, attempt)
+  local rid, nid = split_job(job)
+  local c = redis.call('HMGET', node_key(rid, nid), 'closed_by', 'closed_result')
+  if c[1] == wid .. '#' .. attempt then return tonumber(c[2]) end
+  return nil
+end
+
 local function finish_run_if_done(rid)
   local rk = run_key(rid)
   local r = redis.call('HMGET', rk, 'status', 'nodes_total', 'nodes_done', 'nodes_failed',

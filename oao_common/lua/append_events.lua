@@ -5,11 +5,7 @@
 -- ARGV[9] buffered events (JSON array of [type, data_json])
 -- Returns 1 when written, 0 when the attempt is stale (nothing written).
 local wid, job, attempt = ARGV[6], ARGV[7], ARGV[8]
-local rid, nid = split_job(job)
-local ok, s = fenced(node_key(rid, nid), wid, attempt)
-if not ok then
-  reject_stale(KEYS[1], job, rid, nid, wid, attempt, s, 'append_events')
-  return 0
-end
+local rid, nid = fence_or_reject(KEYS[1], job, wid, attempt, 'append_events')
+if not rid then return 0 end
 flush(rid, nid, attempt, ARGV[9])
 return 1

@@ -8,13 +8,8 @@
 -- ARGV[11] buffered events (JSON array of [type, data_json])
 -- Returns 1 when marked, 0 when the attempt is stale (nothing written).
 local wid, job, attempt, seq = ARGV[6], ARGV[7], ARGV[8], tonumber(ARGV[9])
-local rid, nid = split_job(job)
-local nk = node_key(rid, nid)
-local ok, s = fenced(nk, wid, attempt)
-if not ok then
-  reject_stale(KEYS[1], job, rid, nid, wid, attempt, s, 'begin_step')
-  return 0
-end
+local rid, nid, nk = fence_or_reject(KEYS[1], job, wid, attempt, 'begin_step')
+if not rid then return 0 end
 redis.call('HSET', steps_key(rid), nid .. ':' .. seq .. ':started', ARGV[10])
 if seq > tonumber(redis.call('HGET', nk, 'steps_started') or '0') then
   redis.call('HSET', nk, 'steps_started', seq)

@@ -7,15 +7,10 @@
 -- STALE_ATTEMPT_REJECTED event). Idempotent: a retried call of the same attempt (after
 -- a lost reply) gets the first call's answer and writes nothing.
 local wid, job, attempt = ARGV[6], ARGV[7], ARGV[8]
-local rid, nid = split_job(job)
-local nk = node_key(rid, nid)
-local closed = redis.call('HMGET', nk, 'closed_by', 'closed_result')
-if closed[1] == wid .. '#' .. attempt then return tonumber(closed[2]) end
-local ok, s = fenced(nk, wid, attempt)
-if not ok then
-  reject_stale(KEYS[1], job, rid, nid, wid, attempt, s, 'complete')
-  return 0
-end
+local closed = closed_result(job, wid, attempt)
+if closed then return closed end
+local rid, nid, nk = fence_or_reject(KEYS[1], job, wid, attempt, 'complete')
+if not rid then return 0 end
 flush(rid, nid, attempt, ARGV[11])
 local f = {'status', 'SUCCEEDED', 'output', ARGV[9], 'finished_at', NOW,
   'closed_by', wid .. '#' .. attempt, 'closed_result', 1}

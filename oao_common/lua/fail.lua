@@ -9,15 +9,10 @@
 -- 0 when stale.
 -- Idempotent: a retried call of the same attempt gets the first call's answer.
 local wid, job, attempt = ARGV[6], ARGV[7], ARGV[8]
-local rid, nid = split_job(job)
-local nk = node_key(rid, nid)
-local closed = redis.call('HMGET', nk, 'closed_by', 'closed_result')
-if closed[1] == wid .. '#' .. attempt then return tonumber(closed[2]) end
-local ok, s = fenced(nk, wid, attempt)
-if not ok then
-  reject_stale(KEYS[1], job, rid, nid, wid, attempt, s, 'fail')
-  return 0
-end
+local closed = closed_result(job, wid, attempt)
+if closed then return closed end
+local rid, nid, nk = fence_or_reject(KEYS[1], job, wid, attempt, 'fail')
+if not rid then return 0 end
 flush(rid, nid, attempt, ARGV[12])
 local f = {}
 for k, v in pairs(cjson.decode(ARGV[11])) do

@@ -8,13 +8,8 @@
 -- Returns 1 when recorded (or already recorded by this same attempt: a retried call
 -- after a lost reply changes nothing), 0 when the attempt is stale.
 local wid, job, attempt, seq = ARGV[6], ARGV[7], ARGV[8], tonumber(ARGV[9])
-local rid, nid = split_job(job)
-local nk = node_key(rid, nid)
-local ok, s = fenced(nk, wid, attempt)
-if not ok then
-  reject_stale(KEYS[1], job, rid, nid, wid, attempt, s, 'record_step')
-  return 0
-end
+local rid, nid, nk = fence_or_reject(KEYS[1], job, wid, attempt, 'record_step')
+if not rid then return 0 end
 local prev = redis.call('HGET', steps_key(rid), nid .. ':' .. seq)
 if prev and tostring(cjson.decode(prev).attempt) == attempt then return 1 end
 redis.call('HSET', steps_key(rid), nid .. ':' .. seq, ARGV[10])
