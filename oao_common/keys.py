@@ -95,17 +95,21 @@ class Keys:
         """Hash of circuit breaker ``key``: state, cool-down, probes, window (``circuit.lua``)."""
         return f"{self.prefix}:cb:{{{key}}}"
 
-    def templates(self) -> list[str]:
-        """``string.format`` templates for Lua, in this order: run, node, events, queue.
+    def parked(self, rid: str) -> str:
+        """List of a run's ready jobs held back by ``max_parallel_nodes``."""
+        return f"{self.prefix}:run:{{{rid}}}:parked"
 
-        Each is the Python key with ``%s`` where the variable part goes.
-        """
-        return [
-            self.run("%s"),
-            self.node("%s", "%s"),
-            self.events("%s"),
-            self.queue("%s"),
-        ]
+    def templates(self) -> dict[str, str]:
+        """``string.format`` templates for Lua (``ARGV[1]`` of every script, as JSON):
+        each is the Python key with ``%s`` where the variable part goes."""
+        return {
+            "run": self.run("%s"),
+            "node": self.node("%s", "%s"),
+            "events": self.events("%s"),
+            "queue": self.queue("%s"),
+            "steps": self.steps("%s"),
+            "parked": self.parked("%s"),
+        }
 
     def run_pattern(self, rid: str) -> str:
         """A ``SCAN`` pattern for every key of run ``rid`` (used by cleanup)."""

@@ -7,6 +7,7 @@ server restart flushed the script cache.
 
 from __future__ import annotations
 
+import json
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -45,11 +46,11 @@ class Scripts:
     """Registered scripts of one connection; ``await scripts.call(name, keys, args)``."""
 
     def __init__(self, redis: Redis, keys: Keys) -> None:
-        self._templates = [*keys.templates(), keys.steps("%s")]
+        self._templates = json.dumps(keys.templates(), separators=(",", ":"))
         self._scripts: dict[str, AsyncScript] = {
             name: redis.register_script(script_source(name)) for name in SCRIPT_NAMES
         }
 
     async def call(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        """Run script ``name`` with ``KEYS=keys`` and ``ARGV=templates + args``."""
-        return await self._scripts[name](keys=keys, args=[*self._templates, *args])
+        """Run script ``name`` with ``KEYS=keys`` and ``ARGV=[templates_json, *args]``."""
+        return await self._scripts[name](keys=keys, args=[self._templates, *args])

@@ -1,16 +1,14 @@
 -- _lib.lua: shared helpers, prepended to every OAO script by oao_common/scripts.py.
 --
--- Every script receives the key templates of oao_common/keys.py as its first ARGV
+-- ARGV[1] of every script is a JSON object of key templates from oao_common/keys.py
 -- (string.format patterns), so no key name is spelled in Lua:
---   ARGV[1] run key      "<p>:run:{%s}"
---   ARGV[2] node key     "<p>:run:{%s}:node:%s"
---   ARGV[3] events key   "<p>:run:{%s}:events"
---   ARGV[4] queue key    "<p>:q:%s"
---   ARGV[5] steps key    "<p>:run:{%s}:steps"
--- Script-specific arguments start at ARGV[6].
+--   run "<p>:run:{%s}", node "<p>:run:{%s}:node:%s", events "<p>:run:{%s}:events",
+--   queue "<p>:q:%s", steps "<p>:run:{%s}:steps", parked "<p>:run:{%s}:parked".
+-- Script-specific arguments start at ARGV[2].
 -- Jobs are "<rid>/<nid>". Times are server time (TIME) in ms since the epoch.
 
-local T_RUN, T_NODE, T_EVENTS, T_QUEUE, T_STEPS = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local T = cjson.decode(ARGV[1])
+local T_RUN, T_NODE, T_EVENTS, T_QUEUE, T_STEPS = T.run, T.node, T.events, T.queue, T.steps
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -22,6 +20,7 @@ local function run_key(rid) return string.format(T_RUN, rid) end
 local function node_key(rid, nid) return string.format(T_NODE, rid, nid) end
 local function queue_key(q) return string.format(T_QUEUE, q) end
 local function steps_key(rid) return string.format(T_STEPS, rid) end
+local function parked_key(rid) return string.format(T.parked, rid) end
 
 local function split_job(job)
   local i = string.find(job, '/', 1, true)

@@ -3,18 +3,18 @@
 -- workers race for the last of a budget without both winning: a call reserves its worst
 -- case (input tokens + max output tokens, and their cost) before it starts, extends the
 -- reservation if a stream runs past it, and record_step.lua settles it with the actual
--- usage. Reservations expire (ARGV[11]) so a dead worker's reservation frees itself.
+-- usage. Reservations expire (ARGV[7]) so a dead worker's reservation frees itself.
 -- KEYS[1] run hash (used: tokens_in, tokens_out, cost_usd; reserved: res_in, res_out, res_cost)
 -- KEYS[2] the run's reservations hash
--- ARGV[6] op: "reserve" (create or extend) or "release"
--- ARGV[7] reservation id ("<nid>#<attempt>#<seq>")
--- ARGV[8] input tokens to add   ARGV[9] output tokens to add   ARGV[10] USD to add
--- ARGV[11] time to live in ms
--- ARGV[12] limits: JSON object with any of max_tokens, max_input_tokens,
+-- ARGV[2] op: "reserve" (create or extend) or "release"
+-- ARGV[3] reservation id ("<nid>#<attempt>#<seq>")
+-- ARGV[4] input tokens to add   ARGV[5] output tokens to add   ARGV[6] USD to add
+-- ARGV[7] time to live in ms
+-- ARGV[8] limits: JSON object with any of max_tokens, max_input_tokens,
 --          max_output_tokens, max_cost_usd
 -- Returns {1} when reserved (or released), {0, rule, limit, would_reach} when the
 -- reservation would cross a limit (nothing reserved).
-local rk, resk, op, id = KEYS[1], KEYS[2], ARGV[6], ARGV[7]
+local rk, resk, op, id = KEYS[1], KEYS[2], ARGV[2], ARGV[3]
 if op == 'release' then
   drop_reservation(rk, resk, id)
   return {1}
@@ -27,11 +27,11 @@ for i = 1, #all, 2 do
   if exp < NOW then drop_reservation(rk, resk, all[i]) end
 end
 
-local add_in, add_out, add_cost = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
+local add_in, add_out, add_cost = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local r = redis.call('HMGET', rk, 'tokens_in', 'tokens_out', 'cost_usd', 'res_in', 'res_out', 'res_cost')
 local used_in, used_out, used_cost = tonumber(r[1] or '0'), tonumber(r[2] or '0'), tonumber(r[3] or '0')
 local res_in, res_out, res_cost = tonumber(r[4] or '0'), tonumber(r[5] or '0'), tonumber(r[6] or '0')
-local lim = cjson.decode(ARGV[12])
+local lim = cjson.decode(ARGV[8])
 local checks = {
   {'max_tokens', used_in + used_out + res_in + res_out + add_in + add_out},
   {'max_input_tokens', used_in + res_in + add_in},
@@ -51,7 +51,7 @@ if prev then
   local pin, pout, pcost = parse_reservation(prev)
   tin, tout, cost = tin + pin, tout + pout, cost + pcost
 end
-redis.call('HSET', resk, id, string.format('%d %d %.10f %d', tin, tout, cost, NOW + tonumber(ARGV[11])))
+redis.call('HSET', resk, id, string.format('%d %d %.10f %d', tin, tout, cost, NOW + tonumber(ARGV[7])))
 redis.call('HINCRBY', rk, 'res_in', add_in)
 redis.call('HINCRBY', rk, 'res_out', add_out)
 redis.call('HINCRBYFLOAT', rk, 'res_cost', string.format('%.10f', add_cost))

@@ -2,9 +2,9 @@
 -- Running attempts lose their fence, so their workers' next write is rejected;
 -- queued jobs of cancelled nodes are dropped when claimed or promoted.
 -- KEYS[1] run hash
--- ARGV[6] run id
+-- ARGV[2] run id
 -- Returns the number of nodes cancelled, or -1 if the run is unknown or already over.
-local rid = ARGV[6]
+local rid = ARGV[2]
 local r = redis.call('HMGET', KEYS[1], 'status', 'node_ids')
 if not r[1] or is_run_terminal(r[1]) then return -1 end
 local n = cancel_nodes(rid)

@@ -12,13 +12,13 @@
 --               for bucket number floor(NOW/width) with that number mod N = i. The
 --               window is the current bucket and the N-1 before it.
 -- KEYS[1] circuit hash
--- ARGV[6] op: 'before' | 'record' | 'peek'
--- ARGV[7] permit id (the probe's lease id in half_open)
--- ARGV[8] failure ratio (0..1]   ARGV[9] window (ms)   ARGV[10] N, buckets in window
--- ARGV[11] min calls in window   ARGV[12] cool-down (ms)   ARGV[13] half-open probes
--- ARGV[14] probe lease (ms)
--- record only: ARGV[15] permit kind 'call' | 'probe'   ARGV[16] permit generation
---              ARGV[17] '1' success | '0' failure
+-- ARGV[2] op: 'before' | 'record' | 'peek'
+-- ARGV[3] permit id (the probe's lease id in half_open)
+-- ARGV[4] failure ratio (0..1]   ARGV[5] window (ms)   ARGV[6] N, buckets in window
+-- ARGV[7] min calls in window   ARGV[8] cool-down (ms)   ARGV[9] half-open probes
+-- ARGV[10] probe lease (ms)
+-- record only: ARGV[11] permit kind 'call' | 'probe'   ARGV[12] permit generation
+--              ARGV[13] '1' success | '0' failure
 -- Returns, by op:
 --   before  {1, kind, gen} admitted as 'call' (closed) or 'probe' (half_open)
 --           | {0, state, retry_after_ms} rejected: 'open' (ms until half_open) or
@@ -27,10 +27,10 @@
 --   record  {state after the outcome}
 --   peek    {state, calls, failures, retry_after_ms, probes in flight, gen}
 --           (writes nothing; an open circuit past its cool-down reads 'half_open')
-local hk, op, pid = KEYS[1], ARGV[6], ARGV[7]
-local ratio, window, nb = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
-local min_calls, cool, max_probes = tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13])
-local probe_ms = tonumber(ARGV[14])
+local hk, op, pid = KEYS[1], ARGV[2], ARGV[3]
+local ratio, window, nb = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local min_calls, cool, max_probes = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local probe_ms = tonumber(ARGV[10])
 local width = math.max(1, math.ceil(window / nb))
 local cur_b = math.floor(NOW / width)
 
@@ -123,7 +123,7 @@ if op == 'before' then
 end
 
 if op == 'record' then
-  local kind, pgen, ok = ARGV[15], tonumber(ARGV[16]), ARGV[17] == '1'
+  local kind, pgen, ok = ARGV[11], tonumber(ARGV[12]), ARGV[13] == '1'
   if pgen ~= gen then return {state} end
   if kind == 'probe' then
     if state ~= 'half_open' then return {state} end

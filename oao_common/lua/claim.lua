@@ -1,9 +1,9 @@
 -- claim.lua: turn jobs in a worker's active list into RUNNING attempts.
--- Called right after BLMOVE moved ARGV[7] into the active list; it also moves and
--- claims up to ARGV[8] more jobs from the same ready list (non-blocking LMOVE), so a
+-- Called right after BLMOVE moved ARGV[3] into the active list; it also moves and
+-- claims up to ARGV[4] more jobs from the same ready list (non-blocking LMOVE), so a
 -- busy queue costs one round trip per batch instead of two per job.
 -- KEYS[1] the worker's active list   KEYS[2] the ready list
--- ARGV[6] worker id   ARGV[7] job already moved ('' for none)   ARGV[8] extra jobs to take
+-- ARGV[2] worker id   ARGV[3] job already moved ('' for none)   ARGV[4] extra jobs to take
 -- Returns an array, one entry per claimed job:
 --   {job, attempt, {dep_id, dep_output_json, ...}, {ledger record or false, ...}, retries,
 --    {seq, started_marker_json, ...}}
@@ -11,7 +11,7 @@
 -- returned for the steps among those that have no recorded result.
 -- A job whose node is not READY (cancelled, duplicate) is removed and not returned;
 -- a job no longer in the active list (handed back meanwhile) is not claimed.
-local wid = ARGV[6]
+local wid = ARGV[2]
 
 local function claim_one(job)
   local rid, nid = split_job(job)
@@ -49,11 +49,11 @@ local function claim_one(job)
 end
 
 local out = {}
-if ARGV[7] ~= '' and redis.call('LPOS', KEYS[1], ARGV[7]) then
-  local c = claim_one(ARGV[7])
+if ARGV[3] ~= '' and redis.call('LPOS', KEYS[1], ARGV[3]) then
+  local c = claim_one(ARGV[3])
   if c then table.insert(out, c) end
 end
-for _ = 1, tonumber(ARGV[8]) do
+for _ = 1, tonumber(ARGV[4]) do
   local job = redis.call('LMOVE', KEYS[2], KEYS[1], 'RIGHT', 'LEFT')
   if not job then break end
   local c = claim_one(job)

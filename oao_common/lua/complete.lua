@@ -1,20 +1,20 @@
 -- complete.lua: finish a node successfully (fenced) and release its dependents.
 -- KEYS[1] the worker's active list
--- ARGV[6] worker id   ARGV[7] job   ARGV[8] attempt   ARGV[9] output (JSON)
--- ARGV[10] node fields to set (JSON object of strings: steps, replayed_steps, ...)
--- ARGV[11] buffered events (JSON array of [type, data_json])
+-- ARGV[2] worker id   ARGV[3] job   ARGV[4] attempt   ARGV[5] output (JSON)
+-- ARGV[6] node fields to set (JSON object of strings: steps, replayed_steps, ...)
+-- ARGV[7] buffered events (JSON array of [type, data_json])
 -- Returns 1 when completed, 0 when the attempt is stale (nothing written but the
 -- STALE_ATTEMPT_REJECTED event). Idempotent: a retried call of the same attempt (after
 -- a lost reply) gets the first call's answer and writes nothing.
-local wid, job, attempt = ARGV[6], ARGV[7], ARGV[8]
+local wid, job, attempt = ARGV[2], ARGV[3], ARGV[4]
 local closed = closed_result(job, wid, attempt)
 if closed then return closed end
 local rid, nid, nk = fence_or_reject(KEYS[1], job, wid, attempt, 'complete')
 if not rid then return 0 end
-flush(rid, nid, attempt, ARGV[11])
-local f = {'status', 'SUCCEEDED', 'output', ARGV[9], 'finished_at', NOW,
+flush(rid, nid, attempt, ARGV[7])
+local f = {'status', 'SUCCEEDED', 'output', ARGV[5], 'finished_at', NOW,
   'closed_by', wid .. '#' .. attempt, 'closed_result', 1}
-for k, v in pairs(cjson.decode(ARGV[10])) do
+for k, v in pairs(cjson.decode(ARGV[6])) do
   table.insert(f, k); table.insert(f, v)
 end
 redis.call('HSET', nk, unpack(f))

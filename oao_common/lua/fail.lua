@@ -1,38 +1,38 @@
 -- fail.lua: a node attempt failed (fenced). Retry it later or fail it for good.
 -- KEYS[1] the worker's active list   KEYS[2] the delayed set (zset of jobs by due time)
--- ARGV[6] worker id   ARGV[7] job   ARGV[8] attempt   ARGV[9] error (JSON)
--- ARGV[10] retry delay in ms, or "-1" for a final failure
--- ARGV[11] node fields to set (JSON object of strings)
--- ARGV[12] buffered events (JSON array of [type, data_json])
+-- ARGV[2] worker id   ARGV[3] job   ARGV[4] attempt   ARGV[5] error (JSON)
+-- ARGV[6] retry delay in ms, or "-1" for a final failure
+-- ARGV[7] node fields to set (JSON object of strings)
+-- ARGV[8] buffered events (JSON array of [type, data_json])
 -- Returns 2 when a retry was scheduled, 1 when failed for good, 3 when failed for good
 -- and the failure (of a critical node) ended the run with other nodes in flight,
 -- 0 when stale.
 -- Idempotent: a retried call of the same attempt gets the first call's answer.
-local wid, job, attempt = ARGV[6], ARGV[7], ARGV[8]
+local wid, job, attempt = ARGV[2], ARGV[3], ARGV[4]
 local closed = closed_result(job, wid, attempt)
 if closed then return closed end
 local rid, nid, nk = fence_or_reject(KEYS[1], job, wid, attempt, 'fail')
 if not rid then return 0 end
-flush(rid, nid, attempt, ARGV[12])
+flush(rid, nid, attempt, ARGV[8])
 local f = {}
-for k, v in pairs(cjson.decode(ARGV[11])) do
+for k, v in pairs(cjson.decode(ARGV[7])) do
   table.insert(f, k); table.insert(f, v)
 end
 if #f > 0 then redis.call('HSET', nk, unpack(f)) end
 redis.call('LREM', KEYS[1], 1, job)
-local delay = tonumber(ARGV[10])
+local delay = tonumber(ARGV[6])
 local closed_by = wid .. '#' .. attempt
 if delay >= 0 then
   redis.call('HSET', nk, 'closed_by', closed_by, 'closed_result', 2)
   local due = NOW + delay
   local n = redis.call('HINCRBY', nk, 'retries', 1)
-  redis.call('HSET', nk, 'status', 'PENDING', 'retry_at', due, 'error', ARGV[9])
+  redis.call('HSET', nk, 'status', 'PENDING', 'retry_at', due, 'error', ARGV[5])
   redis.call('HDEL', nk, 'lease')
   redis.call('ZADD', KEYS[2], due, job)
   emit(rid, 'NODE_RETRY_SCHEDULED', nid, attempt, cjson.encode({
-    retry = n, delay_ms = delay, due_ms = due, error = cjson.decode(ARGV[9])}))
+    retry = n, delay_ms = delay, due_ms = due, error = cjson.decode(ARGV[5])}))
   return 2
 end
-local result = fail_node(rid, nid, attempt, ARGV[9]) and 3 or 1
+local result = fail_node(rid, nid, attempt, ARGV[5]) and 3 or 1
 redis.call('HSET', nk, 'closed_by', closed_by, 'closed_result', result)
 return result

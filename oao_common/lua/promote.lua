@@ -1,9 +1,9 @@
 -- promote.lua: move retries whose time has come from the delayed set to ready lists.
 -- Safe with several schedulers: ZREM decides which caller promotes a job.
 -- KEYS[1] the delayed set
--- ARGV[6] most jobs to promote in one call
+-- ARGV[2] most jobs to promote in one call
 -- Returns the number promoted.
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', NOW, 'LIMIT', 0, tonumber(ARGV[6]))
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', NOW, 'LIMIT', 0, tonumber(ARGV[2]))
 local n = 0
 for _, job in ipairs(due) do
   if redis.call('ZREM', KEYS[1], job) == 1 then

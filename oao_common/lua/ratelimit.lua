@@ -7,29 +7,29 @@
 -- Concurrency slots are leases in a sorted set, member lease id, score expiry (ms): a
 -- crashed holder's slot frees itself when its lease expires.
 -- KEYS[1] limiter hash   KEYS[2] concurrency slot zset
--- ARGV[6] op: 'acquire' | 'settle' | 'extend' | 'penalize' | 'peek'
--- ARGV[7] lease id ('' when the call holds no slot)
--- ARGV[8] requests: to take (acquire) or to give back (settle of a call never made)
--- ARGV[9] tokens: to take (acquire) or to give back (settle; negative charges extra)
--- ARGV[10] ms: lease time to live (acquire, extend) or penalty length (penalize)
--- ARGV[11] max concurrent leases (0: no cap)
--- ARGV[12] longest wait (ms) reported for a full concurrency cap (holders release early)
--- ARGV[13..] buckets, four arguments each: name, unit ('r' requests | 't' tokens),
+-- ARGV[2] op: 'acquire' | 'settle' | 'extend' | 'penalize' | 'peek'
+-- ARGV[3] lease id ('' when the call holds no slot)
+-- ARGV[4] requests: to take (acquire) or to give back (settle of a call never made)
+-- ARGV[5] tokens: to take (acquire) or to give back (settle; negative charges extra)
+-- ARGV[6] ms: lease time to live (acquire, extend) or penalty length (penalize)
+-- ARGV[7] max concurrent leases (0: no cap)
+-- ARGV[8] longest wait (ms) reported for a full concurrency cap (holders release early)
+-- ARGV[9..] buckets, four arguments each: name, unit ('r' requests | 't' tokens),
 --            capacity, window (ms)
 -- Returns, by op:
 --   acquire  {1} admitted (buckets debited, lease added) | {0, wait_ms, {blocked...}}
 --            nothing taken; blocked names buckets, 'concurrency' or 'penalty'
 --            | {-1, bucket} the cost exceeds that bucket's capacity: never admissible
 --   settle   {removed}: 1 if the lease was still held (the tokens are credited anyway)
---   extend   {1} lease now expires at NOW + ARGV[10] | {0} lease already expired or released
+--   extend   {1} lease now expires at NOW + ARGV[6] | {0} lease already expired or released
 --   penalize {until_ms}
 --   peek     {{level_string, ...}, live_leases, penalty_ms_left}  (writes nothing)
-local hk, sk, op, lease = KEYS[1], KEYS[2], ARGV[6], ARGV[7]
-local requests, tokens = tonumber(ARGV[8]), tonumber(ARGV[9])
-local ms, max_conc, poll_ms = tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12])
+local hk, sk, op, lease = KEYS[1], KEYS[2], ARGV[2], ARGV[3]
+local requests, tokens = tonumber(ARGV[4]), tonumber(ARGV[5])
+local ms, max_conc, poll_ms = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 
 local buckets = {}
-for i = 13, #ARGV, 4 do
+for i = 9, #ARGV, 4 do
   table.insert(buckets, {name = ARGV[i], unit = ARGV[i + 1],
     cap = tonumber(ARGV[i + 2]), win = tonumber(ARGV[i + 3])})
 end

@@ -1,14 +1,14 @@
 -- submit.lua: write a run and its nodes, push the root nodes, in one atomic step.
 -- KEYS[1] run hash            KEYS[2] runs index (zset)     KEYS[3] idempotency key
--- ARGV[6] run id
--- ARGV[7] run fields: JSON object of string values (status, spec, exec_hash, ...)
--- ARGV[8] nodes: JSON array of {id, fields} with fields a JSON object of strings;
+-- ARGV[2] run id
+-- ARGV[3] run fields: JSON object of string values (status, spec, exec_hash, ...)
+-- ARGV[4] nodes: JSON array of {id, fields} with fields a JSON object of strings;
 --         a node whose fields.status is READY is pushed to fields.queue
--- ARGV[9] RUN_SUBMITTED event data (JSON)
--- ARGV[10] idempotency TTL in seconds ("0": none)
+-- ARGV[5] RUN_SUBMITTED event data (JSON)
+-- ARGV[6] idempotency TTL in seconds ("0": none)
 -- Returns {1, rid} when written, {0, existing_rid} when the run or the idempotency
 -- key already exists (nothing written).
-local rid = ARGV[6]
+local rid = ARGV[2]
 if KEYS[3] ~= '' then
   local existing = redis.call('GET', KEYS[3])
   if existing then return {0, existing} end
@@ -16,14 +16,14 @@ end
 if redis.call('EXISTS', KEYS[1]) == 1 then return {0, rid} end
 
 local args = {}
-for k, v in pairs(cjson.decode(ARGV[7])) do
+for k, v in pairs(cjson.decode(ARGV[3])) do
   table.insert(args, k); table.insert(args, v)
 end
 table.insert(args, 'created_at'); table.insert(args, NOW)
 redis.call('HSET', KEYS[1], unpack(args))
-emit(rid, 'RUN_SUBMITTED', '', 0, ARGV[9])
+emit(rid, 'RUN_SUBMITTED', '', 0, ARGV[5])
 
-for _, node in ipairs(cjson.decode(ARGV[8])) do
+for _, node in ipairs(cjson.decode(ARGV[4])) do
   local f = {}
   for k, v in pairs(node.fields) do
     table.insert(f, k); table.insert(f, v)
@@ -36,7 +36,7 @@ for _, node in ipairs(cjson.decode(ARGV[8])) do
 end
 redis.call('ZADD', KEYS[2], NOW, rid)
 if KEYS[3] ~= '' then
-  local ttl = tonumber(ARGV[10])
+  local ttl = tonumber(ARGV[6])
   if ttl > 0 then redis.call('SET', KEYS[3], rid, 'EX', ttl) else redis.call('SET', KEYS[3], rid) end
 end
 return {1, rid}
