@@ -53,6 +53,8 @@ def expand(spec: Spec, run_id: str) -> tuple[dict[str, str], list[dict[str, Any]
         "tool_calls": "0",
         "cost_usd": "0",
         "allow_partial": "1" if spec.failure.allow_partial_completion else "0",
+        "max_parallel": str(spec.policy.max_parallel_nodes or 0),
+        "running": "0",
         "max_failure_ratio": repr(float(spec.failure.max_failure_ratio)),
     }
     nodes: list[dict[str, Any]] = []

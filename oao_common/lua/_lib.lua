@@ -113,8 +113,23 @@ local function finish_run_if_done(rid)
   end
 end
 
+-- max_parallel_nodes: a run with a cap counts its RUNNING nodes; a node leaving RUNNING
+-- (completed, failed, requeued) hands its slot to the oldest parked job of the run.
+local function leave_running(rid)
+  local rk = run_key(rid)
+  if tonumber(redis.call('HGET', rk, 'max_parallel') or '0') <= 0 then return end
+  redis.call('HINCRBY', rk, 'running', -1)
+  local job = redis.call('LPOP', parked_key(rid))
+  if job then
+    local _, nid = split_job(job)
+    redis.call('RPUSH', queue_key(redis.call('HGET', node_key(rid, nid), 'queue')), job)
+    emit(rid, 'NODE_READY', nid, 0, cjson.encode({unparked = true}))
+  end
+end
+
 -- Every node not yet terminal becomes CANCELLED; returns how many.
 local function cancel_nodes(rid)
+  redis.call('DEL', parked_key(rid))
   local n = 0
   for nid in string.gmatch(redis.call('HGET', run_key(rid), 'node_ids') or '', '[^,]+') do
     local nk = node_key(rid, nid)
@@ -199,6 +214,7 @@ local function requeue_job(job, wid, event_type, count_requeue, max_requeues)
   if not (s[1] == 'READY' or (s[1] == 'RUNNING' and s[2] == wid)) then
     return 'dropped'
   end
+  if s[1] == 'RUNNING' then leave_running(rid) end
   local n = tonumber(redis.call('HGET', nk, 'requeues') or '0')
   if count_requeue then
     n = redis.call('HINCRBY', nk, 'requeues', 1)

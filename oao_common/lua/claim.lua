@@ -9,6 +9,8 @@
 --    {seq, started_marker_json, ...}}
 -- The ledger covers steps 1..max(steps_recorded, steps_started); started markers are
 -- returned for the steps among those that have no recorded result.
+-- A job of a run at its max_parallel_nodes cap moves to the run's parked list (released
+-- when one of its nodes leaves RUNNING) and is not returned.
 -- A job whose node is not READY (cancelled, duplicate) is removed and not returned;
 -- a job no longer in the active list (handed back meanwhile) is not claimed.
 local wid = ARGV[2]
@@ -21,10 +23,20 @@ local function claim_one(job)
     redis.call('LREM', KEYS[1], 1, job)
     return nil
   end
+  local rk = run_key(rid)
+  local cap = tonumber(redis.call('HGET', rk, 'max_parallel') or '0')
+  if cap > 0 then
+    if tonumber(redis.call('HGET', rk, 'running') or '0') >= cap then
+      redis.call('LREM', KEYS[1], 1, job)
+      redis.call('RPUSH', parked_key(rid), job)
+      emit(rid, 'NODE_PARKED', nid, 0, cjson.encode({max_parallel_nodes = cap}))
+      return nil
+    end
+    redis.call('HINCRBY', rk, 'running', 1)
+  end
   local attempt = redis.call('HINCRBY', nk, 'attempt', 1)
   redis.call('HSET', nk, 'status', 'RUNNING', 'lease', wid, 'claimed_at', NOW)
   redis.call('HSETNX', nk, 'started_at', NOW)
-  local rk = run_key(rid)
   if redis.call('HGET', rk, 'status') == 'PENDING' then
     redis.call('HSET', rk, 'status', 'RUNNING', 'started_at', NOW)
     emit(rid, 'RUN_STARTED', '', 0, '{}')

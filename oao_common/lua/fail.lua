@@ -20,6 +20,7 @@ for k, v in pairs(cjson.decode(ARGV[7])) do
 end
 if #f > 0 then redis.call('HSET', nk, unpack(f)) end
 redis.call('LREM', KEYS[1], 1, job)
+leave_running(rid)
 local delay = tonumber(ARGV[6])
 local closed_by = wid .. '#' .. attempt
 if delay >= 0 then

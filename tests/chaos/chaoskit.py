@@ -45,6 +45,7 @@ async def check_invariants(broker: Broker, run_id: str, ledger: Path) -> dict[st
     async for k in r.scan_iter(match=f"{broker.keys.prefix}:w:*:active"):
         leftovers += await r.lrange(k, 0, -1)
     leftovers += await r.zrange(broker.keys.delayed, 0, -1)
+    leftovers += await r.lrange(broker.keys.parked(run_id), 0, -1)
     assert not leftovers, leftovers[:5]
 
     events = await broker.events(run_id)

@@ -284,3 +284,25 @@ async def test_open_circuit_fails_fast_without_calling_the_model(broker: Broker)
     [b] = await broker.get_nodes(rid2, ["b"])
     err = json.loads(b["error"])
     assert b["status"] == "FAILED" and err["type"] == "CircuitOpenError" and "model:m" in err["message"]
+
+
+async def test_max_parallel_nodes_holds_across_workers(broker: Broker) -> None:
+    spec = make_spec(
+        [{"id": f"n{i}", "agent": "sleeper", "task": "0.15"} for i in range(6)],
+        agents=AGENTS,
+        policy={"max_parallel_nodes": 2},
+    )
+    rid = await run_spec(broker, spec, workers=2, concurrency=4)
+    assert (await broker.get_run(rid))["status"] == "SUCCEEDED"
+    ev = await broker.events(rid)
+    running = peak = 0
+    for e in ev:  # the stream is a total order of what happened
+        if e.type == "NODE_STARTED":
+            running += 1
+            peak = max(peak, running)
+        elif e.type == "NODE_SUCCEEDED":
+            running -= 1
+    assert peak == 2
+    assert of_type(ev, "NODE_PARKED")  # held back, not spun on
+    assert await broker.redis.llen(broker.keys.parked(rid)) == 0
+    assert (await broker.get_run(rid))["running"] == "0"
