@@ -281,6 +281,14 @@ class Broker:
         )
         return bool(ok)
 
+    async def append_run_event(self, run_id: str, type_: str, data: dict[str, Any]) -> None:
+        """Append a run-level event written outside the Lua scripts (e.g. ``ESCALATED``)."""
+        now_ms = int(time.time() * 1000)
+        await self.redis.xadd(
+            self.keys.events(run_id),
+            {"type": str(type_), "node": "", "attempt": "0", "ts": str(now_ms), "data": _json(data)},
+        )
+
     async def notify_cancelled(self, run_ids: list[str]) -> None:
         """Tell every worker (pub/sub) to stop the in-flight nodes of these runs now."""
         for rid in run_ids:

@@ -21,6 +21,7 @@ class EventType(StrEnum):
     RUN_FAILED = "RUN_FAILED"
     RUN_CANCELLED = "RUN_CANCELLED"
     RUN_PARTIAL = "RUN_PARTIAL"
+    ESCALATED = "ESCALATED"
     # node lifecycle
     NODE_READY = "NODE_READY"
     NODE_STARTED = "NODE_STARTED"

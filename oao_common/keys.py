@@ -76,6 +76,11 @@ class Keys:
         return f"{self.prefix}:runs"
 
     @property
+    def finished(self) -> str:
+        """Stream of run endings (``rid``, ``status``), consumed by ``serve``'s escalator."""
+        return f"{self.prefix}:runs:finished"
+
+    @property
     def control_channel(self) -> str:
         """Pub/sub channel of fleet control messages (``cancel <rid>``)."""
         return f"{self.prefix}:control"
@@ -109,6 +114,7 @@ class Keys:
             "queue": self.queue("%s"),
             "steps": self.steps("%s"),
             "parked": self.parked("%s"),
+            "finished": self.finished,
         }
 
     def run_pattern(self, rid: str) -> str:

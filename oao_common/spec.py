@@ -147,6 +147,20 @@ class NodeSpec(_Strict):
     retry: RetrySpec | None = None
 
 
+EndStatus = Literal["FAILED", "PARTIAL", "CANCELLED"]
+
+
+class EscalationSpec(_Strict):
+    """Notify people when a run ends badly: an HTTP POST of the execution report (JSON)
+    to ``webhook``, retried with exponential backoff, and an ``ESCALATED`` event."""
+
+    webhook: str = Field(pattern=r"^https?://")
+    on: list[EndStatus] = Field(default_factory=lambda: list[EndStatus](["FAILED"]))
+    headers: dict[str, str] = Field(default_factory=dict)
+    timeout_s: float = Field(default=10.0, gt=0)
+    max_attempts: int = Field(default=5, ge=1)
+
+
 class Defaults(_Strict):
     policy: PolicySpec = Field(default_factory=PolicySpec)
     retry: RetrySpec = Field(default_factory=RetrySpec)
@@ -162,6 +176,7 @@ class Spec(_Strict):
     defaults: Defaults = Field(default_factory=Defaults)
     policy: RunPolicySpec = Field(default_factory=RunPolicySpec)
     failure: FailureSpec = Field(default_factory=FailureSpec)
+    escalation: EscalationSpec | None = None
     models: dict[str, ModelSpec] = Field(default_factory=dict)
     agents: dict[str, AgentSpec] = Field(min_length=1)
     tools: dict[str, ToolSpec] = Field(default_factory=dict)

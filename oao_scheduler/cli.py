@@ -35,6 +35,7 @@ from oao_common.metrics import serve_metrics
 from oao_common.spec import Spec, apply_inputs, load_spec, parse_input_pairs
 from oao_common.states import RunState
 
+from .escalation import Escalator
 from .progress import wait_for_run
 from .reaper import Reaper
 from .report import collect, render_report, render_status
@@ -175,6 +176,8 @@ async def run(
         stop = asyncio.Event()
         tasks = [asyncio.create_task(w.run()) for w in fleet]
         tasks.append(asyncio.create_task(reaper.run(stop)))
+        escalator = Escalator(broker)
+        tasks.append(asyncio.create_task(escalator.run(stop)))
         try:
             submitted = await submit_spec(broker, spec)
             where = "embedded Valkey" if server else redact(redis_url)
@@ -184,6 +187,7 @@ async def run(
             status = await wait_for_run(
                 broker, submitted.run_id, err if progress and not as_json else None, timeout_s=timeout_s
             )
+            await escalator.poll()  # the run's ending, if it must be escalated, before we exit
         finally:
             for w in fleet:
                 w.request_stop()
@@ -449,7 +453,7 @@ async def serve(
     max_requeues: int,
     metrics_port: int | None,
 ) -> int:
-    """Run the reaper (dead-worker recovery) and the delayed-retry promoter.
+    """Run the reaper (dead-worker recovery), the delayed-retry promoter and escalation.
 
     Any number of `serve` processes may run at once; the scripts they run are atomic
     and idempotent. Stops on SIGTERM / SIGINT.
@@ -467,11 +471,17 @@ async def serve(
     reaper = Reaper(
         broker, interval_s=reaper_interval, heartbeat_ttl_s=heartbeat_ttl, max_requeues=max_requeues
     )
+    escalator = Escalator(broker)
     log.info(
         "serve.started", redis=redact(url), reaper_interval_s=reaper_interval, heartbeat_ttl_s=heartbeat_ttl
     )
-    await reaper.run(stop)
-    log.info("serve.stopped", passes=reaper.stats.passes, requeued=reaper.stats.requeued)
+    await asyncio.gather(reaper.run(stop), escalator.run(stop))
+    log.info(
+        "serve.stopped",
+        passes=reaper.stats.passes,
+        requeued=reaper.stats.requeued,
+        escalated=escalator.sent,
+    )
     return EXIT_OK
 
 

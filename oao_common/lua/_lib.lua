@@ -3,7 +3,8 @@
 -- ARGV[1] of every script is a JSON object of key templates from oao_common/keys.py
 -- (string.format patterns), so no key name is spelled in Lua:
 --   run "<p>:run:{%s}", node "<p>:run:{%s}:node:%s", events "<p>:run:{%s}:events",
---   queue "<p>:q:%s", steps "<p>:run:{%s}:steps", parked "<p>:run:{%s}:parked".
+--   queue "<p>:q:%s", steps "<p>:run:{%s}:steps", parked "<p>:run:{%s}:parked",
+--   finished "<p>:runs:finished" (a fixed key: the stream of run endings).
 -- Script-specific arguments start at ARGV[2].
 -- Jobs are "<rid>/<nid>". Times are server time (TIME) in ms since the epoch.
 
@@ -92,6 +93,11 @@ local function closed_result(job, wid, attempt)
   return nil
 end
 
+-- Announce a run's end on the fleet's stream of endings (escalation reads it).
+local function announce_end(rid, status)
+  redis.call('XADD', T.finished, 'MAXLEN', '~', 100000, '*', 'rid', rid, 'status', status)
+end
+
 local function finish_run_if_done(rid)
   local rk = run_key(rid)
   local r = redis.call('HMGET', rk, 'status', 'nodes_total', 'nodes_done', 'nodes_failed',
@@ -104,12 +110,15 @@ local function finish_run_if_done(rid)
   if failed == 0 then
     redis.call('HSET', rk, 'status', 'SUCCEEDED', 'finished_at', NOW)
     emit(rid, 'RUN_SUCCEEDED', '', 0, data)
+    announce_end(rid, 'SUCCEEDED')
   elseif r[5] == '1' and failed / total <= tonumber(r[6] or '0.5') then
     redis.call('HSET', rk, 'status', 'PARTIAL', 'finished_at', NOW)
     emit(rid, 'RUN_PARTIAL', '', 0, data)
+    announce_end(rid, 'PARTIAL')
   else
     redis.call('HSET', rk, 'status', 'FAILED', 'finished_at', NOW)
     emit(rid, 'RUN_FAILED', '', 0, data)
+    announce_end(rid, 'FAILED')
   end
 end
 
@@ -197,6 +206,7 @@ local function fail_node(rid, nid, attempt, error_json)
     redis.call('HSET', rk, 'status', 'FAILED', 'finished_at', NOW)
     emit(rid, 'RUN_FAILED', '', 0, cjson.encode({reason = 'critical node ' .. nid .. ' failed',
       critical_node = nid, nodes_cancelled = n}))
+    announce_end(rid, 'FAILED')
     return n > 0
   end
   finish_run_if_done(rid)

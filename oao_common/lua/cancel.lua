@@ -10,4 +10,5 @@ if not r[1] or is_run_terminal(r[1]) then return -1 end
 local n = cancel_nodes(rid)
 redis.call('HSET', KEYS[1], 'status', 'CANCELLED', 'finished_at', NOW)
 emit(rid, 'RUN_CANCELLED', '', 0, cjson.encode({nodes_cancelled = n}))
+announce_end(rid, 'CANCELLED')
 return n

@@ -1,0 +1,115 @@
+"""Escalation: tell people when a run ends badly (webhook + ``ESCALATED`` event).
+
+Every run ending is announced by the Lua that ends it on the stream
+``<p>:runs:finished``. The escalator reads it through a consumer group, so any number
+of ``serve`` processes share the work and each ending is handled once; an entry left
+pending by a crashed consumer is reclaimed (``XAUTOCLAIM``) after ``reclaim_idle_s``.
+For a run whose spec has ``escalation`` and whose status is in ``escalation.on``, it
+POSTs the execution report (JSON) to the webhook, retrying network errors and HTTP 5xx
+/ 429 with exponential backoff (1, 2, 4 ... s, capped at 30 s), then appends an
+``ESCALATED`` event with the outcome and acknowledges the entry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+from typing import Any
+
+import httpx
+from redis import exceptions as redis_exc
+
+from oao_common.broker import Broker
+from oao_common.events import EventType
+from oao_common.log import get_logger
+from oao_common.spec import EscalationSpec, Spec
+
+from .report import collect
+
+GROUP = "oao-escalation"
+REDIS_ERRORS = (redis_exc.ConnectionError, redis_exc.TimeoutError, OSError)
+
+
+class Escalator:
+    """Consumes run endings and escalates the ones the spec asks for."""
+
+    def __init__(self, broker: Broker, reclaim_idle_s: float = 60.0, backoff_cap_s: float = 30.0):
+        self.broker = broker
+        self.consumer = f"{socket.gethostname()}-{os.getpid()}"
+        self.reclaim_idle_s = reclaim_idle_s
+        self.backoff_cap_s = backoff_cap_s
+        self.sent = 0
+        self._group_ready = False
+        self.log = get_logger(component="escalator")
+
+    async def _ensure_group(self) -> None:
+        if self._group_ready:
+            return
+        try:
+            await self.broker.redis.xgroup_create(self.broker.keys.finished, GROUP, id="0", mkstream=True)
+        except redis_exc.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+        self._group_ready = True
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Handle run endings until ``stop`` is set; Redis outages are retried."""
+        failures = 0
+        while not stop.is_set():
+            try:
+                await self.poll(block_ms=500)
+                failures = 0
+            except REDIS_ERRORS as e:
+                failures += 1
+                self.log.warning("escalator.redis_unavailable", error=str(e))
+                await asyncio.sleep(min(10.0, 0.2 * 2**failures))
+
+    async def poll(self, block_ms: int = 0) -> int:
+        """Handle what is pending (reclaimed or new); returns the number handled."""
+        await self._ensure_group()
+        r = self.broker.redis
+        key = self.broker.keys.finished
+        _, reclaimed, *_ = await r.xautoclaim(
+            key, GROUP, self.consumer, int(self.reclaim_idle_s * 1000), "0-0", count=50
+        )
+        entries = list(reclaimed)
+        res = await r.xreadgroup(GROUP, self.consumer, {key: ">"}, count=50, block=block_ms or None)
+        for _stream, items in res or []:
+            entries.extend(items)
+        for entry_id, fields in entries:
+            await self.handle(fields.get("rid", ""), fields.get("status", ""))
+            await r.xack(key, GROUP, entry_id)
+        return len(entries)
+
+    async def handle(self, run_id: str, status: str) -> None:
+        spec_json, _, _ = await self.broker.get_spec_json(run_id)
+        if not spec_json:
+            return
+        esc = Spec.model_validate_json(spec_json).escalation
+        if esc is None or status not in esc.on:
+            return
+        report = await collect(self.broker, run_id)
+        outcome = await self.post(esc, {"event": "oao.run." + status.lower(), "report": report})
+        await self.broker.append_run_event(run_id, EventType.ESCALATED, {"webhook": esc.webhook, **outcome})
+        self.sent += 1
+        self.log.info("escalator.escalated", run_id=run_id, status=status, **outcome)
+
+    async def post(self, esc: EscalationSpec, body: dict[str, Any]) -> dict[str, Any]:
+        """POST ``body``; returns ``{"ok", "http_status", "attempts", "error"}``."""
+        payload = json.dumps(body, default=str).encode()
+        headers = {"content-type": "application/json", **esc.headers}
+        last: dict[str, Any] = {}
+        async with httpx.AsyncClient(timeout=esc.timeout_s) as client:
+            for attempt in range(1, esc.max_attempts + 1):
+                try:
+                    resp = await client.post(esc.webhook, content=payload, headers=headers)
+                    last = {"ok": resp.is_success, "http_status": resp.status_code, "attempts": attempt}
+                    if resp.is_success or (resp.status_code < 500 and resp.status_code != 429):
+                        return last
+                except httpx.HTTPError as e:
+                    last = {"ok": False, "http_status": None, "attempts": attempt, "error": str(e)}
+                if attempt < esc.max_attempts:
+                    await asyncio.sleep(min(self.backoff_cap_s, 2 ** (attempt - 1)))
+        return last
