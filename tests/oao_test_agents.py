@@ -109,3 +109,8 @@ async def one_call(ctx: Any) -> str:
 
 async def call_denied_tool(ctx: Any) -> str:
     return await ctx.tool("side_effect", label="x")
+
+
+async def one_effect(ctx: Any) -> str:
+    """A single side effect through the tool named by the task."""
+    return str(await ctx.tool(ctx.task or "ext", label="once"))

@@ -8,10 +8,11 @@ import json
 from pathlib import Path
 
 import pytest
-from oao_testkit import make_spec, of_type, run_spec
+from oao_testkit import fleet, make_spec, of_type, run_spec
 
 from oao_common.broker import Broker
 from oao_common.spec import load_spec
+from oao_scheduler.progress import wait_for_run
 from oao_scheduler.submit import submit_spec
 
 
@@ -129,3 +130,64 @@ async def test_tool_outside_allow_list_is_a_policy_violation(broker: Broker) -> 
     [node] = await broker.get_nodes(rid, ["x"])
     err = json.loads(node["error"])
     assert node["status"] == "FAILED" and err["rule"] == "tool_not_allowed"
+
+
+async def _interrupted_tool_call(broker: Broker, tool: str) -> str:
+    """Submit a one-node run whose agent calls ``tool``; an earlier attempt wrote the
+    step's started-marker and died before recording a result (modelled with the
+    broker's own calls); the job is then back in its ready list."""
+    spec = make_spec(
+        [{"id": "n", "agent": "eff", "task": tool}],
+        agents={
+            "eff": {
+                "kind": "python",
+                "entrypoint": "oao_test_agents:one_effect",
+                "tools": ["ext", "ext_idem"],
+            }
+        },
+        tools={
+            "ext": {"entrypoint": "oao_test_agents:ext_ledger"},
+            "ext_idem": {"entrypoint": "oao_test_agents:ext_ledger", "idempotent": True},
+        },
+        defaults={"retry": {"max_retries": 0}},
+    )
+    s = await submit_spec(broker, spec)
+    job = await broker.wait_for_job("default", "dead", 1)
+    [c] = await broker.claim("dead", "default", job, 0)
+    marker = {"kind": "tool", "name": tool, "request_hash": "h", "attempt": 1, "idempotent": False}
+    assert await broker.begin_step("dead", c, 1, marker)
+    assert await broker.handback("dead") == 1
+    return s.run_id
+
+
+async def test_unrecorded_non_idempotent_call_is_not_repeated(
+    broker: Broker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OAO_TEST_LEDGER", str(tmp_path / "ledger.txt"))
+    rid = await _interrupted_tool_call(broker, "ext")
+    async with fleet(broker):
+        await wait_for_run(broker, rid, interval_s=0.02, timeout_s=20)
+    [n] = await broker.get_nodes(rid, ["n"])
+    err = json.loads(n["error"])
+    assert n["status"] == "FAILED" and err["type"] == "UncertainSideEffect"
+    assert "may have happened" in err["message"]
+    assert not (tmp_path / "ledger.txt").exists()  # not executed a second time
+
+
+async def test_unrecorded_idempotent_call_runs_again_with_the_same_key(
+    broker: Broker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from oao_worker.context import tool_idempotency_key
+
+    ledger = tmp_path / "ledger.txt"
+    monkeypatch.setenv("OAO_TEST_LEDGER", str(ledger))
+    rid = await _interrupted_tool_call(broker, "ext_idem")
+    async with fleet(broker):
+        await wait_for_run(broker, rid, interval_s=0.02, timeout_s=20)
+    [n] = await broker.get_nodes(rid, ["n"])
+    assert n["status"] == "SUCCEEDED"
+    key, attempt, _step, label = ledger.read_text().split()
+    assert key == tool_idempotency_key(rid, "n", "ext_idem", {"label": "once"}, 1)
+    assert (attempt, label) == ("2", "once")
+    started = of_type(await broker.events(rid), "STEP_STARTED")
+    assert [e.data["retry_of_attempt"] for e in started] == [1]
