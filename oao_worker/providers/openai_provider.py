@@ -8,16 +8,14 @@ driven by :class:`~oao_common.errors.TransientError` and its ``retry_after_s`` h
 from __future__ import annotations
 
 import json
-import math
 import os
-import time
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import openai
 
 from oao_common.errors import OAOError, PermanentError, TransientError
+from oao_common.ratelimit import retry_after_from_headers
 from oao_common.spec import OpenAIModelSpec
 
 from .base import (
@@ -44,37 +42,10 @@ class _PartialCall:
     arguments: str = ""
 
 
-def parse_retry_after(headers: Any) -> float | None:
-    """Seconds to wait from a response's ``retry-after-ms`` or ``Retry-After`` header.
-
-    ``Retry-After`` may be delta-seconds (``"2"``, ``"1.5"``) or an HTTP date; a date
-    in the past gives ``0.0``. Returns ``None`` when absent or unparseable.
-    """
-    if headers is None:
-        return None
-    ms = headers.get("retry-after-ms")
-    if ms:
-        try:
-            value = float(ms) / 1000.0
-        except ValueError:
-            value = math.nan
-        if math.isfinite(value) and value >= 0:
-            return value
-    raw = headers.get("retry-after")
-    if not raw:
-        return None
-    raw = raw.strip()
-    try:
-        seconds = float(raw)
-    except ValueError:
-        try:
-            when = parsedate_to_datetime(raw)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when.tzinfo is None:
-            return None
-        return max(0.0, when.timestamp() - time.time())
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+def _retry_after(headers: Any) -> float | None:
+    """Seconds a 429 / 5xx asks us to wait (``Retry-After``, ``retry-after-ms`` or
+    ``x-ratelimit-reset-*``), via the rate limiter's parser, so one parser serves both."""
+    return retry_after_from_headers(dict(headers)) if headers is not None else None
 
 
 class OpenAIProvider(Provider):
@@ -273,7 +244,7 @@ class OpenAIProvider(Provider):
             if isinstance(exc, openai.RateLimitError | openai.InternalServerError) or (
                 status == 429 or status >= 500
             ):
-                return TransientError(msg, retry_after_s=parse_retry_after(exc.response.headers))
+                return TransientError(msg, retry_after_s=_retry_after(exc.response.headers))
             return PermanentError(msg)
         if isinstance(exc, openai.APITimeoutError):
             return TransientError(f"{who}: request timed out after {self.spec.timeout_s}s")
