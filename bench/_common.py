@@ -23,7 +23,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, TypeVar
@@ -89,6 +89,11 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="also record each OAO worker with py-spy (collapsed stacks, one file per worker) "
         "into DIR during the measured phase; summarize with python -m bench.pyspy_top",
+    )
+    parser.add_argument(
+        "--py-spy-native",
+        action="store_true",
+        help="with --py-spy: also sample native frames (shows time in the garbage collector, C code)",
     )
     parser.add_argument(
         "--idle-wait",
@@ -540,15 +545,23 @@ def wait_for_idle(max_wait_s: float, limit_pct: float = 25.0, window_s: float = 
 
 class PySpy:
     """``py-spy record`` attached to each pid while the ``with`` block runs (collapsed
-    stacks, non-blocking sampling); a no-op when ``outdir`` is None."""
+    stacks; each sample pauses the target briefly, so profiled runs are not the timed
+    ones); a no-op when ``outdir`` is None. ``native`` adds C frames (GC, hiredis)."""
 
     def __init__(
-        self, procs: ProcessGroup, outdir: str | None, label: str, pids: Sequence[int], rate: int = 250
+        self,
+        procs: ProcessGroup,
+        outdir: str | None,
+        label: str,
+        pids: Sequence[int],
+        native: bool = False,
+        rate: int = 250,
     ) -> None:
         self.procs = procs
         self.outdir = Path(outdir) if outdir else None
         self.label = label
         self.pids = list(pids)
+        self.native = native
         self.rate = rate
         self.files: list[Path] = []
         self._spies: list[subprocess.Popen[bytes]] = []
@@ -560,24 +573,11 @@ class PySpy:
         for i, pid in enumerate(self.pids):
             out = self.outdir / f"{self.label}-w{i}.txt"
             self.files.append(out)
-            self._spies.append(
-                self.procs.start(
-                    f"py-spy-{self.label}-{i}",
-                    [
-                        venv_bin("py-spy"),
-                        "record",
-                        "--pid",
-                        str(pid),
-                        "--format",
-                        "raw",
-                        "--rate",
-                        str(self.rate),
-                        "--nonblocking",
-                        "--output",
-                        str(out),
-                    ],
-                )
-            )
+            argv = [venv_bin("py-spy"), "record", "--pid", str(pid), "--format", "raw"]
+            argv += ["--rate", str(self.rate), "--output", str(out)]
+            if self.native:
+                argv.append("--native")
+            self._spies.append(self.procs.start(f"py-spy-{self.label}-{i}", argv))
         time.sleep(0.5)  # let py-spy attach before the measured phase starts
         return self
 
@@ -694,10 +694,3 @@ def emit(as_json: bool, document: dict[str, Any], text: str) -> None:
         print(json.dumps(document, indent=2, default=str))
     else:
         print(text)
-
-
-@contextlib.contextmanager
-def timed(label: str) -> Iterator[None]:
-    t0 = time.perf_counter()
-    yield
-    log(f"{label}: {time.perf_counter() - t0:.2f}s")

@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
 
             def body(rep: int = rep) -> tuple[dict[str, Any], RssSampler]:
                 with (
-                    PySpy(procs, args.py_spy, f"concurrency-r{rep}", [worker.pid]),
+                    PySpy(procs, args.py_spy, f"concurrency-r{rep}", [worker.pid], args.py_spy_native),
                     RssSampler(worker.pid, 0.05) as rss,
                 ):
                     m = asyncio.run(submit_and_wait(target.url, prefix, spec, poll_s, args.timeout))

@@ -10,10 +10,10 @@ Baselines in the same run, on the same server with the same client library
 
 * ``PING`` round trip;
 * ``LPUSH`` -> ``BRPOP`` handoff between two connections of this process;
-* echo via a second process: ``LPUSH`` a request, a separate Python process ``BRPOP``\\ s
-  it and ``LPUSH``\\ es a reply, this process ``BRPOP``\\ s the reply. That is the least a
-  "hand work to another process and hear that it is done" can cost here, so it is the
-  floor OAO's figure is best compared with.
+* echo via a second process: this process pushes a request (``LPUSH``), a separate
+  Python process pops it (``BRPOP``) and pushes a reply, this process pops the reply.
+  That is the least "hand work to another process and hear that it is done" can cost
+  here, so it is the floor OAO's figure is best compared with.
 
 Target (from the issue): p50 <= 3 ms.
 """
@@ -143,30 +143,51 @@ async def baseline_handoff(url: str, n: int) -> Series:
         await b.aclose()
 
 
-async def baseline_echo(url: str, procs: ProcessGroup, n: int, gap_s: float) -> Series:
-    """LPUSH a request, another process BRPOPs it and LPUSHes a reply, BRPOP the reply."""
-    token = secrets.token_hex(3)
-    req, resp = f"bench:echo:{token}:req", f"bench:echo:{token}:resp"
-    echo = procs.start(f"echo-{token}", [sys.executable, "-c", ECHO_CODE, url, req, resp])
-    r = Redis.from_url(url)
+class EchoProcess:
+    """A second Python process that pops each request (``BRPOP``) and pushes it back as a
+    reply (``LPUSH``), with redis-py asyncio like an OAO worker; stopped when the ``with``
+    block ends."""
+
+    def __init__(self, url: str, procs: ProcessGroup) -> None:
+        token = secrets.token_hex(3)
+        self.url = url
+        self.procs = procs
+        self.req, self.resp = f"bench:echo:{token}:req", f"bench:echo:{token}:resp"
+        self.proc = procs.start(f"echo-{token}", [sys.executable, "-c", ECHO_CODE, url, self.req, self.resp])
+
+    def __enter__(self) -> EchoProcess:
+        import redis
+
+        r = redis.Redis.from_url(self.url)
+        try:
+            deadline = time.monotonic() + 30
+            while not r.exists(f"{self.req}:ready"):
+                self.procs.check_alive([self.proc])
+                if time.monotonic() > deadline:
+                    raise TimeoutError("echo process did not start")
+                time.sleep(0.02)
+        finally:
+            r.close()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.procs.stop(self.proc)
+
+
+async def baseline_echo(echo: EchoProcess, n: int, gap_s: float) -> Series:
+    """LPUSH a request, the echo process BRPOPs it and LPUSHes a reply, BRPOP the reply."""
+    r = Redis.from_url(echo.url)
+
+    async def op() -> None:
+        await r.lpush(echo.req, "x")
+        if await r.brpop([echo.resp], timeout=5) is None:
+            raise TimeoutError("echo reply timed out")
+
     try:
-        deadline = time.monotonic() + 30
-        while not await r.exists(f"{req}:ready"):
-            procs.check_alive([echo])
-            if time.monotonic() > deadline:
-                raise TimeoutError("echo process did not start")
-            await asyncio.sleep(0.02)
-
-        async def op() -> None:
-            await r.lpush(req, "x")
-            if await r.brpop([resp], timeout=5) is None:
-                raise TimeoutError("echo reply timed out")
-
         await sample(20, op)
         return Series("echo via a 2nd process (LPUSH/BRPOP x2)", await sample(n, op, gap_s))
     finally:
-        procs.stop(echo)
-        await r.delete(req, resp, f"{req}:ready")
+        await r.delete(echo.req, echo.resp, f"{echo.req}:ready")
         await r.aclose()
 
 
@@ -269,9 +290,14 @@ def main(argv: list[str] | None = None) -> int:
         url = target.url
         ping, _ = measured(lambda: asyncio.run(baseline_ping(url, n_base)), target, [], args, "ping")
         handoff, _ = measured(lambda: asyncio.run(baseline_handoff(url, n_base)), target, [], args, "handoff")
-        echo, _ = measured(
-            lambda: asyncio.run(baseline_echo(url, procs, n_base, gap_s / 10)), target, [], args, "echo"
-        )
+        with EchoProcess(url, procs) as ep:
+            echo, _ = measured(
+                lambda: asyncio.run(baseline_echo(ep, n_base, gap_s / 10)),
+                target,
+                [ep.proc.pid],
+                args,
+                "echo",
+            )
         log(f"baselines p50: ping {ping.p50:.3f} ms, handoff {handoff.p50:.3f} ms, echo {echo.p50:.3f} ms")
         prefix = f"oaobench-{secrets.token_hex(3)}"
         (worker,) = start_oao_workers(
@@ -279,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
         def body() -> dict[str, list[float]]:
-            with PySpy(procs, args.py_spy, "latency", [worker.pid]):
+            with PySpy(procs, args.py_spy, "latency", [worker.pid], args.py_spy_native):
                 return asyncio.run(measure_oao(url, prefix, args.runs, gap_s, args.warmup))
 
         oao, load = measured(body, target, [worker.pid], args, "OAO latency")

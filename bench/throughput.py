@@ -222,7 +222,9 @@ def run_oao(
         return asyncio.run(oao_submit_and_wait(target.url, prefix, spec, args.poll_ms / 1000, args.timeout))
 
     def profile(rep: int) -> PySpy:
-        return PySpy(procs, args.py_spy, f"oao-{shape}-c{concurrency}-p{processes}-r{rep}", pids)
+        return PySpy(
+            procs, args.py_spy, f"oao-{shape}-c{concurrency}-p{processes}-r{rep}", pids, args.py_spy_native
+        )
 
     try:
         return measure(
