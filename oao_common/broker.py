@@ -127,23 +127,22 @@ class Broker:
 
     # ---------------------------------------------------------------- claim
 
-    async def wait_for_job(self, queue: str, worker_id: str, timeout_s: float) -> str | None:
-        """``BLMOVE`` one job from ``queue``'s tail to the head of the worker's active list.
+    async def wait_for_work(self, queues: list[str], timeout_s: float) -> bool:
+        """Block until a wake token of one of ``queues`` arrives (``BLPOP``) or
+        ``timeout_s`` seconds pass; True if woken. Tokens are hints: the claim that
+        follows decides whether there is work (ADR 007)."""
+        got = await self.redis.blpop([self.keys.wake(q) for q in queues], timeout=timeout_s)
+        return got is not None
 
-        Blocks up to ``timeout_s`` seconds; returns the job or ``None``.
-        """
-        job = await self.redis.blmove(
-            self.keys.queue(queue), self.keys.active(worker_id), timeout_s, "RIGHT", "LEFT"
-        )
-        return str(job) if job is not None else None
-
-    async def claim(self, worker_id: str, queue: str, moved_job: str | None, extra: int) -> list[ClaimedJob]:
-        """Claim ``moved_job`` (already in the active list) and up to ``extra`` more jobs
-        of ``queue`` in one round trip (``claim.lua``)."""
+    async def claim(self, worker_id: str, queues: list[str] | str, most: int) -> list[ClaimedJob]:
+        """Claim up to ``most`` jobs from ``queues`` (in order, each by priority band) in
+        one round trip (``claim.lua``): each is moved to the worker's active list and
+        becomes a RUNNING attempt. Returns ``[]`` when there is nothing to claim."""
+        qs = [queues] if isinstance(queues, str) else queues
         reply = await self.scripts.call(
             "claim",
-            [self.keys.active(worker_id), self.keys.queue(queue)],
-            [worker_id, moved_job or "", max(0, extra)],
+            [self.keys.active(worker_id), *self.keys.ready_lists(qs)],
+            [worker_id, max(1, most)],
         )
         out: list[ClaimedJob] = []
         for job, attempt, outs, ledger, retries, started in reply:

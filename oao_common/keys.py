@@ -13,6 +13,18 @@ from dataclasses import dataclass
 
 JOB_SEP = "/"
 
+BANDS = ("high", "normal", "low")
+
+
+def band_of(priority: int) -> str:
+    """Priority band of a node: ``high`` for 8-10, ``low`` for 0-2, else ``normal``."""
+    return "high" if priority >= 8 else "low" if priority <= 2 else "normal"
+
+
+def ready_name(queue: str, band: str) -> str:
+    """The variable part of a ready list key: ``default`` (normal band), ``default:high``."""
+    return queue if band == "normal" else f"{queue}:{band}"
+
 
 def job_id(rid: str, nid: str) -> str:
     """The list value that stands for node ``nid`` of run ``rid``."""
@@ -53,6 +65,19 @@ class Keys:
     # fleet-scoped
     def queue(self, name: str) -> str:
         return f"{self.prefix}:q:{name}"
+
+    def ready(self, queue: str, band: str = "normal") -> str:
+        """The ready list of ``queue``'s priority ``band`` (``high``, ``normal``, ``low``)."""
+        return self.queue(ready_name(queue, band))
+
+    def ready_lists(self, queues: list[str]) -> list[str]:
+        """A worker's ready lists in claiming order: its queues in order, each queue's
+        bands high, normal, low (ADR 007)."""
+        return [self.ready(q, b) for q in queues for b in BANDS]
+
+    def wake(self, queue: str) -> str:
+        """Tokens that wake idle workers of ``queue`` (a capped hint list)."""
+        return f"{self.prefix}:wake:{queue}"
 
     def active(self, wid: str) -> str:
         return f"{self.prefix}:w:{wid}:active"
@@ -115,6 +140,7 @@ class Keys:
             "steps": self.steps("%s"),
             "parked": self.parked("%s"),
             "finished": self.finished,
+            "wake": self.wake("%s"),
         }
 
     def run_pattern(self, rid: str) -> str:

@@ -13,6 +13,7 @@ from typing import Any
 
 from oao_common.broker import Broker, new_run_id
 from oao_common.hashing import canonical_json, sha256_hex
+from oao_common.keys import band_of, ready_name
 from oao_common.spec import Spec
 from oao_common.states import NodeState, RunState
 
@@ -66,6 +67,7 @@ def expand(spec: Spec, run_id: str) -> tuple[dict[str, str], list[dict[str, Any]
                     "status": str(NodeState.READY if not n.depends_on else NodeState.PENDING),
                     "agent": n.agent,
                     "queue": n.queue,
+                    "ready": ready_name(n.queue, band_of(n.priority)),
                     "priority": str(n.priority),
                     "critical": "1" if spec.is_critical(n) else "0",
                     "pending": str(len(n.depends_on)),

@@ -1,9 +1,11 @@
-"""The worker: claims nodes with ``BLMOVE``, runs up to ``concurrency`` at once on
+"""The worker: claims nodes (atomic LMOVE in Lua, ADR 007), runs up to ``concurrency`` at once on
 asyncio, heartbeats, and shuts down gracefully.
 
-Claiming: one loop per queue takes a free slot, blocks in ``BLMOVE`` (no polling)
-until a job moves into this worker's active list, then ``claim.lua`` turns it, and as
-many more ready jobs as there are free slots, into RUNNING attempts in one round trip.
+Claiming: with free slots, ``claim.lua`` moves up to that many ready jobs into this
+worker's active list and makes them RUNNING attempts, in one round trip, taking the
+worker's queues in order and each queue's priority bands high, normal, low. When it
+finds nothing, the worker blocks in ``BLPOP`` on its queues' wake tokens (no polling)
+until a push wakes it (ADR 007).
 
 Heartbeat: ``SET <hb> PX ttl`` every ``ttl / 3``. If a refresh finds the key already
 gone (the process was paused past its TTL and may have been reaped), the worker checks
@@ -124,8 +126,7 @@ class Worker:
         self.id = worker_id or default_worker_id()
         self.heartbeat_ttl_s = heartbeat_ttl_s
         self.grace_period_s = grace_period_s
-        # A BLMOVE must never outlive the heartbeat: a worker stopped (SIGSTOP) while
-        # blocked could otherwise receive a job after the reaper has written it off.
+        # Idle waits stay well inside the heartbeat so a stopping worker exits promptly.
         self.claim_timeout_s = min(claim_timeout_s, heartbeat_ttl_s / 4)
         self.claim_batch = claim_batch
         self.runtimes = RuntimeCache(broker)
@@ -165,7 +166,7 @@ class Worker:
         self.log.info("worker.started", queues=self.queues, concurrency=self.concurrency)
         hb = asyncio.create_task(self._heartbeat_loop(), name=f"{self.id}-heartbeat")
         control = asyncio.create_task(self._control_loop(), name=f"{self.id}-control")
-        loops = [asyncio.create_task(self._claim_loop(q), name=f"{self.id}-claim-{q}") for q in self.queues]
+        loops = [asyncio.create_task(self._claim_loop(), name=f"{self.id}-claim")]
         try:
             await self._stop.wait()
         finally:
@@ -271,18 +272,17 @@ class Worker:
 
     # ------------------------------------------------------------------ claiming
 
-    async def _claim_loop(self, queue: str) -> None:
+    async def _claim_loop(self) -> None:
+        """Claim while there is work and a free slot; when a claim finds nothing, block
+        on the queues' wake tokens (no polling). Claims are atomic moves in Lua."""
         failures = 0
         while not self._stop.is_set():
             await self._slots.acquire()
-            taken = 1
+            taken = 1 + self._slots.take_free(self.claim_batch - 1)
+            claimed: list[ClaimedJob] = []
             pause = 0.0
             try:
-                job = await self.broker.wait_for_job(queue, self.id, self.claim_timeout_s)
-                if job is None:
-                    continue
-                taken += self._slots.take_free(self.claim_batch)
-                claimed = await self.broker.claim(self.id, queue, job, taken - 1)
+                claimed = await self.broker.claim(self.id, self.queues, taken)
                 for cj in claimed:
                     t = asyncio.create_task(self._execute(cj), name=f"{cj.job}#{cj.attempt}")
                     self._inflight[t] = cj
@@ -294,17 +294,21 @@ class Worker:
             except REDIS_ERRORS as e:
                 failures += 1
                 pause = min(10.0, 0.05 * 2 ** min(failures, 8))
-                self.log.warning(
-                    "worker.redis_unavailable", queue=queue, error=str(e), retry_in_s=round(pause, 2)
-                )
+                self.log.warning("worker.redis_unavailable", error=str(e), retry_in_s=round(pause, 2))
             finally:
                 self._slots.release(taken)
             if pause:
                 await asyncio.sleep(pause)
+            elif not claimed:
+                try:
+                    await self.broker.wait_for_work(self.queues, self.claim_timeout_s)
+                except REDIS_ERRORS as e:
+                    self.log.warning("worker.redis_unavailable", error=str(e))
+                    await asyncio.sleep(0.5)
 
     async def _resync(self) -> None:
         """After a Redis error: hand back jobs in our active list that we are not running
-        (a claim or BLMOVE whose reply was lost)."""
+        (a claim whose reply was lost)."""
         n = await self.broker.handback(self.id, keep=[j.job for j in self._inflight.values()])
         if n:
             self.log.warning("worker.resync_handed_back", jobs=n)

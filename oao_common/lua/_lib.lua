@@ -4,7 +4,9 @@
 -- (string.format patterns), so no key name is spelled in Lua:
 --   run "<p>:run:{%s}", node "<p>:run:{%s}:node:%s", events "<p>:run:{%s}:events",
 --   queue "<p>:q:%s", steps "<p>:run:{%s}:steps", parked "<p>:run:{%s}:parked",
---   finished "<p>:runs:finished" (a fixed key: the stream of run endings).
+--   finished "<p>:runs:finished" (a fixed key: the stream of run endings),
+--   wake "<p>:wake:%s" (per queue: tokens for idle workers).
+-- A node's ready list is queue_key(<node field 'ready'>): its queue and priority band.
 -- Script-specific arguments start at ARGV[2].
 -- Jobs are "<rid>/<nid>". Times are server time (TIME) in ms since the epoch.
 
@@ -22,6 +24,20 @@ local function node_key(rid, nid) return string.format(T_NODE, rid, nid) end
 local function queue_key(q) return string.format(T_QUEUE, q) end
 local function steps_key(rid) return string.format(T_STEPS, rid) end
 local function parked_key(rid) return string.format(T.parked, rid) end
+
+-- Push a job onto its node's ready list (queue + priority band, node field 'ready'):
+-- at the back (LPUSH; consumers take from the right), or at the front (RPUSH) for a
+-- job handed back. Then drop a wake token for idle workers of that queue (a hint:
+-- the list is capped, and losing a token only costs an idle worker one timeout).
+local WAKE_CAP = 64
+local function push_ready(nk, job, front)
+  local f = redis.call('HMGET', nk, 'ready', 'queue')
+  local key = string.format(T.queue, f[1] or f[2])
+  if front then redis.call('RPUSH', key, job) else redis.call('LPUSH', key, job) end
+  local wake = string.format(T.wake, f[2])
+  redis.call('LPUSH', wake, '1')
+  redis.call('LTRIM', wake, 0, WAKE_CAP - 1)
+end
 
 local function split_job(job)
   local i = string.find(job, '/', 1, true)
@@ -131,7 +147,7 @@ local function leave_running(rid)
   local job = redis.call('LPOP', parked_key(rid))
   if job then
     local _, nid = split_job(job)
-    redis.call('RPUSH', queue_key(redis.call('HGET', node_key(rid, nid), 'queue')), job)
+    push_ready(node_key(rid, nid), job, true)
     emit(rid, 'NODE_READY', nid, 0, cjson.encode({unparked = true}))
   end
 end
@@ -160,7 +176,7 @@ local function release_dependents(rid, nid)
     if redis.call('HGET', dk, 'status') == 'PENDING' then
       if redis.call('HINCRBY', dk, 'pending', -1) <= 0 then
         redis.call('HSET', dk, 'status', 'READY')
-        redis.call('LPUSH', queue_key(redis.call('HGET', dk, 'queue')), rid .. '/' .. d)
+        push_ready(dk, rid .. '/' .. d, false)
         emit(rid, 'NODE_READY', d, 0, '{}')
       end
     end
@@ -237,7 +253,7 @@ local function requeue_job(job, wid, event_type, count_requeue, max_requeues)
   end
   redis.call('HSET', nk, 'status', 'READY')
   redis.call('HDEL', nk, 'lease')
-  redis.call('RPUSH', queue_key(s[4]), job)
+  push_ready(nk, job, true)
   emit(rid, event_type, nid, s[3], cjson.encode({worker = wid, requeues = n}))
   return 'requeued'
 end

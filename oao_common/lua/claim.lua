@@ -1,9 +1,9 @@
--- claim.lua: turn jobs in a worker's active list into RUNNING attempts.
--- Called right after BLMOVE moved ARGV[3] into the active list; it also moves and
--- claims up to ARGV[4] more jobs from the same ready list (non-blocking LMOVE), so a
--- busy queue costs one round trip per batch instead of two per job.
--- KEYS[1] the worker's active list   KEYS[2] the ready list
--- ARGV[2] worker id   ARGV[3] job already moved ('' for none)   ARGV[4] extra jobs to take
+-- claim.lua: move up to ARGV[3] jobs from the worker's ready lists into its active list
+-- (LMOVE, atomic: a job is never only in a client's memory) and turn them into RUNNING
+-- attempts, in one round trip. Ready lists are taken in the order given: the worker's
+-- queues in its order, each queue's priority bands high, normal, low (ADR 007).
+-- KEYS[1] the worker's active list   KEYS[2..] the ready lists, in order
+-- ARGV[2] worker id   ARGV[3] most jobs to claim
 -- Returns an array, one entry per claimed job:
 --   {job, attempt, {dep_id, dep_output_json, ...}, {ledger record or false, ...}, retries,
 --    {seq, started_marker_json, ...}}
@@ -11,8 +11,7 @@
 -- returned for the steps among those that have no recorded result.
 -- A job of a run at its max_parallel_nodes cap moves to the run's parked list (released
 -- when one of its nodes leaves RUNNING) and is not returned.
--- A job whose node is not READY (cancelled, duplicate) is removed and not returned;
--- a job no longer in the active list (handed back meanwhile) is not claimed.
+-- A job whose node is not READY (cancelled, duplicate) is removed and not returned.
 local wid = ARGV[2]
 
 local function claim_one(job)
@@ -61,14 +60,14 @@ local function claim_one(job)
 end
 
 local out = {}
-if ARGV[3] ~= '' and redis.call('LPOS', KEYS[1], ARGV[3]) then
-  local c = claim_one(ARGV[3])
-  if c then table.insert(out, c) end
-end
-for _ = 1, tonumber(ARGV[4]) do
-  local job = redis.call('LMOVE', KEYS[2], KEYS[1], 'RIGHT', 'LEFT')
-  if not job then break end
-  local c = claim_one(job)
-  if c then table.insert(out, c) end
+local want = tonumber(ARGV[3])
+for i = 2, #KEYS do
+  while #out < want do
+    local job = redis.call('LMOVE', KEYS[i], KEYS[1], 'RIGHT', 'LEFT')
+    if not job then break end
+    local c = claim_one(job)
+    if c then table.insert(out, c) end
+  end
+  if #out >= want then break end
 end
 return out

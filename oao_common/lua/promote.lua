@@ -12,7 +12,7 @@ for _, job in ipairs(due) do
     if redis.call('HGET', nk, 'status') == 'PENDING' then
       redis.call('HSET', nk, 'status', 'READY')
       redis.call('HDEL', nk, 'retry_at')
-      redis.call('LPUSH', queue_key(redis.call('HGET', nk, 'queue')), job)
+      push_ready(nk, job, false)
       emit(rid, 'NODE_READY', nid, 0, cjson.encode({retry = true}))
       n = n + 1
     end

@@ -3,7 +3,7 @@
 -- ARGV[2] run id
 -- ARGV[3] run fields: JSON object of string values (status, spec, exec_hash, ...)
 -- ARGV[4] nodes: JSON array of {id, fields} with fields a JSON object of strings;
---         a node whose fields.status is READY is pushed to fields.queue
+--         a node whose fields.status is READY is pushed to its ready list (fields.ready)
 -- ARGV[5] RUN_SUBMITTED event data (JSON)
 -- ARGV[6] idempotency TTL in seconds ("0": none)
 -- Returns {1, rid} when written, {0, existing_rid} when the run or the idempotency
@@ -30,7 +30,7 @@ for _, node in ipairs(cjson.decode(ARGV[4])) do
   end
   redis.call('HSET', node_key(rid, node.id), unpack(f))
   if node.fields.status == 'READY' then
-    redis.call('LPUSH', queue_key(node.fields.queue), rid .. '/' .. node.id)
+    push_ready(node_key(rid, node.id), rid .. '/' .. node.id, false)
     emit(rid, 'NODE_READY', node.id, 0, '{}')
   end
 end

@@ -51,22 +51,19 @@ async def test_claim_and_complete_release_dependents(broker: Broker) -> None:
         ]
     )
     s = await submit_spec(broker, spec)
-    job = await broker.wait_for_job("default", "w1", 1)
-    [c] = await broker.claim("w1", "default", job, 5)
+    [c] = await broker.claim("w1", "default", 6)
     assert (c.node_id, c.attempt) == ("a", 1)
     assert await broker.redis.lrange(broker.keys.active("w1"), 0, -1) == [c.job]
     assert (await broker.get_run(s.run_id))["status"] == "RUNNING"
     assert await broker.complete("w1", c, "A-out")
     assert await broker.redis.llen(broker.keys.active("w1")) == 0
     # b released, c still waits for b
-    job = await broker.wait_for_job("default", "w1", 1)
-    [cb] = await broker.claim("w1", "default", job, 5)
+    [cb] = await broker.claim("w1", "default", 6)
     assert cb.node_id == "b" and cb.dep_outputs == {"a": "A-out"}
     nodes = {n["id"]: n for n in await broker.get_nodes(s.run_id, ["c"])}
     assert nodes["c"]["status"] == "PENDING" and nodes["c"]["pending"] == "1"
     assert await broker.complete("w1", cb, {"b": 1})
-    job = await broker.wait_for_job("default", "w1", 1)
-    [cc] = await broker.claim("w1", "default", job, 5)
+    [cc] = await broker.claim("w1", "default", 6)
     assert cc.dep_outputs == {"a": "A-out", "b": {"b": 1}}
     assert await broker.complete("w1", cc, None)
     run = await broker.get_run(s.run_id)
@@ -178,14 +175,12 @@ async def test_stale_completion_is_rejected(broker: Broker) -> None:
     spec = make_spec([{"id": "a", "agent": "noop"}, {"id": "b", "agent": "noop", "depends_on": ["a"]}])
     s = await submit_spec(broker, spec)
     await broker.heartbeat("zombie", 0.05)
-    job = await broker.wait_for_job("default", "zombie", 1)
-    [old] = await broker.claim("zombie", "default", job, 0)
+    [old] = await broker.claim("zombie", "default", 1)
     while await broker.redis.exists(broker.keys.heartbeat("zombie")):
         await asyncio.sleep(0.02)
     res = await broker.reap("zombie", max_requeues=5)
     assert res is not None and res.requeued == 1
-    job = await broker.wait_for_job("default", "fresh", 1)
-    [new] = await broker.claim("fresh", "default", job, 0)
+    [new] = await broker.claim("fresh", "default", 1)
     assert new.attempt == old.attempt + 1
     assert not await broker.complete("zombie", old, "zombie-output")
     assert not await broker.record_step("zombie", old, 1, {"x": 1})
@@ -203,8 +198,7 @@ async def test_reaper_requeues_dead_worker_jobs_once(broker: Broker) -> None:
     spec = make_spec([{"id": f"n{i}", "agent": "noop"} for i in range(3)])
     s = await submit_spec(broker, spec)
     await broker.heartbeat("dead", 0.05)
-    job = await broker.wait_for_job("default", "dead", 1)
-    claimed = await broker.claim("dead", "default", job, 1)
+    claimed = await broker.claim("dead", "default", 2)
     assert len(claimed) == 2
     while await broker.redis.exists(broker.keys.heartbeat("dead")):
         await asyncio.sleep(0.02)
@@ -233,10 +227,8 @@ async def test_poison_job_is_dead_lettered(broker: Broker) -> None:
     for i in range(3):
         wid = f"victim{i}"
         await broker.heartbeat(wid, 0.05)
-        job = await broker.wait_for_job("default", wid, 1)
-        if job is None:
+        if not await broker.claim(wid, "default", 1):
             break
-        await broker.claim(wid, "default", job, 0)
         while await broker.redis.exists(broker.keys.heartbeat(wid)):
             await asyncio.sleep(0.02)
         await broker.reap(wid, max_requeues=1)
@@ -263,8 +255,7 @@ async def test_graceful_stop_hands_back_running_node(broker: Broker) -> None:
 async def test_cancel_stops_run_and_rejects_late_completion(broker: Broker) -> None:
     spec = make_spec([{"id": "a", "agent": "noop"}, {"id": "b", "agent": "noop", "depends_on": ["a"]}])
     s = await submit_spec(broker, spec)
-    job = await broker.wait_for_job("default", "w", 1)
-    [c] = await broker.claim("w", "default", job, 0)
+    [c] = await broker.claim("w", "default", 1)
     assert await broker.cancel(s.run_id) == 2
     assert await broker.cancel(s.run_id) == -1
     assert not await broker.complete("w", c, "late")
@@ -278,8 +269,7 @@ async def test_claim_drops_jobs_of_cancelled_runs(broker: Broker) -> None:
     spec = make_spec([{"id": "a", "agent": "noop"}])
     s = await submit_spec(broker, spec)
     await broker.cancel(s.run_id)
-    job = await broker.wait_for_job("default", "w", 1)
-    assert await broker.claim("w", "default", job, 0) == []
+    assert await broker.claim("w", "default", 1) == []
     assert await broker.redis.llen(broker.keys.active("w")) == 0
 
 
@@ -287,8 +277,7 @@ async def test_fenced_writes_are_idempotent_when_retried(broker: Broker) -> None
     """A write whose reply was lost is retried; the retry must change nothing."""
     spec = make_spec([{"id": "a", "agent": "noop"}, {"id": "b", "agent": "noop", "depends_on": ["a"]}])
     s = await submit_spec(broker, spec)
-    job = await broker.wait_for_job("default", "w", 1)
-    [c] = await broker.claim("w", "default", job, 0)
+    [c] = await broker.claim("w", "default", 1)
     rec = {"kind": "tool", "request_hash": "h", "result": 1, "attempt": c.attempt}
     for _ in range(2):
         assert await broker.record_step("w", c, 1, rec, tokens_in=5, tokens_out=7, is_tool=True)
@@ -300,9 +289,53 @@ async def test_fenced_writes_are_idempotent_when_retried(broker: Broker) -> None
     assert await broker.redis.lrange(broker.keys.queue("default"), 0, -1) == [job_id(s.run_id, "b")]
     ev = await broker.events(s.run_id)
     assert len(of_type(ev, "NODE_SUCCEEDED")) == 1 and not of_type(ev, "STALE_ATTEMPT_REJECTED")
-    job = await broker.wait_for_job("default", "w", 1)
-    [cb] = await broker.claim("w", "default", job, 0)
+    [cb] = await broker.claim("w", "default", 1)
     assert await broker.fail("w", cb, {"type": "X"}, 5.0) == 2
     assert await broker.fail("w", cb, {"type": "X"}, 5.0) == 2
     [b] = await broker.get_nodes(s.run_id, ["b"])
     assert b["retries"] == "1" and await broker.redis.zcard(broker.keys.delayed) == 1
+
+
+async def test_claim_takes_priority_bands_in_order(broker: Broker) -> None:
+    spec = make_spec(
+        [
+            {"id": "low", "agent": "noop", "priority": 1},
+            {"id": "normal", "agent": "noop", "priority": 5},
+            {"id": "high", "agent": "noop", "priority": 9, "critical": False},
+            {"id": "high2", "agent": "noop", "priority": 10, "critical": False},
+        ]
+    )
+    s = await submit_spec(broker, spec)
+    assert await broker.redis.llen(broker.keys.ready("default", "high")) == 2
+    assert await broker.redis.llen(broker.keys.ready("default", "low")) == 1
+    claimed = await broker.claim("w", "default", 3)
+    assert [c.node_id for c in claimed] == ["high", "high2", "normal"]  # FIFO within a band
+    assert [c.node_id for c in await broker.claim("w", "default", 3)] == ["low"]
+    assert (await broker.get_run(s.run_id))["status"] == "RUNNING"
+
+
+async def test_worker_queues_are_claimed_in_order(broker: Broker) -> None:
+    spec = make_spec(
+        [
+            {"id": "d1", "agent": "noop"},
+            {"id": "g1", "agent": "noop", "queue": "gpu"},
+            {"id": "d2", "agent": "noop"},
+            {"id": "g2", "agent": "noop", "queue": "gpu", "priority": 1},
+            {"id": "x", "agent": "noop", "queue": "other"},
+        ]
+    )
+    await submit_spec(broker, spec)
+    claimed = await broker.claim("w", ["gpu", "default"], 10)
+    assert [c.node_id for c in claimed] == ["g1", "g2", "d1", "d2"]  # never "other"
+    assert await broker.redis.llen(broker.keys.queue("other")) == 1
+
+
+async def test_idle_worker_wakes_on_push_and_serves_several_queues(broker: Broker) -> None:
+    async with fleet(broker, queues=["gpu", "default"]) as [w]:
+        await asyncio.sleep(0.3)  # the worker is idle, blocked on its wake lists
+        spec = make_spec([{"id": "a", "agent": "noop"}, {"id": "b", "agent": "noop", "queue": "gpu"}])
+        s = await submit_spec(broker, spec)
+        from oao_scheduler.progress import wait_for_run
+
+        assert await wait_for_run(broker, s.run_id, interval_s=0.02, timeout_s=10) == "SUCCEEDED"
+        assert w.completed == 2

@@ -75,8 +75,7 @@ async def test_resume_from_first_incomplete_step(
 async def test_nondeterminism_is_detected(broker: Broker) -> None:
     spec = make_spec([{"id": "c", "agent": "chatty"}])
     s = await submit_spec(broker, spec)
-    job = await broker.wait_for_job("default", "w", 1)
-    [cj] = await broker.claim("w", "default", job, 0)
+    [cj] = await broker.claim("w", "default", 1)
     # a previous attempt recorded step 1 with a different request
     assert await broker.record_step(
         "w", cj, 1, {"kind": "llm", "request_hash": "0" * 64, "result": {"content": "x"}}
@@ -152,8 +151,7 @@ async def _interrupted_tool_call(broker: Broker, tool: str) -> str:
         defaults={"retry": {"max_retries": 0}},
     )
     s = await submit_spec(broker, spec)
-    job = await broker.wait_for_job("default", "dead", 1)
-    [c] = await broker.claim("dead", "default", job, 0)
+    [c] = await broker.claim("dead", "default", 1)
     marker = {"kind": "tool", "name": tool, "request_hash": "h", "attempt": 1, "idempotent": False}
     assert await broker.begin_step("dead", c, 1, marker)
     assert await broker.handback("dead") == 1
