@@ -26,8 +26,6 @@ from .log import get_logger
 from .scripts import Scripts
 from .states import NodeState, RunState
 
-_log = get_logger(component="broker")
-
 REDIS_CONNECTION_ERRORS = (redis_exc.ConnectionError, redis_exc.TimeoutError, ConnectionError)
 
 
@@ -90,15 +88,17 @@ class Broker:
             try:
                 result = await self.scripts.call(name, keys, args)
                 if n:
-                    _log.info("redis.write_recovered", script=name, retries=n)
+                    get_logger(component="broker").info("redis.write_recovered", script=name, retries=n)
                 return result
             except REDIS_CONNECTION_ERRORS as e:
                 n += 1
                 if time.monotonic() >= deadline:
-                    _log.error("redis.write_gave_up", script=name, retries=n, error=str(e))
+                    get_logger(component="broker").error(
+                        "redis.write_gave_up", script=name, retries=n, error=str(e)
+                    )
                     raise
                 if n == 1:
-                    _log.warning(
+                    get_logger(component="broker").warning(
                         "redis.write_retrying", script=name, error=str(e), retry_for_s=self.write_retry_s
                     )
                 await asyncio.sleep(random.uniform(0, min(2.0, 0.05 * 2**n)))

@@ -11,7 +11,7 @@ import os
 from typing import Any
 
 from redis import exceptions as redis_exc
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import EqualJitterBackoff
 
@@ -37,11 +37,17 @@ def redact(url: str) -> str:
     return f"{scheme}://{user}:***@{host}"
 
 
-def connect(url: str, **kwargs: Any) -> Redis:
+DEFAULT_MAX_CONNECTIONS = 64
+
+
+def connect(url: str, max_connections: int = DEFAULT_MAX_CONNECTIONS, **kwargs: Any) -> Redis:
     """An asyncio client with ``decode_responses=True``.
 
-    Commands retry connection errors three times with equal-jitter backoff
-    (redis-py's ``Retry``); callers above that handle longer outages.
+    Connections come from a *blocking* pool of ``max_connections``: when hundreds of
+    nodes write at once, a command waits for a free connection instead of failing with
+    "Too many connections" (which would look like an outage). Commands retry connection
+    errors three times with equal-jitter backoff (redis-py's ``Retry``); callers above
+    that handle longer outages.
     """
     opts: dict[str, Any] = {
         "decode_responses": True,
@@ -51,7 +57,8 @@ def connect(url: str, **kwargs: Any) -> Redis:
         "retry_on_error": [redis_exc.ConnectionError, redis_exc.TimeoutError],
     }
     opts.update(kwargs)
-    return Redis.from_url(url, **opts)
+    pool = BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=None, **opts)
+    return Redis(connection_pool=pool)
 
 
 async def ping(redis: Redis, url: str) -> None:

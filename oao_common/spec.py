@@ -16,7 +16,15 @@ from typing import Annotated, Any, Literal
 import yaml
 from jinja2 import TemplateSyntaxError, nodes
 from jinja2.sandbox import SandboxedEnvironment
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
 
 from .circuit import CircuitBreakerSpec
 from .errors import SpecError
@@ -182,24 +190,44 @@ class Spec(_Strict):
     tools: dict[str, ToolSpec] = Field(default_factory=dict)
     nodes: list[NodeSpec] = Field(min_length=1)
 
+    _node_index: dict[str, NodeSpec] | None = PrivateAttr(default=None)
+    _policies: dict[str, PolicySpec] = PrivateAttr(default_factory=dict)
+    _retries: dict[str, RetrySpec] = PrivateAttr(default_factory=dict)
+
     @model_validator(mode="after")
-    def _cross_references(self) -> Spec:
+    def _cross_references(self, info: ValidationInfo) -> Spec:
+        if isinstance(info.context, dict) and info.context.get("trusted"):
+            return self  # read back from Redis: validated in full when it was submitted
         problems = cross_reference_problems(self)
         if problems:
             raise ValueError(_CROSS_MARK + "\n".join(problems))
         return self
 
+    @classmethod
+    def from_stored_json(cls, text: str) -> Spec:
+        """A spec as stored by ``submit`` (already validated then): fields are checked,
+        the cross-reference pass (and its template parsing) is not repeated."""
+        return cls.model_validate_json(text, context={"trusted": True})
+
     def node(self, nid: str) -> NodeSpec:
-        for n in self.nodes:
-            if n.id == nid:
-                return n
-        raise KeyError(nid)
+        """The node ``nid`` (O(1) after the first call); raises ``KeyError``."""
+        if self._node_index is None:
+            self._node_index = {n.id: n for n in self.nodes}
+        return self._node_index[nid]
 
     def effective_policy(self, node: NodeSpec) -> PolicySpec:
-        return merge(DEFAULT_POLICY, self.defaults.policy, node.policy)  # type: ignore[no-any-return,unused-ignore]
+        """Built-in defaults, then ``defaults.policy``, then the node's own (cached)."""
+        got = self._policies.get(node.id)
+        if got is None:
+            got = self._policies[node.id] = merge(DEFAULT_POLICY, self.defaults.policy, node.policy)
+        return got
 
     def effective_retry(self, node: NodeSpec) -> RetrySpec:
-        return merge(DEFAULT_RETRY, self.defaults.retry, node.retry)  # type: ignore[no-any-return,unused-ignore]
+        """Built-in defaults, then ``defaults.retry``, then the node's own (cached)."""
+        got = self._retries.get(node.id)
+        if got is None:
+            got = self._retries[node.id] = merge(DEFAULT_RETRY, self.defaults.retry, node.retry)
+        return got
 
     def is_critical(self, node: NodeSpec) -> bool:
         """``critical`` if set, else ``priority >= failure.critical_priority``."""

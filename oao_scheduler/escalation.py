@@ -87,7 +87,7 @@ class Escalator:
         spec_json, _, _ = await self.broker.get_spec_json(run_id)
         if not spec_json:
             return
-        esc = Spec.model_validate_json(spec_json).escalation
+        esc = Spec.from_stored_json(spec_json).escalation
         if esc is None or status not in esc.on:
             return
         report = await collect(self.broker, run_id)

@@ -3,6 +3,7 @@ the parsed spec, its inputs, agents, providers and tools (a small LRU cache)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -60,19 +61,42 @@ class RuntimeCache:
         self.broker = broker
         self.size = size
         self._items: OrderedDict[str, RunRuntime] = OrderedDict()
+        self._loading: dict[str, asyncio.Future[RunRuntime]] = {}
 
     async def get(self, run_id: str) -> RunRuntime:
         """The runtime of ``run_id``; raises :class:`PermanentError` if the run's spec is
-        missing or no longer valid, or a tool cannot be imported."""
+        missing or no longer valid, or a tool cannot be imported. Concurrent callers for
+        one run share a single fetch and parse (single-flight)."""
         rt = self._items.get(run_id)
         if rt is not None:
             self._items.move_to_end(run_id)
             return rt
+        pending = self._loading.get(run_id)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[RunRuntime] = asyncio.get_running_loop().create_future()
+        self._loading[run_id] = fut
+        try:
+            rt = await self._load(run_id)
+        except BaseException as e:
+            if not fut.done():
+                fut.set_exception(e)
+            fut.exception()  # retrieved: no "never retrieved" warning when nobody waits
+            raise
+        finally:
+            self._loading.pop(run_id, None)
+        fut.set_result(rt)
+        self._items[run_id] = rt
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+        return rt
+
+    async def _load(self, run_id: str) -> RunRuntime:
         spec_json, inputs_json, started_at = await self.broker.get_spec_json(run_id)
         if spec_json is None:
             raise PermanentError(f"run {run_id} has no spec in Redis")
         try:
-            spec = Spec.model_validate_json(spec_json)
+            spec = Spec.from_stored_json(spec_json)
         except ValueError as e:
             raise PermanentError(f"run {run_id}: stored spec no longer validates: {e}") from None
         rt = RunRuntime(
@@ -84,7 +108,4 @@ class RuntimeCache:
             guards=guards_of(spec),
             started_at_ms=int(started_at or 0),
         )
-        self._items[run_id] = rt
-        while len(self._items) > self.size:
-            self._items.popitem(last=False)
         return rt
