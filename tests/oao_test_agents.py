@@ -114,3 +114,17 @@ async def call_denied_tool(ctx: Any) -> str:
 async def one_effect(ctx: Any) -> str:
     """A single side effect through the tool named by the task."""
     return str(await ctx.tool(ctx.task or "ext", label="once"))
+
+
+async def many_tools(ctx: Any) -> str:
+    """Calls side_effect int(task) times."""
+    for i in range(int(ctx.task or 1)):
+        await ctx.tool("side_effect", label=str(i))
+    return "done"
+
+
+async def many_calls(ctx: Any) -> str:
+    """Calls the model int(task) times."""
+    for _ in range(int(ctx.task or 1)):
+        await ctx.llm("again")
+    return "done"

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+from typing import Any
 
+import pytest
 from oao_testkit import fleet, make_spec, of_type, run_spec
 
 from oao_common.broker import Broker
@@ -306,3 +308,59 @@ async def test_max_parallel_nodes_holds_across_workers(broker: Broker) -> None:
     assert of_type(ev, "NODE_PARKED")  # held back, not spun on
     assert await broker.redis.llen(broker.keys.parked(rid)) == 0
     assert (await broker.get_run(rid))["running"] == "0"
+
+
+@pytest.mark.parametrize(
+    ("agent", "task", "policy", "rule", "executed"),
+    [
+        ("calls", "5", {"max_steps": 3}, "max_steps", 3),
+        ("tools", "5", {"max_tool_calls": 2}, "max_tool_calls", 2),
+        ("calls", "5", {"max_input_tokens": 20}, "max_input_tokens", 3),  # 6 tokens a call
+    ],
+)
+async def test_node_limits_stop_before_the_step(
+    broker: Broker,
+    tmp_path: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    agent: str,
+    task: str,
+    policy: dict[str, int],
+    rule: str,
+    executed: int,
+) -> None:
+    monkeypatch.setenv("OAO_TEST_LEDGER", str(tmp_path / "ledger.txt"))
+    spec = make_spec(
+        [{"id": "n", "agent": agent, "task": task, "policy": policy}],
+        agents={
+            "calls": {"kind": "python", "entrypoint": "oao_test_agents:many_calls", "model": "m"},
+            "tools": {"kind": "python", "entrypoint": "oao_test_agents:many_tools", "tools": ["side_effect"]},
+        },
+        models=model("fine"),
+        defaults=NO_RETRY,
+    )
+    rid = await run_spec(broker, spec)
+    [n] = await broker.get_nodes(rid, ["n"])
+    err = json.loads(n["error"])
+    assert n["status"] == "FAILED" and err["rule"] == rule, err
+    assert n["executed_steps"] == str(executed)  # the violating step never ran
+    if agent == "tools":
+        assert (tmp_path / "ledger.txt").read_text().splitlines() == ["0", "1"]
+
+
+async def test_run_cost_budget_is_shared(broker: Broker) -> None:
+    priced = model("x" * 40, pricing={"input_usd_per_mtok": 10000.0, "output_usd_per_mtok": 10000.0})
+    # each call reserves ~(2 + 50) tokens at $0.01/1k = ~$0.52; the run has room for one
+    spec = make_spec(
+        [{"id": "a", "agent": "one", "task": "50"}, {"id": "b", "agent": "one", "task": "50"}],
+        agents=AGENTS,
+        models={"m": {**priced["m"], "reply_delay_s": 0.3}},
+        policy={"max_cost_usd": 0.8},
+        defaults=NO_RETRY,
+    )
+    rid = await run_spec(broker, spec, workers=2, concurrency=1)
+    nodes = await broker.get_nodes(rid, ["a", "b"])
+    assert sorted(n["status"] for n in nodes) == ["FAILED", "SUCCEEDED"]
+    [failed] = [n for n in nodes if n["status"] == "FAILED"]
+    err = json.loads(failed["error"])
+    assert err["rule"] == "max_cost_usd" and err["scope"] == "run"
+    assert float((await broker.get_run(rid))["cost_usd"]) <= 0.8
