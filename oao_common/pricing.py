@@ -1,17 +1,23 @@
 """Model prices and the cost of a step, in USD.
 
 Prices are USD per million tokens (input, output). A model's ``pricing`` in the spec
-wins; otherwise the provider-side model name is looked up in :data:`DEFAULT_PRICES`
-(list prices of common models, November 2026; check your provider's page), by exact
-name and then by longest matching prefix; unknown models and the ``scripted`` provider
-cost nothing unless priced in the spec.
+wins; then the file named by ``OAO_PRICES_FILE`` (YAML or JSON: provider model name →
+``{input_usd_per_mtok, output_usd_per_mtok}``); then :data:`DEFAULT_PRICES` (list
+prices of common models, November 2026; check your provider's page). Names match
+exactly, then by longest prefix; unknown models and the ``scripted`` provider cost
+nothing unless priced.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
 
-from .spec import OpenAIModelSpec, ScriptedModelSpec
+import yaml
+
+from .spec import OpenAIModelSpec, PricingSpec, ScriptedModelSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,14 +46,41 @@ DEFAULT_PRICES: dict[str, Price] = {
 }
 
 
+PRICES_FILE_ENV = "OAO_PRICES_FILE"
+
+
+@cache
+def file_prices(path: str) -> dict[str, Price]:
+    """Prices from a YAML / JSON file; raises ``ValueError`` naming the file and entry."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"{PRICES_FILE_ENV}={path}: cannot load: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{PRICES_FILE_ENV}={path}: expected a mapping of model name to prices")
+    out = {}
+    for name, p in data.items():
+        try:
+            ps = PricingSpec.model_validate(p)
+        except ValueError as e:
+            raise ValueError(f"{PRICES_FILE_ENV}={path}: {name}: {e}") from None
+        out[str(name)] = Price(ps.input_usd_per_mtok, ps.output_usd_per_mtok)
+    return out
+
+
+def _lookup(table: dict[str, Price], name: str) -> Price | None:
+    if name in table:
+        return table[name]
+    best = max((k for k in table if name.startswith(k)), key=len, default=None)
+    return table[best] if best else None
+
+
 def price_of(spec: ScriptedModelSpec | OpenAIModelSpec) -> Price:
     """The price of a model of a spec (see the module docstring for the lookup order)."""
     if spec.pricing is not None:
         return Price(spec.pricing.input_usd_per_mtok, spec.pricing.output_usd_per_mtok)
     if isinstance(spec, ScriptedModelSpec):
         return FREE
-    name = spec.model
-    if name in DEFAULT_PRICES:
-        return DEFAULT_PRICES[name]
-    best = max((k for k in DEFAULT_PRICES if name.startswith(k)), key=len, default=None)
-    return DEFAULT_PRICES[best] if best else FREE
+    path = os.environ.get(PRICES_FILE_ENV)
+    found = _lookup(file_prices(path), spec.model) if path else None
+    return found or _lookup(DEFAULT_PRICES, spec.model) or FREE

@@ -141,7 +141,18 @@ def _error_text(err: Any) -> str:
 def node_table(report: dict[str, Any], title: str | None = None) -> Table:
     """The node table shared by ``status`` and the report."""
     t = Table(title=title, title_justify="left", expand=False)
-    for col in ("node", "agent", "status", "att", "steps", "tok in/out", "tools", "time s", "error"):
+    for col in (
+        "node",
+        "agent",
+        "status",
+        "att",
+        "steps",
+        "tok in/out",
+        "tools",
+        "cost $",
+        "time s",
+        "error",
+    ):
         t.add_column(col, overflow="fold")
     for n in report["nodes"]:
         steps = str(n["steps"]) + (f" ({n['replayed_steps']} replayed)" if n["replayed_steps"] else "")
@@ -153,6 +164,7 @@ def node_table(report: dict[str, Any], title: str | None = None) -> Table:
             steps,
             f"{n['tokens_in']}/{n['tokens_out']}",
             str(n["tool_calls"]),
+            f"{n['cost_usd']:.4f}",
             "" if n["duration_s"] is None else f"{n['duration_s']:.2f}",
             _error_text(n["error"])[:120],
         )
@@ -167,7 +179,8 @@ def _header(report: dict[str, Any], console: Console) -> None:
     console.print(
         f"nodes {tot['nodes_done']}/{tot['nodes']} done, {tot['nodes_failed']} failed · "
         f"steps {tot['steps']} (+{tot['replayed_steps']} replayed) · tokens "
-        f"{tot['tokens_in']} in / {tot['tokens_out']} out · tool calls {tot['tool_calls']}"
+        f"{tot['tokens_in']} in / {tot['tokens_out']} out · tool calls {tot['tool_calls']} · "
+        f"cost ${tot['cost_usd']:.4f}"
     )
 
 
