@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -162,6 +163,7 @@ async def main_async(a: argparse.Namespace) -> dict[str, Any]:
         await r.aclose()
         if server:
             server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
     rec = sorted(x["recovery_s"] for x in rows)
     bound = a.heartbeat_ttl + a.reaper_interval
     return {

@@ -216,17 +216,21 @@ class Spec(_Strict):
         return self._node_index[nid]
 
     def effective_policy(self, node: NodeSpec) -> PolicySpec:
-        """Built-in defaults, then ``defaults.policy``, then the node's own (cached)."""
-        got = self._policies.get(node.id)
+        """Built-in defaults, then ``defaults.policy``, then the node's own (cached; nodes
+        without a policy of their own share one merge)."""
+        key = node.id if node.policy is not None else ""
+        got = self._policies.get(key)
         if got is None:
-            got = self._policies[node.id] = merge(DEFAULT_POLICY, self.defaults.policy, node.policy)
+            got = self._policies[key] = merge(DEFAULT_POLICY, self.defaults.policy, node.policy)
         return got
 
     def effective_retry(self, node: NodeSpec) -> RetrySpec:
-        """Built-in defaults, then ``defaults.retry``, then the node's own (cached)."""
-        got = self._retries.get(node.id)
+        """Built-in defaults, then ``defaults.retry``, then the node's own (cached; nodes
+        without retry settings of their own share one merge)."""
+        key = node.id if node.retry is not None else ""
+        got = self._retries.get(key)
         if got is None:
-            got = self._retries[node.id] = merge(DEFAULT_RETRY, self.defaults.retry, node.retry)
+            got = self._retries[key] = merge(DEFAULT_RETRY, self.defaults.retry, node.retry)
         return got
 
     def is_critical(self, node: NodeSpec) -> bool:

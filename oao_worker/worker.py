@@ -280,6 +280,7 @@ class Worker:
             await self._slots.acquire()
             taken = 1 + self._slots.take_free(self.claim_batch - 1)
             claimed: list[ClaimedJob] = []
+            wanted = taken
             pause = 0.0
             try:
                 claimed = await self.broker.claim(self.id, self.queues, taken)
@@ -299,7 +300,9 @@ class Worker:
                 self._slots.release(taken)
             if pause:
                 await asyncio.sleep(pause)
-            elif not claimed:
+            elif len(claimed) < wanted:
+                # The lists were drained: a later push leaves a wake token, so waiting
+                # now loses nothing and saves an empty claim round trip.
                 try:
                     await self.broker.wait_for_work(self.queues, self.claim_timeout_s)
                 except REDIS_ERRORS as e:
