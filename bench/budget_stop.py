@@ -17,24 +17,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script too
 
-from oao_common.broker import Broker  # noqa: E402
-from oao_common.connection import EmbeddedServer, connect  # noqa: E402
-from oao_common.spec import load_spec  # noqa: E402
-from oao_scheduler.progress import wait_for_run  # noqa: E402
-from oao_scheduler.submit import submit_spec  # noqa: E402
-
-BIN = Path(sys.executable).parent
+from bench.harness import ROOT, bench_redis, oao_process, stop_all, wait_for_workers
+from oao_common.spec import load_spec
+from oao_scheduler.progress import wait_for_run
+from oao_scheduler.submit import submit_spec
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -43,51 +37,30 @@ def pct(xs: list[float], q: float) -> float:
 
 
 async def main_async(a: argparse.Namespace) -> dict[str, Any]:
-    server = None
-    url = a.redis_url
-    if not url:
-        server = EmbeddedServer().start()
-        url = server.url
-    prefix = f"bench-budget-{os.getpid()}"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OAO_LOG_LEVEL="error")
-    worker = subprocess.Popen(
-        [str(BIN / "oao-worker"), "--redis-url", url, "--prefix", prefix, "--concurrency", "4"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    r = connect(url)
-    broker = Broker(r, prefix)
     spec = load_spec(ROOT / "examples" / "runaway_agent.yaml")
     stream_delay = spec.models["chatty"].stream_delay_s  # type: ignore[union-attr]
     latencies: list[float] = []
     rtts: list[float] = []
-    try:
-        while not await broker.workers():
-            await asyncio.sleep(0.05)
-        for i in range(a.runs):
-            t = time.perf_counter()
-            await r.ping()
-            rtts.append((time.perf_counter() - t) * 1000)
-            s = await submit_spec(broker, spec)
-            status = await wait_for_run(broker, s.run_id, interval_s=0.02, timeout_s=60)
-            assert status == "FAILED", status
-            ev = await broker.events(s.run_id)
-            pv = next(e for e in ev if e.type == "POLICY_VIOLATION")
-            failed = next(e for e in ev if e.type == "NODE_FAILED")
-            assert pv.data["rule"] == "max_tokens"
-            latencies.append(failed.ts_ms - pv.data["at_ms"])
-            if (i + 1) % 10 == 0:
-                print(f"  {i + 1}/{a.runs} runs", file=sys.stderr)
-    finally:
-        worker.terminate()
-        worker.wait(10)
-        async for key in r.scan_iter(match=f"{prefix}:*", count=1000):
-            await r.delete(key)
-        await r.aclose()
-        if server:
-            server.stop()
+    async with bench_redis(a.redis_url, "budget") as (url, broker):
+        worker = oao_process("worker", url, broker, "--concurrency", "4", env={"OAO_LOG_LEVEL": "error"})
+        try:
+            await wait_for_workers(broker, 1)
+            for i in range(a.runs):
+                t = time.perf_counter()
+                await broker.redis.ping()
+                rtts.append((time.perf_counter() - t) * 1000)
+                s = await submit_spec(broker, spec)
+                status = await wait_for_run(broker, s.run_id, interval_s=0.02, timeout_s=60)
+                assert status == "FAILED", status
+                ev = await broker.events(s.run_id)
+                pv = next(e for e in ev if e.type == "POLICY_VIOLATION")
+                failed = next(e for e in ev if e.type == "NODE_FAILED")
+                assert pv.data["rule"] == "max_tokens"
+                latencies.append(failed.ts_ms - pv.data["at_ms"])
+                if (i + 1) % 10 == 0:
+                    print(f"  {i + 1}/{a.runs} runs", file=sys.stderr)
+        finally:
+            stop_all([worker])
     return {
         "runs": len(latencies),
         "stop_p50_ms": statistics.median(latencies),

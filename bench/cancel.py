@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,15 +23,12 @@ from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script too
 
-from oao_common.broker import Broker  # noqa: E402
-from oao_common.connection import EmbeddedServer, connect  # noqa: E402
-from oao_common.spec import parse_spec  # noqa: E402
-from oao_scheduler.submit import submit_spec  # noqa: E402
+from bench.harness import bench_redis, oao_process, stop_all, wait_for_workers
+from oao_common.spec import parse_spec
+from oao_scheduler.submit import submit_spec
 
-BIN = Path(sys.executable).parent
 HEARTBEAT_TTL_S = 5.0
 
 
@@ -49,57 +44,36 @@ def spec_text(nodes: int) -> str:
 
 
 async def main_async(a: argparse.Namespace) -> dict[str, Any]:
-    server = None
-    url = a.redis_url
-    if not url:
-        server = EmbeddedServer().start()
-        url = server.url
-    prefix = f"bench-cancel-{os.getpid()}"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OAO_LOG_LEVEL="error")
-    worker = subprocess.Popen(
-        [
-            str(BIN / "oao-worker"),
-            "--redis-url",
+    spec = parse_spec(spec_text(a.nodes), "cancel-bench")
+    times: list[float] = []
+    async with bench_redis(a.redis_url, "cancel") as (url, broker):
+        worker = oao_process(
+            "worker",
             url,
-            "--prefix",
-            prefix,
+            broker,
             "--concurrency",
             "100",
             "--heartbeat-ttl",
             str(HEARTBEAT_TTL_S),
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    r = connect(url)
-    broker = Broker(r, prefix)
-    spec = parse_spec(spec_text(a.nodes), "cancel-bench")
-    times: list[float] = []
-    try:
-        while not await broker.workers():
-            await asyncio.sleep(0.05)
-        [w] = await broker.workers()
-        active = broker.keys.active(w["id"])
-        for _ in range(a.rounds):
-            s = await submit_spec(broker, spec)
-            while await r.llen(active) < a.nodes:
-                await asyncio.sleep(0.005)
-            await asyncio.sleep(0.05)  # all in their model call
-            t0 = time.perf_counter()
-            await broker.cancel(s.run_id)
-            while await r.llen(active):
-                await asyncio.sleep(0.001)
-            times.append((time.perf_counter() - t0) * 1000)
-    finally:
-        worker.terminate()
-        worker.wait(10)
-        async for key in r.scan_iter(match=f"{prefix}:*", count=1000):
-            await r.delete(key)
-        await r.aclose()
-        if server:
-            server.stop()
+            env={"OAO_LOG_LEVEL": "error"},
+        )
+        try:
+            await wait_for_workers(broker, 1)
+            [w] = await broker.workers()
+            active = broker.keys.active(w["id"])
+            r = broker.redis
+            for _ in range(a.rounds):
+                s = await submit_spec(broker, spec)
+                while await r.llen(active) < a.nodes:
+                    await asyncio.sleep(0.005)
+                await asyncio.sleep(0.05)  # all in their model call
+                t0 = time.perf_counter()
+                await broker.cancel(s.run_id)
+                while await r.llen(active):
+                    await asyncio.sleep(0.001)
+                times.append((time.perf_counter() - t0) * 1000)
+        finally:
+            stop_all([worker])
     times.sort()
     return {
         "rounds": len(times),

@@ -23,7 +23,6 @@ import os
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,15 +31,12 @@ from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script too
 
-from oao_common.broker import Broker  # noqa: E402
-from oao_common.connection import EmbeddedServer, connect  # noqa: E402
-from oao_common.spec import parse_spec  # noqa: E402
-from oao_scheduler.submit import submit_spec  # noqa: E402
-
-BIN = Path(sys.executable).parent
+from bench.harness import bench_redis, oao_process, stop_all, wait_for_workers
+from oao_common.broker import Broker
+from oao_common.spec import parse_spec
+from oao_scheduler.submit import submit_spec
 
 
 def spec_text() -> str:
@@ -62,11 +58,6 @@ def spec_text() -> str:
     )
 
 
-def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    out = open(log, "ab")  # noqa: SIM115
-    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=out)
-
-
 async def wait_event(broker: Broker, rid: str, type_: str, attempt: int, timeout_s: float) -> int:
     """Server timestamp (ms) of the first event of ``type_`` and ``attempt``."""
     deadline = time.monotonic() + timeout_s
@@ -82,88 +73,73 @@ async def wait_event(broker: Broker, rid: str, type_: str, attempt: int, timeout
 
 async def main_async(a: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="oao-recovery-"))
-    server = None
-    url = a.redis_url
-    if not url:
-        server = EmbeddedServer().start()
-        url = server.url
-    prefix = f"bench-recovery-{os.getpid()}"
     ledger = tmp / "ledger.txt"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OAO_BENCH_LEDGER=str(ledger), OAO_LOG_FORMAT="json")
+    env = {"OAO_BENCH_LEDGER": str(ledger), "OAO_LOG_FORMAT": "json"}
     ttl, ri = str(a.heartbeat_ttl), str(a.reaper_interval)
-    common = ["--redis-url", url, "--prefix", prefix]
-    serve = start(
-        [str(BIN / "oao-scheduler"), "serve", *common, "--heartbeat-ttl", ttl, "--reaper-interval", ri],
-        env,
-        tmp / "serve.log",
-    )
-    worker_args = [
-        str(BIN / "oao-worker"),
-        *common,
-        "--heartbeat-ttl",
-        ttl,
-        "--concurrency",
-        "100",
-        "--grace-period",
-        "0",
-    ]
-    workers = {i: start(worker_args, env, tmp / f"w{i}.log") for i in range(2)}
-    n_started = 2
-    r = connect(url)
-    broker = Broker(r, prefix)
+    worker_args = ("--heartbeat-ttl", ttl, "--concurrency", "100", "--grace-period", "0")
     spec = parse_spec(spec_text(), "recovery")
     rows: list[dict[str, Any]] = []
-    try:
-        while len(await broker.workers()) < 2:
-            await asyncio.sleep(0.05)
-        for k in range(a.kills):
-            s = await submit_spec(broker, spec)
-            nk = broker.keys.node(s.run_id, "n")
-            while await r.hget(nk, "steps_recorded") != "1":
-                await asyncio.sleep(0.005)
-            holder = await r.hget(nk, "lease")
-            pid = int((await r.hget(broker.keys.worker_info(holder), "pid")) or 0)
-            slot = next(i for i, p in workers.items() if p.pid == pid)
-            t_kill = time.time()
-            os.kill(pid, signal.SIGKILL)
-            workers[slot].wait()
-            requeued_ms = await wait_event(broker, s.run_id, "NODE_REQUEUED", 1, a.heartbeat_ttl * 5)
-            started_ms = await wait_event(broker, s.run_id, "NODE_STARTED", 2, a.heartbeat_ttl * 5)
-            await wait_event(broker, s.run_id, "STEP_REPLAYED", 2, 10)  # flushed before the model call
-            replayed = [e for e in await broker.events(s.run_id) if e.type == "STEP_REPLAYED"]
-            rows.append(
-                {
-                    "kill": k + 1,
-                    "detect_s": round(requeued_ms / 1000 - t_kill, 3),
-                    "recovery_s": round(started_ms / 1000 - t_kill, 3),
-                    "replayed_steps": len(replayed),
-                }
-            )
-            print(
-                f"kill {k + 1:2d}: reaped after {rows[-1]['detect_s']:.3f}s, running again after "
-                f"{rows[-1]['recovery_s']:.3f}s, steps replayed {len(replayed)}",
-                file=sys.stderr,
-            )
-            await broker.cancel(s.run_id)
-            workers[slot] = start(worker_args, env, tmp / f"w{n_started}.log")
-            n_started += 1
-            while sum(1 for w in await broker.workers() if w["alive"]) < 2:
-                await asyncio.sleep(0.05)
-        effects: dict[str, int] = {}
-        for line in ledger.read_text().splitlines():
-            rid = line.split()[0]
-            effects[rid] = effects.get(rid, 0) + 1
-    finally:
-        for p in [serve, *workers.values()]:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        async for key in r.scan_iter(match=f"{prefix}:*", count=1000):
-            await r.delete(key)
-        await r.aclose()
-        if server:
-            server.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+    async with bench_redis(a.redis_url, "recovery") as (url, broker):
+        r = broker.redis
+        serve = oao_process(
+            "serve",
+            url,
+            broker,
+            "--heartbeat-ttl",
+            ttl,
+            "--reaper-interval",
+            ri,
+            env=env,
+            log=tmp / "serve.log",
+        )
+        workers = {
+            i: oao_process("worker", url, broker, *worker_args, env=env, log=tmp / f"w{i}.log")
+            for i in range(2)
+        }
+        n_started = 2
+        try:
+            await wait_for_workers(broker, 2)
+            for k in range(a.kills):
+                s = await submit_spec(broker, spec)
+                nk = broker.keys.node(s.run_id, "n")
+                while await r.hget(nk, "steps_recorded") != "1":
+                    await asyncio.sleep(0.005)
+                holder = await r.hget(nk, "lease")
+                pid = int((await r.hget(broker.keys.worker_info(holder), "pid")) or 0)
+                slot = next(i for i, p in workers.items() if p.pid == pid)
+                t_kill = time.time()
+                os.kill(pid, signal.SIGKILL)
+                workers[slot].wait()
+                requeued_ms = await wait_event(broker, s.run_id, "NODE_REQUEUED", 1, a.heartbeat_ttl * 5)
+                started_ms = await wait_event(broker, s.run_id, "NODE_STARTED", 2, a.heartbeat_ttl * 5)
+                await wait_event(broker, s.run_id, "STEP_REPLAYED", 2, 10)  # flushed before the model call
+                replayed = [e for e in await broker.events(s.run_id) if e.type == "STEP_REPLAYED"]
+                rows.append(
+                    {
+                        "kill": k + 1,
+                        "detect_s": round(requeued_ms / 1000 - t_kill, 3),
+                        "recovery_s": round(started_ms / 1000 - t_kill, 3),
+                        "replayed_steps": len(replayed),
+                    }
+                )
+                print(
+                    f"kill {k + 1:2d}: reaped after {rows[-1]['detect_s']:.3f}s, running again after "
+                    f"{rows[-1]['recovery_s']:.3f}s, steps replayed {len(replayed)}",
+                    file=sys.stderr,
+                )
+                await broker.cancel(s.run_id)
+                workers[slot] = oao_process(
+                    "worker", url, broker, *worker_args, env=env, log=tmp / f"w{n_started}.log"
+                )
+                n_started += 1
+                await wait_for_workers(broker, 2)
+            effects: dict[str, int] = {}
+            for line in ledger.read_text().splitlines():
+                rid = line.split()[0]
+                effects[rid] = effects.get(rid, 0) + 1
+        finally:
+            stop_all([serve, *workers.values()])
+            shutil.rmtree(tmp, ignore_errors=True)
     rec = sorted(x["recovery_s"] for x in rows)
     bound = a.heartbeat_ttl + a.reaper_interval
     return {
