@@ -184,8 +184,8 @@ class AgentContext:
         elif self._events and not await self.broker.append_events(
             self.worker_id, self.job, self.drain_events()
         ):
-            # Before a live model call (seconds, and money) the log shows what happened so
-            # far, and a fenced-off attempt stops here.
+            # Before a live model call or agent invocation (seconds to minutes, and money)
+            # the log shows what happened so far, and a fenced-off attempt stops here.
             raise StaleAttemptError(f"{self.run_id}/{self.node_id} attempt {self.attempt} is stale")
         started = time.monotonic()
         result, tin, tout, cost = await execute(step)
