@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from jinja2 import TemplateSyntaxError, nodes
@@ -216,22 +216,12 @@ class Spec(_Strict):
         return self._node_index[nid]
 
     def effective_policy(self, node: NodeSpec) -> PolicySpec:
-        """Built-in defaults, then ``defaults.policy``, then the node's own (cached; nodes
-        without a policy of their own share one merge)."""
-        key = node.id if node.policy is not None else ""
-        got = self._policies.get(key)
-        if got is None:
-            got = self._policies[key] = merge(DEFAULT_POLICY, self.defaults.policy, node.policy)
-        return got
+        """Built-in defaults, then ``defaults.policy``, then the node's own."""
+        return _cached_merge(self._policies, node.id, DEFAULT_POLICY, self.defaults.policy, node.policy)
 
     def effective_retry(self, node: NodeSpec) -> RetrySpec:
-        """Built-in defaults, then ``defaults.retry``, then the node's own (cached; nodes
-        without retry settings of their own share one merge)."""
-        key = node.id if node.retry is not None else ""
-        got = self._retries.get(key)
-        if got is None:
-            got = self._retries[key] = merge(DEFAULT_RETRY, self.defaults.retry, node.retry)
-        return got
+        """Built-in defaults, then ``defaults.retry``, then the node's own."""
+        return _cached_merge(self._retries, node.id, DEFAULT_RETRY, self.defaults.retry, node.retry)
 
     def is_critical(self, node: NodeSpec) -> bool:
         """``critical`` if set, else ``priority >= failure.critical_priority``."""
@@ -256,6 +246,19 @@ class Spec(_Strict):
 
 
 _CROSS_MARK = "\x00cross\x00"
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _cached_merge(cache: dict[str, M], nid: str, builtin: M, spec_default: M, own: M | None) -> M:
+    """``merge(builtin, spec_default, own)``, cached per node; nodes without settings of
+    their own share one entry (the merge is a pydantic dump and validate: not free)."""
+    key = nid if own is not None else ""
+    got = cache.get(key)
+    if got is None:
+        got = cache[key] = merge(builtin, spec_default, own)
+    return got
+
 
 # ------------------------------------------------------------------ cross-references
 
