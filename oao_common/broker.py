@@ -508,18 +508,5 @@ class Broker:
         st = await self.redis.hget(self.keys.run(run_id), "status")
         return st is not None and RunState(st).terminal
 
-    async def job_locations(self, job: str) -> list[str]:
-        """Every list / set key holding ``job`` (for tests and diagnostics; uses SCAN)."""
-        found = []
-        async for key in self.redis.scan_iter(match=f"{self.keys.prefix}:q:*", count=500):
-            if await self.redis.lpos(key, job) is not None:
-                found.append(key)
-        async for key in self.redis.scan_iter(match=f"{self.keys.prefix}:w:*:active", count=500):
-            if await self.redis.lpos(key, job) is not None:
-                found.append(key)
-        if await self.redis.zscore(self.keys.delayed, job) is not None:
-            found.append(self.keys.delayed)
-        return found
-
 
 __all__ = ["Broker", "ClaimedJob", "ReapResult", "job_id", "new_run_id"]

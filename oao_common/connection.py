@@ -94,11 +94,6 @@ class EmbeddedServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self._server.port}/0"
 
-    @property
-    def pid(self) -> int | None:
-        proc = getattr(self._server, "_process", None)
-        return proc.pid if proc is not None else None
-
     def start(self) -> EmbeddedServer:
         self._server.start()
         return self

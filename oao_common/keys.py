@@ -142,7 +142,3 @@ class Keys:
             "finished": self.finished,
             "wake": self.wake("%s"),
         }
-
-    def run_pattern(self, rid: str) -> str:
-        """A ``SCAN`` pattern for every key of run ``rid`` (used by cleanup)."""
-        return f"{self.prefix}:run:{{{rid}}}*"

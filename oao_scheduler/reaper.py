@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from redis import exceptions as redis_exc
 
@@ -33,7 +33,7 @@ class ReaperStats:
     promoted: int = 0
     requeued: int = 0
     poisoned: int = 0
-    reaped_workers: list[str] = field(default_factory=list)
+    reaped_workers: int = 0
 
 
 class Reaper:
@@ -73,7 +73,7 @@ class Reaper:
             self.stats.poisoned += r.poisoned
             metrics.REQUEUED.labels("worker_dead").inc(r.requeued)
             metrics.DEAD_LETTERED.inc(r.poisoned)
-            self.stats.reaped_workers.append(wid)
+            self.stats.reaped_workers += 1
             self.log.warning(
                 "reaper.worker_dead",
                 dead_worker=wid,

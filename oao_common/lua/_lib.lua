@@ -44,6 +44,16 @@ local function split_job(job)
   return string.sub(job, 1, i - 1), string.sub(job, i + 1)
 end
 
+-- HSET key with the pairs of a table of field -> string (decoded JSON) plus extra
+-- field, value arguments; nothing when both are empty.
+local function hset_fields(key, fields, ...)
+  local args = {...}
+  for k, v in pairs(fields) do
+    table.insert(args, k); table.insert(args, v)
+  end
+  if #args > 0 then redis.call('HSET', key, unpack(args)) end
+end
+
 local function emit(rid, typ, nid, attempt, data)
   redis.call('XADD', string.format(T_EVENTS, rid), '*',
     'type', typ, 'node', nid or '', 'attempt', tostring(attempt or 0),

@@ -12,12 +12,8 @@ if closed then return closed end
 local rid, nid, nk = fence_or_reject(KEYS[1], job, wid, attempt, 'complete')
 if not rid then return 0 end
 flush(rid, nid, attempt, ARGV[7])
-local f = {'status', 'SUCCEEDED', 'output', ARGV[5], 'finished_at', NOW,
-  'closed_by', wid .. '#' .. attempt, 'closed_result', 1}
-for k, v in pairs(cjson.decode(ARGV[6])) do
-  table.insert(f, k); table.insert(f, v)
-end
-redis.call('HSET', nk, unpack(f))
+hset_fields(nk, cjson.decode(ARGV[6]), 'status', 'SUCCEEDED', 'output', ARGV[5],
+  'finished_at', NOW, 'closed_by', wid .. '#' .. attempt, 'closed_result', 1)
 redis.call('HDEL', nk, 'lease', 'error', 'retry_at')
 emit(rid, 'NODE_SUCCEEDED', nid, attempt, '{}')
 redis.call('LREM', KEYS[1], 1, job)

@@ -14,11 +14,7 @@ if closed then return closed end
 local rid, nid, nk = fence_or_reject(KEYS[1], job, wid, attempt, 'fail')
 if not rid then return 0 end
 flush(rid, nid, attempt, ARGV[8])
-local f = {}
-for k, v in pairs(cjson.decode(ARGV[7])) do
-  table.insert(f, k); table.insert(f, v)
-end
-if #f > 0 then redis.call('HSET', nk, unpack(f)) end
+hset_fields(nk, cjson.decode(ARGV[7]))
 redis.call('LREM', KEYS[1], 1, job)
 leave_running(rid)
 local delay = tonumber(ARGV[6])

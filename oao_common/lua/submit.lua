@@ -15,20 +15,11 @@ if KEYS[3] ~= '' then
 end
 if redis.call('EXISTS', KEYS[1]) == 1 then return {0, rid} end
 
-local args = {}
-for k, v in pairs(cjson.decode(ARGV[3])) do
-  table.insert(args, k); table.insert(args, v)
-end
-table.insert(args, 'created_at'); table.insert(args, NOW)
-redis.call('HSET', KEYS[1], unpack(args))
+hset_fields(KEYS[1], cjson.decode(ARGV[3]), 'created_at', NOW)
 emit(rid, 'RUN_SUBMITTED', '', 0, ARGV[5])
 
 for _, node in ipairs(cjson.decode(ARGV[4])) do
-  local f = {}
-  for k, v in pairs(node.fields) do
-    table.insert(f, k); table.insert(f, v)
-  end
-  redis.call('HSET', node_key(rid, node.id), unpack(f))
+  hset_fields(node_key(rid, node.id), node.fields)
   if node.fields.status == 'READY' then
     push_ready(node_key(rid, node.id), rid .. '/' .. node.id, false)
     emit(rid, 'NODE_READY', node.id, 0, '{}')
