@@ -8,25 +8,21 @@ workers) used by ``status``, ``events`` and the report.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import random
 import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from redis import exceptions as redis_exc
 from redis.asyncio import Redis
 
 from .events import Event
 from .keys import Keys, job_id, parse_job
 from .log import get_logger
+from .retry import MAX_DELAY_S, retry_transient
 from .scripts import Scripts
 from .states import NodeState, RunState
-
-REDIS_CONNECTION_ERRORS = (redis_exc.ConnectionError, redis_exc.TimeoutError, ConnectionError)
 
 
 def new_run_id() -> str:
@@ -40,7 +36,11 @@ def _json(value: Any) -> str:
 
 @dataclass(slots=True)
 class ClaimedJob:
-    """A job this worker now runs: ``attempt`` is its fencing token.
+    """A job this worker now runs.
+
+    ``attempt`` is the node's attempt number (1, 2, ...; for events and people);
+    ``fence`` the fencing token of this claim, which every write of the attempt presents
+    (``claim.lua``: ``"<attempt>:<claim id>:<i>"``, never issued twice).
 
     ``dep_outputs`` maps each dependency's id to its decoded output; ``ledger`` holds
     the node's recorded steps in order (``None`` for a gap), decoded from JSON;
@@ -52,6 +52,7 @@ class ClaimedJob:
     run_id: str
     node_id: str
     attempt: int
+    fence: str = ""
     dep_outputs: dict[str, Any] = field(default_factory=dict)
     ledger: list[dict[str, Any] | None] = field(default_factory=list)
     retries: int = 0
@@ -78,30 +79,16 @@ class Broker:
         self.write_retry_s = write_retry_s
 
     async def _fenced(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        """Run a fenced write script, retrying connection errors with capped exponential
-        backoff and full jitter for up to ``write_retry_s`` seconds (a Redis restart or
-        failover). Safe because the fenced scripts are idempotent for a repeated call of
-        the same attempt. Raises the last connection error when the time is up."""
-        deadline = time.monotonic() + self.write_retry_s
-        n = 0
-        while True:
-            try:
-                result = await self.scripts.call(name, keys, args)
-                if n:
-                    get_logger(component="broker").info("redis.write_recovered", script=name, retries=n)
-                return result
-            except REDIS_CONNECTION_ERRORS as e:
-                n += 1
-                if time.monotonic() >= deadline:
-                    get_logger(component="broker").error(
-                        "redis.write_gave_up", script=name, retries=n, error=str(e)
-                    )
-                    raise
-                if n == 1:
-                    get_logger(component="broker").warning(
-                        "redis.write_retrying", script=name, error=str(e), retry_for_s=self.write_retry_s
-                    )
-                await asyncio.sleep(random.uniform(0, min(2.0, 0.05 * 2**n)))
+        """Run a fenced write script, retrying transient Redis errors (connection loss,
+        OOM, READONLY, LOADING...: :func:`oao_common.retry.transient`) for up to
+        ``write_retry_s`` seconds. Safe because the fenced scripts are idempotent for a
+        repeated call of the same attempt. Raises the last error when the time is up."""
+        return await retry_transient(
+            lambda: self.scripts.call(name, keys, args),
+            log=get_logger(component="broker"),
+            what=name,
+            for_s=self.write_retry_s,
+        )
 
     # ---------------------------------------------------------------- submit
 
@@ -115,15 +102,19 @@ class Broker:
         idempotency_ttl_s: int = 0,
     ) -> tuple[bool, str]:
         """Write a run atomically (``submit.lua``). Returns ``(created, run_id)``;
-        ``created`` is False when the idempotency key (or the run id) already existed,
-        and ``run_id`` is then the existing run's id."""
-        idem = self.keys.idempotency(idempotency_key) if idempotency_key else ""
+        ``created`` is False when the idempotency key already named a run, and
+        ``run_id`` is then that run's id. ``run_id`` must be fresh (:func:`new_run_id`):
+        an existing run of that id counts as this call's own write, re-sent by the
+        client after a lost reply."""
+        keys = [self.keys.run(run_id), self.keys.runs]
+        if idempotency_key:
+            keys.append(self.keys.idempotency(idempotency_key))
         created, rid = await self.scripts.call(
-            "submit",
-            [self.keys.run(run_id), self.keys.runs, idem],
-            [run_id, _json(run_fields), _json(nodes), _json(event_data), idempotency_ttl_s],
+            "submit", keys, [run_id, _json(run_fields), _json(nodes), _json(event_data), idempotency_ttl_s]
         )
-        return bool(created), str(rid)
+        # A fresh run id that already exists is this very call, re-sent by the client
+        # after a lost reply: it was written, by us.
+        return bool(created) or str(rid) == run_id, str(rid)
 
     # ---------------------------------------------------------------- claim
 
@@ -141,11 +132,11 @@ class Broker:
         qs = [queues] if isinstance(queues, str) else queues
         reply = await self.scripts.call(
             "claim",
-            [self.keys.active(worker_id), *self.keys.ready_lists(qs)],
-            [worker_id, max(1, most)],
+            [self.keys.active(worker_id), self.keys.claim_memo(worker_id), *self.keys.ready_lists(qs)],
+            [worker_id, max(1, most), secrets.token_hex(8)],
         )
         out: list[ClaimedJob] = []
-        for job, attempt, outs, ledger, retries, started in reply:
+        for job, attempt, fence, outs, ledger, retries, started in reply:
             rid, nid = parse_job(job)
             deps = {outs[i]: json.loads(outs[i + 1]) for i in range(0, len(outs), 2)}
             out.append(
@@ -154,6 +145,7 @@ class Broker:
                     run_id=rid,
                     node_id=nid,
                     attempt=int(attempt),
+                    fence=str(fence),
                     dep_outputs=deps,
                     ledger=[json.loads(r) if r else None for r in ledger],
                     retries=int(retries),
@@ -169,7 +161,7 @@ class Broker:
         ok = await self._fenced(
             "append_events",
             [self.keys.active(worker_id)],
-            [worker_id, job.job, job.attempt, _json(events)],
+            [worker_id, job.job, job.fence, _json(events)],
         )
         return bool(ok)
 
@@ -185,7 +177,7 @@ class Broker:
         ok = await self._fenced(
             "begin_step",
             [self.keys.active(worker_id)],
-            [worker_id, job.job, job.attempt, seq, _json(marker), _json(events or [])],
+            [worker_id, job.job, job.fence, seq, _json(marker), _json(events or [])],
         )
         return bool(ok)
 
@@ -211,7 +203,7 @@ class Broker:
             [
                 worker_id,
                 job.job,
-                job.attempt,
+                job.fence,
                 seq,
                 _json(record),
                 int(tokens_in),
@@ -276,16 +268,24 @@ class Broker:
         ok = await self._fenced(
             "complete",
             [self.keys.active(worker_id)],
-            [worker_id, job.job, job.attempt, _json(output), _json(fields or {}), _json(events or [])],
+            [worker_id, job.job, job.fence, _json(output), _json(fields or {}), _json(events or [])],
         )
         return bool(ok)
 
-    async def append_run_event(self, run_id: str, type_: str, data: dict[str, Any]) -> None:
-        """Append a run-level event written outside the Lua scripts (e.g. ``ESCALATED``)."""
+    async def append_run_event(
+        self, run_id: str, type_: str, data: dict[str, Any], node: str = "", attempt: int = 0
+    ) -> None:
+        """Append an event written outside the Lua scripts (``ESCALATED``, ``LOOP_BLOCKED``)."""
         now_ms = int(time.time() * 1000)
         await self.redis.xadd(
             self.keys.events(run_id),
-            {"type": str(type_), "node": "", "attempt": "0", "ts": str(now_ms), "data": _json(data)},
+            {
+                "type": str(type_),
+                "node": node,
+                "attempt": str(attempt),
+                "ts": str(now_ms),
+                "data": _json(data),
+            },
         )
 
     async def notify_cancelled(self, run_ids: list[str]) -> None:
@@ -308,7 +308,7 @@ class Broker:
         When a critical node's failure ended its run, the fleet is told to stop the run's
         other in-flight nodes.
         """
-        delay_ms = -1 if retry_delay_s is None else int(max(0.0, retry_delay_s) * 1000)
+        delay_ms = -1 if retry_delay_s is None else int(min(max(0.0, retry_delay_s), MAX_DELAY_S) * 1000)
         r = int(
             await self._fenced(
                 "fail",
@@ -316,7 +316,7 @@ class Broker:
                 [
                     worker_id,
                     job.job,
-                    job.attempt,
+                    job.fence,
                     _json(error),
                     delay_ms,
                     _json(fields or {}),
@@ -332,41 +332,57 @@ class Broker:
     # ---------------------------------------------------------------- workers
 
     async def heartbeat(self, worker_id: str, ttl_s: float, info: dict[str, str] | None = None) -> bool:
-        """Refresh the worker's heartbeat (``SET .. PX``) and its entry in the worker index.
+        """Refresh the worker's heartbeat and its entry in the worker index, on the
+        server's clock (``heartbeat.lua``); ``ttl_s`` in seconds.
 
         Returns False if the previous heartbeat had already expired: the worker may have
         been reaped and must not trust its leases.
         """
-        now = time.time()
-        async with self.redis.pipeline(transaction=True) as p:
-            p.set(self.keys.heartbeat(worker_id), f"{now:.3f}", px=int(ttl_s * 1000), get=True)
-            p.zadd(self.keys.workers, {worker_id: now})
-            if info:
-                p.hset(self.keys.worker_info(worker_id), mapping=info)
-            res = await p.execute()
-        return res[0] is not None
+        k = self.keys
+        r = await self.scripts.call(
+            "heartbeat",
+            [k.heartbeat(worker_id), k.workers, k.worker_info(worker_id)],
+            [worker_id, int(ttl_s * 1000), _json(info or {})],
+        )
+        return int(r) == 1
 
     async def deregister(self, worker_id: str) -> None:
         """Remove a cleanly stopped worker (its active list must be empty)."""
         async with self.redis.pipeline(transaction=True) as p:
-            p.delete(self.keys.heartbeat(worker_id), self.keys.worker_info(worker_id))
+            p.delete(
+                self.keys.heartbeat(worker_id),
+                self.keys.worker_info(worker_id),
+                self.keys.claim_memo(worker_id),
+            )
             p.zrem(self.keys.workers, worker_id)
             await p.execute()
 
-    async def handback(self, worker_id: str, keep: list[str] | None = None) -> int:
+    async def handback(
+        self, worker_id: str, keep: list[str] | None = None, recover: bool = False, max_requeues: int = -1
+    ) -> int:
         """Return the jobs of the worker's active list, except ``keep``, to the front of
-        their ready lists; returns how many were requeued."""
-        return int(
-            await self.scripts.call("handback", [self.keys.active(worker_id)], [worker_id, _json(keep or [])])
+        their ready lists (``handback.lua``); returns how many were requeued.
+
+        ``recover=True`` is for a worker starting under an id that ran before: the jobs
+        died with the previous process, so they count toward ``max_requeues`` like a
+        reaped worker's (poisoned ones are dead-lettered).
+        """
+        n, _poisoned, ended = await self.scripts.call(
+            "handback",
+            [self.keys.active(worker_id)],
+            [worker_id, _json(keep or []), "recover" if recover else "handback", max_requeues],
         )
+        if ended:
+            await self.notify_cancelled([str(x) for x in ended])
+        return int(n)
 
     async def lease_holders(self, jobs: list[ClaimedJob]) -> list[bool]:
-        """For each job: does this attempt still hold its node (RUNNING, same attempt)?"""
+        """For each job: does this attempt still hold its node (RUNNING, same fence)?"""
         async with self.redis.pipeline(transaction=False) as p:
             for j in jobs:
-                p.hmget(self.keys.node(j.run_id, j.node_id), "status", "attempt")
+                p.hmget(self.keys.node(j.run_id, j.node_id), "status", "fence")
             res = await p.execute()
-        return [s == NodeState.RUNNING and a == str(j.attempt) for j, (s, a) in zip(jobs, res, strict=True)]
+        return [s == NodeState.RUNNING and f == j.fence for j, (s, f) in zip(jobs, res, strict=True)]
 
     # ---------------------------------------------------------------- reaper
 
@@ -375,7 +391,13 @@ class Broker:
         k = self.keys
         r = await self.scripts.call(
             "reap",
-            [k.workers, k.heartbeat(worker_id), k.active(worker_id), k.worker_info(worker_id)],
+            [
+                k.workers,
+                k.heartbeat(worker_id),
+                k.active(worker_id),
+                k.worker_info(worker_id),
+                k.claim_memo(worker_id),
+            ],
             [worker_id, max_requeues],
         )
         if r == -1:
@@ -385,8 +407,10 @@ class Broker:
         return ReapResult(worker_id, int(r[0]), int(r[1]), int(r[2]))
 
     async def stale_workers(self, older_than_s: float) -> list[str]:
-        """Workers whose last heartbeat in the index is older than ``older_than_s``."""
-        cutoff = time.time() - older_than_s
+        """Workers whose last heartbeat in the index is older than ``older_than_s``
+        seconds, judged on the server's clock (the index holds server times)."""
+        sec, usec = await self.redis.time()
+        cutoff = int(sec) + int(usec) / 1e6 - older_than_s
         return [str(w) for w in await self.redis.zrangebyscore(self.keys.workers, "-inf", cutoff)]
 
     async def promote_due(self, limit: int = 1000) -> int:

@@ -14,12 +14,15 @@ import click
 from redis import exceptions as redis_exc
 
 from .connection import ENV_PREFIX, ENV_URL, redact
-from .errors import RedisUnavailable, SpecError
+from .errors import LoopDied, RedisUnavailable, SpecError, WaitTimeout
+from .retry import describe
 
 EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_UNAVAILABLE = 3
+EXIT_FAILED = 1  # the run failed or was cancelled
+EXIT_USAGE = 2  # invalid spec or usage
+EXIT_UNAVAILABLE = 3  # Redis unreachable, refused the credentials, or lost the run
+EXIT_TIMEOUT = 4  # --timeout passed before the run ended (it goes on)
+EXIT_INTERNAL = 5  # a long-lived loop of the process died; a supervisor should restart it
 
 T = TypeVar("T")
 
@@ -69,9 +72,15 @@ def run_async(fn: Callable[..., Coroutine[Any, Any, int | None]]) -> Callable[..
         except RedisUnavailable as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(EXIT_UNAVAILABLE)
-        except (redis_exc.ConnectionError, redis_exc.TimeoutError) as e:
+        except WaitTimeout as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(EXIT_TIMEOUT)
+        except LoopDied as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(EXIT_INTERNAL)
+        except redis_exc.RedisError as e:
             url = kwargs.get("redis_url") or os.environ.get(ENV_URL) or "the configured URL"
-            click.echo(f"error: lost the connection to Redis at {redact(url)}: {e}", err=True)
+            click.echo(f"error: Redis at {redact(url)} failed: {describe(e)}", err=True)
             sys.exit(EXIT_UNAVAILABLE)
         except KeyboardInterrupt:
             sys.exit(130)

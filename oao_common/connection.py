@@ -8,10 +8,12 @@ server binary, the same protocol and Lua as production Redis.
 from __future__ import annotations
 
 import os
+import re
+import weakref
 from typing import Any
 
 from redis import exceptions as redis_exc
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import EqualJitterBackoff
 
@@ -27,8 +29,13 @@ def url_from_env(explicit: str | None = None) -> str | None:
     return explicit or os.environ.get(ENV_URL) or None
 
 
+_SECRET_PARAM = re.compile(r"(?i)([?&](?:password|sentinel_password)=)[^&#]*")
+
+
 def redact(url: str) -> str:
-    """``redis://user:secret@host`` → ``redis://user:***@host`` (secrets are never logged)."""
+    """``redis://user:secret@host/0?password=x`` → ``redis://user:***@host/0?password=***``:
+    secrets are never printed or logged."""
+    url = _SECRET_PARAM.sub(r"\1***", url)
     if "@" not in url or "://" not in url:
         return url
     scheme, rest = url.split("://", 1)
@@ -38,6 +45,13 @@ def redact(url: str) -> str:
 
 
 DEFAULT_MAX_CONNECTIONS = 64
+#: Seconds a command may wait for its reply before the connection counts as broken.
+#: Blocking commands OAO issues (BLPOP, XREAD BLOCK, pub/sub reads) wait less than this.
+DEFAULT_SOCKET_TIMEOUT_S = 10.0
+
+# How each client from connect() was made, so that reconnect() can open another like it
+# (the heartbeat thread needs its own connection on its own event loop).
+_made: weakref.WeakKeyDictionary[Redis, tuple[str, int, dict[str, Any]]] = weakref.WeakKeyDictionary()
 
 
 def connect(url: str, max_connections: int = DEFAULT_MAX_CONNECTIONS, **kwargs: Any) -> Redis:
@@ -45,30 +59,51 @@ def connect(url: str, max_connections: int = DEFAULT_MAX_CONNECTIONS, **kwargs: 
 
     Connections come from a *blocking* pool of ``max_connections``: when hundreds of
     nodes write at once, a command waits for a free connection instead of failing with
-    "Too many connections" (which would look like an outage). Commands retry connection
-    errors three times with equal-jitter backoff (redis-py's ``Retry``); callers above
-    that handle longer outages.
+    "Too many connections" (which would look like an outage). A reply that does not
+    come within ``DEFAULT_SOCKET_TIMEOUT_S`` (a dropped packet, a hung proxy) breaks the
+    connection instead of hanging the caller. Commands retry connection errors three
+    times with equal-jitter backoff (redis-py's ``Retry``); that is safe for OAO's Lua
+    scripts because each is idempotent for a re-sent call (``claim.lua`` through its
+    claim id; see docs/architecture.md). Callers above handle longer outages
+    (``oao_common.retry``).
     """
     opts: dict[str, Any] = {
         "decode_responses": True,
         "health_check_interval": 30,
         "socket_keepalive": True,
+        "socket_timeout": DEFAULT_SOCKET_TIMEOUT_S,
+        "socket_connect_timeout": DEFAULT_SOCKET_TIMEOUT_S,
         "retry": Retry(EqualJitterBackoff(cap=1.0, base=0.05), 3),
         "retry_on_error": [redis_exc.ConnectionError, redis_exc.TimeoutError],
     }
     opts.update(kwargs)
     pool = BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=None, **opts)
-    return Redis(connection_pool=pool)
+    client = Redis(connection_pool=pool)
+    _made[client] = (url, max_connections, kwargs)
+    return client
+
+
+def reconnect(client: Redis, max_connections: int = 4) -> Redis:
+    """A new client (new pool, new connections) to the same server as ``client``, for
+    use on another event loop (made like ``client`` if it came from :func:`connect`)."""
+    made = _made.get(client)
+    if made is not None:
+        url, _, kwargs = made
+        return connect(url, max_connections=max_connections, **kwargs)
+    pool = client.connection_pool  # a client built by hand: copy its pool's settings
+    return Redis(connection_pool=ConnectionPool(max_connections=max_connections, **pool.connection_kwargs))
 
 
 async def ping(redis: Redis, url: str) -> None:
     """Check the server answers; raises :class:`RedisUnavailable` with one clear line."""
     try:
         await redis.ping()
+    except redis_exc.AuthenticationError as e:  # a ConnectionError: test it first
+        raise RedisUnavailable(f"Redis at {redact(url)} refused the credentials: {e}") from None
     except (redis_exc.ConnectionError, redis_exc.TimeoutError, OSError) as e:
         raise RedisUnavailable(f"cannot reach Redis at {redact(url)}: {e}") from None
-    except redis_exc.AuthenticationError as e:
-        raise RedisUnavailable(f"Redis at {redact(url)} refused the credentials: {e}") from None
+    except redis_exc.ResponseError as e:
+        raise RedisUnavailable(f"Redis at {redact(url)} answered with an error: {e}") from None
 
 
 class EmbeddedServer:

@@ -1,6 +1,6 @@
 """The exception hierarchy of OAO.
 
-Retry classification follows one rule (DESIGN.md guarantee 5): an error is retried
+Retry classification follows one rule (docs/guarantees.md): an error is retried
 only if it is a :class:`TransientError` or an unexpected exception from agent code;
 every :class:`PermanentError` (policy violations, non-determinism, bad input, HTTP
 4xx other than 429) fails the node at once.
@@ -26,7 +26,17 @@ class SpecError(OAOError):
 
 
 class RedisUnavailable(OAOError):
-    """Redis (or Valkey) cannot be reached at the configured URL."""
+    """Redis (or Valkey) cannot be reached at the configured URL, refused the
+    credentials, or no longer has the run a command waits for."""
+
+
+class WaitTimeout(OAOError, TimeoutError):
+    """Waiting for a run ran past the caller's timeout (the run itself goes on)."""
+
+
+class LoopDied(OAOError):
+    """A long-lived loop of a process (reaper, escalation, claim...) ended with an error
+    it could not survive; the process should exit non-zero and be restarted."""
 
 
 class PermanentError(OAOError):
@@ -95,7 +105,7 @@ class PolicyViolation(PermanentError):
 
 
 class NonDeterminismError(PermanentError):
-    """A replayed step's request differs from the recorded one (DESIGN.md guarantee 4).
+    """A replayed step's request differs from the recorded one (docs/guarantees.md).
 
     Mirrors Temporal's non-determinism error: it names the step and both hashes.
     """

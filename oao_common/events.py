@@ -41,6 +41,7 @@ class EventType(StrEnum):
     STEP_RETRIED = "STEP_RETRIED"
     POLICY_VIOLATION = "POLICY_VIOLATION"
     RATE_LIMIT_WAIT = "RATE_LIMIT_WAIT"
+    LOOP_BLOCKED = "LOOP_BLOCKED"  # the node's code held the worker's event loop (seconds)
     # protocol
     STALE_ATTEMPT_REJECTED = "STALE_ATTEMPT_REJECTED"
 

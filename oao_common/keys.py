@@ -88,6 +88,11 @@ class Keys:
     def worker_info(self, wid: str) -> str:
         return f"{self.prefix}:w:{wid}:info"
 
+    def claim_memo(self, wid: str) -> str:
+        """The worker's last claim (id and the jobs it took, ``claim.lua``), kept a minute
+        so that a claim re-sent after a lost reply returns the same jobs."""
+        return f"{self.prefix}:w:{wid}:claim"
+
     @property
     def workers(self) -> str:
         return f"{self.prefix}:workers"
@@ -131,14 +136,17 @@ class Keys:
 
     def templates(self) -> dict[str, str]:
         """``string.format`` templates for Lua (``ARGV[1]`` of every script, as JSON):
-        each is the Python key with ``%s`` where the variable part goes."""
+        each is the Python key with ``%s`` where the variable part goes. A ``%`` in the
+        prefix is doubled, so any prefix is safe in a template."""
+        esc = Keys(self.prefix.replace("%", "%%"))
         return {
-            "run": self.run("%s"),
-            "node": self.node("%s", "%s"),
-            "events": self.events("%s"),
-            "queue": self.queue("%s"),
-            "steps": self.steps("%s"),
-            "parked": self.parked("%s"),
+            "run": esc.run("%s"),
+            "node": esc.node("%s", "%s"),
+            "events": esc.events("%s"),
+            "queue": esc.queue("%s"),
+            "steps": esc.steps("%s"),
+            "parked": esc.parked("%s"),
+            "reservations": esc.reservations("%s"),
             "finished": self.finished,
-            "wake": self.wake("%s"),
+            "wake": esc.wake("%s"),
         }

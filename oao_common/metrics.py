@@ -1,5 +1,5 @@
 """Prometheus metrics of workers and the scheduler (``prometheus-client``): the one
-place that defines them. Names follow DESIGN.md ("Observability").
+place that defines them; docs/architecture.md lists them.
 
 A process exposes them with :func:`serve_metrics` (``oao-worker --metrics-port``,
 ``oao-scheduler serve --metrics-port``) at ``http://HOST:PORT/metrics``.
@@ -34,6 +34,17 @@ RATE_LIMIT_WAITS = Counter("oao_rate_limit_waits_total", "Times a call waited fo
 QUEUE_SIZE = Gauge("oao_queue_size", "Ready jobs per queue", ["queue"])
 DELAYED_SIZE = Gauge("oao_delayed_jobs", "Retries waiting in the delayed set")
 WORKERS_ALIVE = Gauge("oao_workers_alive", "Workers with a live heartbeat")
+LOOP_BLOCKED_SECONDS = Histogram(
+    "oao_event_loop_blocked_seconds",
+    "Episodes of a worker's event loop held by one task, seconds",
+    buckets=(1, 2, 5, 10, 30, 60, 300),
+)
+WORKER_SATURATED = Counter(
+    "oao_worker_executor_saturated_total", "Times a worker's sync threads were all hung"
+)
+REDIS_ERRORS = Counter(
+    "oao_redis_errors_total", "Redis errors met by long-lived loops, by loop and error code", ["loop", "code"]
+)
 
 
 def serve_metrics(port: int, addr: str = "0.0.0.0") -> None:

@@ -12,6 +12,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .retry import exponential_delay_s
+
 
 class PolicySpec(BaseModel):
     """Budgets of one node (``StrictPolicy``). Fields left unset inherit the defaults."""
@@ -83,14 +85,15 @@ def backoff_delay_s(retry: RetrySpec, retry_number: int, rng: random.Random | No
     """Delay in seconds before retry number ``retry_number`` (1-based).
 
     Exponential backoff ``retry_delay_s * backoff ** (n - 1)`` capped at ``max_delay_s``,
-    with "equal jitter" when ``jitter`` is on: half the delay plus a uniform draw over the
-    other half (M. Brooker, "Exponential Backoff And Jitter", AWS Architecture Blog, 2015),
-    so retries of many nodes spread out but never fire immediately.
+    with "equal jitter" when ``jitter`` is on (``oao_common.retry.exponential_delay_s``:
+    half the delay plus a uniform draw over the other half), so retries of many nodes
+    spread out but never fire immediately. Never ``inf``, whatever the settings.
     """
-    base = float(retry.retry_delay_s or 0.0) * float(retry.backoff or 1.0) ** max(0, retry_number - 1)
-    if retry.max_delay_s is not None:
-        base = min(base, float(retry.max_delay_s))
-    if retry.jitter and base > 0:
-        r = rng or random
-        return base / 2 + r.uniform(0, base / 2)
-    return base
+    return exponential_delay_s(
+        retry_number,
+        float(retry.retry_delay_s or 0.0),
+        retry.max_delay_s,
+        factor=float(retry.backoff or 1.0),
+        jitter=bool(retry.jitter),
+        rng=rng,
+    )

@@ -1,7 +1,8 @@
 """``oao-scheduler``: validate, submit, run and inspect DAG runs; serve the reaper.
 
 Exit codes: 0 success, 1 the run failed (or was cancelled), 2 invalid spec or usage,
-3 Redis unreachable.
+3 Redis unreachable (or the run was lost), 4 ``--timeout`` passed before the run
+ended, 5 a loop of ``serve`` died (restart it).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from oao_common.log import configure_logging, get_logger
 from oao_common.metrics import serve_metrics
 from oao_common.spec import Spec, apply_inputs, load_spec, parse_input_pairs
 from oao_common.states import RunState
+from oao_common.supervise import supervise
 
 from .escalation import Escalator
 from .progress import wait_for_run
@@ -456,7 +458,9 @@ async def serve(
     """Run the reaper (dead-worker recovery), the delayed-retry promoter and escalation.
 
     Any number of `serve` processes may run at once; the scripts they run are atomic
-    and idempotent. Stops on SIGTERM / SIGINT.
+    and idempotent. Redis errors (outages, OOM, READONLY after a failover) are logged
+    and retried with backoff. Stops on SIGTERM / SIGINT; exits 5 if one of its loops
+    dies anyway, so a supervisor restarts it.
     """
     url = redis_url or DEFAULT_URL
     broker = await _broker(url, prefix)
@@ -475,7 +479,7 @@ async def serve(
     log.info(
         "serve.started", redis=redact(url), reaper_interval_s=reaper_interval, heartbeat_ttl_s=heartbeat_ttl
     )
-    await asyncio.gather(reaper.run(stop), escalator.run(stop))
+    await supervise({"reaper": reaper.run(stop), "escalation": escalator.run(stop)}, stop)
     log.info(
         "serve.stopped",
         passes=reaper.stats.passes,

@@ -24,12 +24,12 @@ from redis import exceptions as redis_exc
 from oao_common.broker import Broker
 from oao_common.events import EventType
 from oao_common.log import get_logger
+from oao_common.retry import LOOP_ERRORS, Backoff, exponential_delay_s
 from oao_common.spec import EscalationSpec, Spec
 
 from .report import collect
 
 GROUP = "oao-escalation"
-REDIS_ERRORS = (redis_exc.ConnectionError, redis_exc.TimeoutError, OSError)
 
 
 class Escalator:
@@ -55,16 +55,15 @@ class Escalator:
         self._group_ready = True
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Handle run endings until ``stop`` is set; Redis outages are retried."""
-        failures = 0
+        """Handle run endings until ``stop`` is set; any Redis error is logged and
+        retried with backoff, never fatal."""
+        backoff = Backoff(self.log, "escalator", base_s=0.2, cap_s=10.0)
         while not stop.is_set():
             try:
                 await self.poll(block_ms=500)
-                failures = 0
-            except REDIS_ERRORS as e:
-                failures += 1
-                self.log.warning("escalator.redis_unavailable", error=str(e))
-                await asyncio.sleep(min(10.0, 0.2 * 2**failures))
+                backoff.ok()
+            except LOOP_ERRORS as e:
+                await backoff.sleep_after(e)
 
     async def poll(self, block_ms: int = 0) -> int:
         """Handle what is pending (reclaimed or new); returns the number handled."""
@@ -111,5 +110,5 @@ class Escalator:
                 except httpx.HTTPError as e:
                     last = {"ok": False, "http_status": None, "attempts": attempt, "error": str(e)}
                 if attempt < esc.max_attempts:
-                    await asyncio.sleep(min(self.backoff_cap_s, 2 ** (attempt - 1)))
+                    await asyncio.sleep(exponential_delay_s(attempt, 1.0, self.backoff_cap_s, jitter=False))
         return last

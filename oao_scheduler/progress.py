@@ -16,6 +16,9 @@ from rich.table import Table
 from rich.text import Text
 
 from oao_common.broker import Broker
+from oao_common.errors import RedisUnavailable, WaitTimeout
+from oao_common.log import get_logger
+from oao_common.retry import LOOP_ERRORS, Backoff
 from oao_common.states import RunState
 
 from .report import STATUS_STYLE
@@ -57,11 +60,17 @@ async def wait_for_run(
     timeout_s: float | None = None,
 ) -> str:
     """Poll until the run is terminal; return its status. With ``console``, show
-    progress (live on a terminal, change lines otherwise). Raises ``TimeoutError``."""
-    run = await broker.get_run(run_id)
-    node_ids = [n for n in run.get("node_ids", "").split(",") if n]
+    progress (live on a terminal, change lines otherwise).
+
+    Redis errors (an outage, a failover, OOM) are logged and waited out with backoff.
+    Raises :class:`WaitTimeout` after ``timeout_s`` seconds, and
+    :class:`RedisUnavailable` if the run disappears from Redis (pruned, or lost by a
+    server that restarted without persistence): waiting would never end.
+    """
     t0 = time.monotonic()
     deadline = None if timeout_s is None else t0 + timeout_s
+    backoff = Backoff(get_logger(component="wait", run_id=run_id), "wait")
+    node_ids: list[str] | None = None
     live: Live | None = None
     if console is not None and console.is_terminal:
         live = Live(console=console, refresh_per_second=8, transient=False)
@@ -69,7 +78,23 @@ async def wait_for_run(
     last: list[str] = []
     try:
         while True:
-            status, states = await _snapshot(broker, run_id, node_ids)
+            if deadline is not None and time.monotonic() > deadline:
+                raise WaitTimeout(f"run {run_id} had not ended after {timeout_s:g} s (it goes on)")
+            try:
+                if node_ids is None:
+                    run = await broker.get_run(run_id)
+                    if not run:
+                        raise RedisUnavailable(f"run {run_id} does not exist in Redis")
+                    node_ids = [n for n in run.get("node_ids", "").split(",") if n]
+                status, states = await _snapshot(broker, run_id, node_ids)
+                backoff.ok()
+            except LOOP_ERRORS as e:
+                await backoff.sleep_after(e)
+                continue
+            if status == "?":
+                raise RedisUnavailable(
+                    f"run {run_id} is no longer in Redis (pruned, or lost by a server restart)"
+                )
             if live is not None:
                 live.update(_view(run_id, status, node_ids, states, t0))
             elif console is not None and len(node_ids) <= TABLE_LIMIT:
@@ -79,8 +104,6 @@ async def wait_for_run(
             last = states
             if status in RunState.__members__ and RunState(status).terminal:
                 return status
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"run {run_id} still {status} after {timeout_s}s")
             await asyncio.sleep(interval_s)
     finally:
         if live is not None:

@@ -18,13 +18,10 @@ import asyncio
 import contextlib
 from dataclasses import dataclass
 
-from redis import exceptions as redis_exc
-
 from oao_common import metrics
 from oao_common.broker import Broker, ReapResult
 from oao_common.log import get_logger
-
-REDIS_ERRORS = (redis_exc.ConnectionError, redis_exc.TimeoutError, OSError)
+from oao_common.retry import LOOP_ERRORS, Backoff
 
 
 @dataclass(slots=True)
@@ -94,19 +91,15 @@ class Reaper:
         metrics.WORKERS_ALIVE.set(sum(1 for w in await self.broker.workers() if w["alive"]))
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Tick every ``interval_s`` until ``stop`` is set; Redis outages are logged and
-        retried with backoff, never fatal."""
-        failures = 0
+        """Tick every ``interval_s`` until ``stop`` is set; any Redis error (outage, OOM,
+        READONLY...) is logged and retried with backoff, never fatal."""
+        backoff = Backoff(self.log, "reaper", base_s=self.interval_s, cap_s=10.0)
         while not stop.is_set():
             try:
                 await self.tick()
-                if failures:
-                    self.log.info("reaper.redis_back", after_failures=failures)
-                failures = 0
+                backoff.ok()
                 wait = self.interval_s
-            except REDIS_ERRORS as e:
-                failures += 1
-                wait = min(10.0, self.interval_s * 2 ** min(failures, 4))
-                self.log.warning("reaper.redis_unavailable", error=str(e), retry_in_s=wait)
+            except LOOP_ERRORS as e:
+                wait = backoff.failed(e)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=wait)

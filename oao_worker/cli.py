@@ -1,6 +1,8 @@
 """``oao-worker``: a stateless worker process of the fleet.
 
-Exit codes: 0 after a graceful stop, 3 Redis unreachable at start.
+Exit codes: 0 after a graceful stop, 3 Redis unreachable at start, 5 the worker
+stopped on its own (a loop died, its sync threads are all hung, its event loop is
+wedged): a supervisor should start a new one.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import click
 
 from oao_common.broker import Broker
 from oao_common.cli_support import (
+    EXIT_INTERNAL,
     add_app_dir,
     metrics_port_option,
     prefix_option,
@@ -47,7 +50,24 @@ from .worker import Worker
     show_default=True,
     help="Seconds in-flight nodes get to finish on SIGTERM before being handed back.",
 )
-@click.option("--worker-id", default=None, help="Default: <host>-<pid>-<random>.")
+@click.option(
+    "--worker-id",
+    default=None,
+    help="Default: <host>-<pid>-<random>. A stable id (a pod name) is fine: at start the "
+    "worker requeues what a previous process under the same id left behind.",
+)
+@click.option(
+    "--sync-threads",
+    type=click.IntRange(1, 1024),
+    default=None,
+    help="Threads for sync agent and tool code (default: concurrency, 4..64).",
+)
+@click.option(
+    "--max-requeues",
+    default=5,
+    show_default=True,
+    help="As serve's: requeues after worker deaths before a node is dead-lettered.",
+)
 @click.option("--app-dir", default=None, help="Directory put on sys.path for entrypoints (default: cwd).")
 @metrics_port_option
 @click.option("--log-level", default=None, help="debug, info, warning, error (env OAO_LOG_LEVEL).")
@@ -60,6 +80,8 @@ async def main(
     heartbeat_ttl: float,
     grace_period: float,
     worker_id: str | None,
+    sync_threads: int | None,
+    max_requeues: int,
     app_dir: str | None,
     metrics_port: int | None,
     log_level: str | None,
@@ -84,12 +106,14 @@ async def main(
         worker_id=worker_id,
         heartbeat_ttl_s=heartbeat_ttl,
         grace_period_s=grace_period,
+        sync_threads=sync_threads,
+        max_requeues=max_requeues,
     )
     loop = asyncio.get_running_loop()
 
     def on_signal() -> None:
         if worker.stopping:
-            worker.grace_period_s = 0.0
+            worker.end_grace()
         worker.request_stop()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -97,6 +121,9 @@ async def main(
             loop.add_signal_handler(sig, on_signal)
     await worker.run()
     await r.aclose()
+    if worker.fatal:
+        click.echo(f"error: worker {worker.id} stopped: {worker.fatal}", err=True)
+        return EXIT_INTERNAL
     return 0
 
 

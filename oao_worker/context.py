@@ -43,7 +43,7 @@ from .guards import CallGuards, Guard
 from .lifecycle import AgentState, Lifecycle
 from .providers import ModelReply, ModelRequest, Provider
 from .providers.base import estimate_message_tokens
-from .tools import Tool, ToolCallInfo
+from .tools import RunSync, Tool, ToolCallInfo
 
 T = TypeVar("T")
 
@@ -92,6 +92,7 @@ class AgentContext:
         retry: RetrySpec | None = None,
         call_guards: CallGuards | None = None,
         guards: dict[str, Guard] | None = None,
+        run_sync: RunSync | None = None,
     ) -> None:
         self.broker = broker
         self.worker_id = worker_id
@@ -112,6 +113,9 @@ class AgentContext:
         self.call_guards = call_guards
         self.guards = guards or {}
         self.budget = budget or RunBudget(broker, job.run_id, RunPolicySpec(), 0)
+        #: ``await ctx.run_sync(fn, *args)``: run blocking code in the worker's bounded
+        #: executor (its time counts from when its thread starts; see executor.py).
+        self.run_sync: RunSync = run_sync or asyncio.to_thread
         self.idempotency_key: str | None = None
         self.replayed_steps = 0
         self.executed_steps = 0
@@ -405,8 +409,10 @@ class AgentContext:
         )
         return ModelReply.from_dict(result)
 
-    async def tool(self, name: str, **args: Any) -> Any:
+    async def tool(self, name: str, /, **args: Any) -> Any:
         """One tool call (a step): ``await ctx.tool("notes.search", query="x")``.
+
+        ``name`` is positional-only, so a tool may have an argument called ``name``.
 
         The result must be JSON-serializable (others are stored as ``str``). Raises
         ``PolicyViolation`` for a tool outside the allow-list, ``PermanentError`` for an
@@ -434,7 +440,9 @@ class AgentContext:
                 tool = self.tools[name]
                 value = await self._retrying(
                     step,
-                    lambda: self._guarded(f"tool:{name}", 0, lambda: tool.call(args, info), lambda _: 0),
+                    lambda: self._guarded(
+                        f"tool:{name}", 0, lambda: tool.call(args, info, self.run_sync), lambda _: 0
+                    ),
                     # an idempotent tool may be called again; others could repeat an effect
                     lambda e: tool.spec.idempotent and _transient_tool_error(e),
                 )

@@ -1,9 +1,15 @@
 """Per-run state a worker builds once and reuses for every node of that run:
-the parsed spec, its inputs, agents, providers and tools (a small LRU cache)."""
+the parsed spec, its inputs, agents, providers and tools (a small LRU cache).
+
+Building it imports the spec's entrypoints and may instantiate agent classes: code
+that can block for seconds. All of that runs through ``run_sync`` (the worker's
+executor), never on the event loop, so a slow import cannot stop heartbeats or other
+nodes. Providers of evicted runs are closed (their HTTP connections released)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -17,7 +23,7 @@ from oao_common.spec import Spec
 from .agents import Agent, build_agent
 from .guards import Guard
 from .providers import Provider, make_provider
-from .tools import Tool, load_tools
+from .tools import RunSync, Tool, load_tools
 
 
 @dataclass(slots=True)
@@ -31,12 +37,20 @@ class RunRuntime:
     started_at_ms: int = 0
     agents: dict[str, Agent] = field(default_factory=dict)
 
-    def agent(self, name: str) -> Agent:
-        """The agent ``name``, built on first use (imports its entrypoint)."""
+    async def agent(self, name: str, run_sync: RunSync) -> Agent:
+        """The agent ``name``, built on first use through ``run_sync`` (it imports the
+        entrypoint); raises :class:`PermanentError` if that fails."""
         a = self.agents.get(name)
         if a is None:
-            a = self.agents[name] = build_agent(name, self.spec.agents[name])
+            a = await run_sync(build_agent, name, self.spec.agents[name])
+            a = self.agents.setdefault(name, a)
         return a
+
+    async def aclose(self) -> None:
+        """Close the providers' clients."""
+        for p in self.providers.values():
+            with contextlib.suppress(Exception):
+                await p.aclose()
 
 
 def guards_of(spec: Spec) -> dict[str, Guard]:
@@ -55,11 +69,14 @@ def guards_of(spec: Spec) -> dict[str, Guard]:
 
 
 class RuntimeCache:
-    """LRU of :class:`RunRuntime` by run id (``size`` runs)."""
+    """LRU of :class:`RunRuntime` by run id (``size`` runs); blocking work through
+    ``run_sync`` (default ``asyncio.to_thread``)."""
 
-    def __init__(self, broker: Broker, size: int = 128) -> None:
+    def __init__(self, broker: Broker, size: int = 128, run_sync: RunSync | None = None) -> None:
         self.broker = broker
         self.size = size
+        self.run_sync: RunSync = run_sync or asyncio.to_thread
+        self._closing: set[asyncio.Task[None]] = set()
         self._items: OrderedDict[str, RunRuntime] = OrderedDict()
         self._loading: dict[str, asyncio.Future[RunRuntime]] = {}
 
@@ -88,8 +105,19 @@ class RuntimeCache:
         fut.set_result(rt)
         self._items[run_id] = rt
         while len(self._items) > self.size:
-            self._items.popitem(last=False)
+            _, old = self._items.popitem(last=False)
+            t = asyncio.get_running_loop().create_task(old.aclose())
+            self._closing.add(t)
+            t.add_done_callback(self._closing.discard)
         return rt
+
+    async def aclose(self) -> None:
+        """Close every cached runtime's providers."""
+        items, self._items = list(self._items.values()), OrderedDict()
+        for rt in items:
+            await rt.aclose()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
     async def _load(self, run_id: str) -> RunRuntime:
         spec_json, inputs_json, started_at = await self.broker.get_spec_json(run_id)
@@ -99,13 +127,13 @@ class RuntimeCache:
             spec = Spec.from_stored_json(spec_json)
         except ValueError as e:
             raise PermanentError(f"run {run_id}: stored spec no longer validates: {e}") from None
-        rt = RunRuntime(
+        tools = await self.run_sync(load_tools, spec.tools)
+        return RunRuntime(
             spec=spec,
             inputs=json.loads(inputs_json or "{}"),
             providers={name: make_provider(name, m) for name, m in spec.models.items()},
-            tools=load_tools(spec.tools),
+            tools=tools,
             prices={name: price_of(m) for name, m in spec.models.items()},
             guards=guards_of(spec),
             started_at_ms=int(started_at or 0),
         )
-        return rt

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +35,9 @@ class ToolCallInfo:
     attempt: int = 0
 
 
+#: Runs a sync callable off the event loop: ``await run_sync(fn, *args, **kwargs)``.
+RunSync = Callable[..., Awaitable[Any]]
+
 _current: ContextVar[ToolCallInfo | None] = ContextVar("oao_tool_call", default=None)
 
 
@@ -50,12 +53,14 @@ def idempotency_key() -> str | None:
 
 
 def load_entrypoint(entrypoint: str) -> Any:
-    """Import ``module:attr.path``; raises :class:`PermanentError` with the cause."""
+    """Import ``module:attr.path``; raises :class:`PermanentError` with the cause, for
+    any exception the module raises while it is imported. Blocking: workers call it
+    through their executor (``oao_worker/executor.py``), never on the event loop."""
     module_name, _, attr_path = entrypoint.partition(":")
     try:
         obj: Any = importlib.import_module(module_name)
-    except ImportError as e:
-        raise PermanentError(f"cannot import {entrypoint!r}: {e}") from None
+    except Exception as e:  # any failure of the module's code, not only ImportError
+        raise PermanentError(f"cannot import {entrypoint!r}: {type(e).__name__}: {e}") from None
     for part in attr_path.split("."):
         try:
             obj = getattr(obj, part)
@@ -95,8 +100,10 @@ class Tool:
             },
         }
 
-    async def call(self, args: dict[str, Any], info: ToolCallInfo) -> Any:
-        """Run the tool with keyword ``args`` (sync tools in a thread) under ``info``.
+    async def call(self, args: dict[str, Any], info: ToolCallInfo, run_sync: RunSync | None = None) -> Any:
+        """Run the tool with keyword ``args`` under ``info``: async tools on the loop,
+        sync tools through ``run_sync`` (the worker's bounded executor; default
+        ``asyncio.to_thread``).
 
         A ``TypeError`` from binding the arguments becomes :class:`PermanentError`.
         """
@@ -108,7 +115,7 @@ class Tool:
         try:
             if inspect.iscoroutinefunction(self.func):
                 return await self.func(**args)
-            return await asyncio.to_thread(self.func, **args)
+            return await (run_sync or asyncio.to_thread)(self.func, **args)
         finally:
             _current.reset(token)
 

@@ -1,19 +1,37 @@
-"""The worker: claims nodes (atomic LMOVE in Lua, ADR 007), runs up to ``concurrency`` at once on
-asyncio, heartbeats, and shuts down gracefully.
+"""The worker: claims nodes (atomic LMOVE in Lua, ADR 007), runs up to ``concurrency`` at
+once on asyncio, heartbeats from a thread, and shuts down gracefully.
 
 Claiming: with free slots, ``claim.lua`` moves up to that many ready jobs into this
 worker's active list and makes them RUNNING attempts, in one round trip, taking the
 worker's queues in order and each queue's priority bands high, normal, low. When it
 finds nothing, the worker blocks in ``BLPOP`` on its queues' wake tokens (no polling)
-until a push wakes it (ADR 007).
+until a push wakes it (ADR 007). Each claim carries a random claim id: a claim the
+client re-sends after a lost reply returns the same jobs, and the fencing tokens of
+the attempts it creates can never be issued again (docs/architecture.md).
 
-Heartbeat: ``SET <hb> PX ttl`` every ``ttl / 3``. If a refresh finds the key already
-gone (the process was paused past its TTL and may have been reaped), the worker checks
-its leases and abandons the nodes it lost; fencing rejects their writes anyway.
+Reconciliation: the active list in Redis must hold exactly the jobs the worker runs.
+At start the worker recovers the jobs a previous process under the same id left there
+(a restarted pod); the claim loop, which alone adds jobs, hands back every entry it is
+not running every ``reconcile_every_s`` and after each Redis error (a lost claim
+reply, writes Redis lost and rewound, a cancelled node).
+
+Heartbeat and watchdog: a thread with its own event loop and connection
+(``heartbeat.py``), so a blocked event loop cannot make a live worker look dead; the
+same thread reports a blocked loop, names the node that blocks it, and fails it past
+its time limit.
+
+Sync code (agents' ``invoke``, sync tools, imports, templates with statements) runs
+in the worker's own bounded executor (``executor.py``). A worker whose threads are all
+hung in calls that timed out stops claiming and exits to be replaced.
+
+Every long-lived loop survives any Redis error (logged, jittered backoff,
+``oao_common/retry.py``); if one dies anyway, or the heartbeat thread does, the worker
+stops and :attr:`Worker.fatal` says why (``oao-worker`` then exits with status 5).
 
 Shutdown (SIGTERM / SIGINT): stop claiming, give in-flight nodes ``grace_period_s`` to
-finish, cancel the rest and hand every job of the active list back to the front of its
-ready list (``handback.lua``), then deregister.
+finish (a second signal, :meth:`Worker.end_grace`, cuts it short), cancel the rest and
+hand every job of the active list back to the front of its ready list
+(``handback.lua``), then deregister.
 """
 
 from __future__ import annotations
@@ -26,11 +44,10 @@ import time
 from collections import deque
 from typing import Any
 
-from redis import exceptions as redis_exc
-
 from oao_common import metrics
 from oao_common.broker import Broker, ClaimedJob
 from oao_common.circuit import CircuitBreaker
+from oao_common.connection import reconnect
 from oao_common.errors import (
     PermanentError,
     PolicyViolation,
@@ -39,17 +56,18 @@ from oao_common.errors import (
 )
 from oao_common.events import EventType, pending_event
 from oao_common.log import get_logger
-from oao_common.policy import backoff_delay_s
+from oao_common.policy import DEFAULT_RETRY, backoff_delay_s
 from oao_common.ratelimit import RateLimiter
-from oao_common.templating import render
+from oao_common.retry import LOOP_ERRORS, Backoff, describe
+from oao_common.templating import render_off_loop
 
 from .budget import RunBudget
 from .context import AgentContext
+from .executor import SyncExecutor, node_deadline
 from .governance import Governor, StrictPolicy
 from .guards import CallGuards
+from .heartbeat import HeartbeatThread, Running
 from .runtime import RuntimeCache
-
-REDIS_ERRORS = (redis_exc.ConnectionError, redis_exc.TimeoutError, OSError)
 
 
 def default_worker_id() -> str:
@@ -105,6 +123,11 @@ class Worker:
 
     ``heartbeat_ttl_s``: seconds a heartbeat lives; the reaper treats a worker whose
     key expired as dead. ``claim_batch``: most extra jobs taken per claim round trip.
+    ``sync_threads``: size of the executor for sync agent and tool code (default
+    ``concurrency``, at least 4, at most 64). ``reconcile_every_s``: seconds between
+    reconciliations of the active list. ``block_warn_s``: event-loop lag (seconds)
+    reported as a blocked loop. ``max_requeues``: as the reaper's, for the jobs a
+    previous process under the same id left behind.
     """
 
     def __init__(
@@ -117,6 +140,10 @@ class Worker:
         grace_period_s: float = 30.0,
         claim_timeout_s: float = 1.0,
         claim_batch: int = 32,
+        sync_threads: int | None = None,
+        reconcile_every_s: float = 10.0,
+        block_warn_s: float = 1.0,
+        max_requeues: int = 5,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
@@ -129,25 +156,46 @@ class Worker:
         # Idle waits stay well inside the heartbeat so a stopping worker exits promptly.
         self.claim_timeout_s = min(claim_timeout_s, heartbeat_ttl_s / 4)
         self.claim_batch = claim_batch
-        self.runtimes = RuntimeCache(broker)
+        self.reconcile_every_s = reconcile_every_s
+        self.block_warn_s = block_warn_s
+        self.max_requeues = max_requeues
+        self.executor = SyncExecutor(sync_threads or max(4, min(64, concurrency)), name=f"{self.id}-sync")
+        self.runtimes = RuntimeCache(broker, run_sync=self.executor.run)
         self.call_guards = CallGuards(
             RateLimiter(broker.redis, broker.keys), CircuitBreaker(broker.redis, broker.keys)
         )
         self.log = get_logger(worker_id=self.id)
+        #: Why the worker stopped on its own (a loop died, executor saturated), else None.
+        self.fatal: str | None = None
         self._slots = _Slots(concurrency)
         self._stop = asyncio.Event()
+        self._end_grace = asyncio.Event()
         self._inflight: dict[asyncio.Task[None], ClaimedJob] = {}
         self._cancelled: set[asyncio.Task[Any]] = set()
+        self._running: dict[str, Running] = {}  # task name -> job and limit (watchdog)
+        self._blocked_s: dict[str, float] = {}  # task name -> seconds it blocked the loop
+        self._reconcile_needed = True
+        self._heartbeat: HeartbeatThread | None = None
+        self._background: set[asyncio.Task[None]] = set()
         self.completed = 0
         self.failed = 0
 
     # ------------------------------------------------------------------ lifecycle
 
-    def request_stop(self) -> None:
-        """Stop claiming and begin the graceful shutdown (safe from a signal handler)."""
+    def request_stop(self, fatal: str | None = None) -> None:
+        """Stop claiming and begin the graceful shutdown (safe from a signal handler).
+        ``fatal`` records why the worker stops on its own (then it exits non-zero)."""
+        if fatal and not self.fatal:
+            self.fatal = fatal
+            self.log.error("worker.fatal", reason=fatal)
         if not self._stop.is_set():
             self.log.info("worker.stopping", inflight=len(self._inflight))
             self._stop.set()
+
+    def end_grace(self) -> None:
+        """Cut the grace period short: in-flight nodes are stopped and handed back now."""
+        self.grace_period_s = 0.0
+        self._end_grace.set()
 
     @property
     def stopping(self) -> bool:
@@ -162,28 +210,95 @@ class Worker:
             "concurrency": str(self.concurrency),
             "started_at": f"{time.time():.3f}",
         }
-        await self.broker.heartbeat(self.id, self.heartbeat_ttl_s, info)
+        if not await self._start(info):
+            return
         self.log.info("worker.started", queues=self.queues, concurrency=self.concurrency)
-        hb = asyncio.create_task(self._heartbeat_loop(), name=f"{self.id}-heartbeat")
-        control = asyncio.create_task(self._control_loop(), name=f"{self.id}-control")
-        loops = [asyncio.create_task(self._claim_loop(), name=f"{self.id}-claim")]
+        loops = {
+            asyncio.create_task(self._claim_loop(), name=f"{self.id}-claim"): "claim",
+            asyncio.create_task(self._control_loop(), name=f"{self.id}-control"): "control",
+        }
+        watch = asyncio.create_task(self._watch(loops), name=f"{self.id}-watch")
         try:
             await self._stop.wait()
         finally:
+            watch.cancel()
             for t in loops:
                 t.cancel()
-            await asyncio.gather(*loops, return_exceptions=True)
+            await asyncio.gather(watch, *loops, return_exceptions=True)
             await self._drain()
-            hb.cancel()
-            control.cancel()
-            await asyncio.gather(hb, control, return_exceptions=True)
             await self._leave()
+            if self._heartbeat is not None:
+                await asyncio.to_thread(self._heartbeat.stop)
+            await self.runtimes.aclose()
+            self.executor.shutdown()
+
+    async def _start(self, info: dict[str, str]) -> bool:
+        """Register, recover what a previous process under this id left in the active
+        list, start the heartbeat thread. Retries Redis errors until stopped."""
+        backoff = Backoff(self.log, "worker.start")
+        while not self._stop.is_set():
+            try:
+                await self.broker.heartbeat(self.id, self.heartbeat_ttl_s, info)
+                n = await self.broker.handback(self.id, recover=True, max_requeues=self.max_requeues)
+                backoff.ok()
+                if n:
+                    metrics.REQUEUED.labels("worker_restart").inc(n)
+                    self.log.warning("worker.recovered_jobs", jobs=n, note="left by a previous process")
+                break
+            except LOOP_ERRORS as e:
+                await backoff.sleep_after(e)
+        if self._stop.is_set():
+            return False
+        prefix = self.broker.keys.prefix
+        self._heartbeat = HeartbeatThread(
+            lambda: Broker(reconnect(self.broker.redis), prefix),
+            self.id,
+            self.heartbeat_ttl_s,
+            asyncio.get_running_loop(),
+            self._running,
+            on_lapse=self._on_lapse,
+            on_blocked=self._on_blocked,
+            block_warn_s=self.block_warn_s,
+        )
+        await asyncio.to_thread(self._heartbeat.start)
+        return True
+
+    async def _watch(self, loops: dict[asyncio.Task[None], str]) -> None:
+        """Supervise: a loop that ends, a dead heartbeat thread or a saturated executor
+        stops the worker with :attr:`fatal` set."""
+        while not self._stop.is_set():
+            done, _ = await asyncio.wait(loops, timeout=0.5)
+            for t in done:
+                e = t.exception() if not t.cancelled() else None
+                self.request_stop(fatal=f"{loops[t]} loop ended: {describe(e) if e else 'returned'}")
+            hb = self._heartbeat
+            if hb is not None and not hb.alive:
+                self.request_stop(fatal=f"heartbeat thread died: {hb.error!r}")
+            if self.executor.saturated:
+                metrics.WORKER_SATURATED.inc()
+                self.request_stop(
+                    fatal=f"all {self.executor.threads} sync threads are hung in calls that timed out; "
+                    "exiting to be replaced"
+                )
+
+    def _on_lapse(self) -> None:
+        t = asyncio.get_running_loop().create_task(self._check_leases())
+        self._background.add(t)
+        t.add_done_callback(self._background.discard)
+
+    def _on_blocked(self, task_name: str, seconds: float) -> None:
+        if task_name in self._running:
+            self._blocked_s[task_name] = self._blocked_s.get(task_name, 0.0) + seconds
+        metrics.LOOP_BLOCKED_SECONDS.observe(seconds)
 
     async def _drain(self) -> None:
         tasks = list(self._inflight)
         if tasks:
             self.log.info("worker.draining", inflight=len(tasks), grace_s=self.grace_period_s)
-            _, pending = await asyncio.wait(tasks, timeout=self.grace_period_s)
+            cut = asyncio.create_task(self._end_grace.wait())
+            await asyncio.wait([*tasks, cut], timeout=self.grace_period_s or None)
+            cut.cancel()
+            pending = [t for t in tasks if not t.done()]
             for t in pending:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
@@ -197,37 +312,31 @@ class Worker:
                 await self.broker.deregister(self.id)
                 self.log.info("worker.stopped", handed_back=n, completed=self.completed, failed=self.failed)
                 return
-            except REDIS_ERRORS as e:
-                self.log.warning("worker.handback_failed", error=str(e))
+            except LOOP_ERRORS as e:
+                self.log.warning("worker.handback_failed", error=describe(e))
         self.log.error(
             "worker.handback_gave_up",
             note="the reaper will requeue this worker's jobs after its heartbeat expires",
         )
 
-    # ------------------------------------------------------------------ heartbeat
-
-    async def _heartbeat_loop(self) -> None:
-        interval = self.heartbeat_ttl_s / 3
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                alive = await self.broker.heartbeat(self.id, self.heartbeat_ttl_s)
-                if not alive:
-                    await self._check_leases()
-            except REDIS_ERRORS as e:
-                self.log.warning("worker.heartbeat_failed", error=str(e))
+    # ------------------------------------------------------------------ leases
 
     async def _check_leases(self) -> None:
         """Our heartbeat had lapsed: abandon nodes whose attempt moved on."""
         items = list(self._inflight.items())
         if not items:
             return
-        held = await self.broker.lease_holders([j for _, j in items])
+        try:
+            held = await self.broker.lease_holders([j for _, j in items])
+        except LOOP_ERRORS as e:
+            self.log.warning("worker.lease_check_failed", error=describe(e))
+            return
         lost = [(t, j) for (t, j), ok in zip(items, held, strict=True) if not ok]
         self.log.warning("worker.heartbeat_lapsed", inflight=len(items), lost=len(lost))
         for t, j in lost:
             self.log.warning("node.lease_lost", run_id=j.run_id, node_id=j.node_id, attempt=j.attempt)
             t.cancel()
+        self._reconcile_needed = True
 
     # ------------------------------------------------------------------ control
 
@@ -237,22 +346,21 @@ class Worker:
         A message missed during a reconnect costs only latency: the cancelled nodes'
         next fenced write is rejected anyway.
         """
-        failures = 0
+        backoff = Backoff(self.log, "worker.control")
         while True:
             pubsub = self.broker.redis.pubsub()
             try:
                 await pubsub.subscribe(self.broker.keys.control_channel)
-                failures = 0
-                async for msg in pubsub.listen():
-                    if msg.get("type") != "message":
+                backoff.ok()
+                while True:
+                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
+                    if msg is None or msg.get("type") != "message":
                         continue
                     cmd, _, arg = str(msg["data"]).partition(" ")
                     if cmd == "cancel" and arg:
                         await self._cancel_run(arg)
-            except REDIS_ERRORS as e:
-                failures += 1
-                self.log.warning("worker.control_channel_lost", error=str(e))
-                await asyncio.sleep(min(10.0, 0.1 * 2 ** min(failures, 7)))
+            except LOOP_ERRORS as e:
+                await backoff.sleep_after(e)
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
@@ -267,35 +375,38 @@ class Worker:
             t.cancel()
         await asyncio.gather(*victims, return_exceptions=True)
         self.log.info("run.cancelled_nodes_stopped", run_id=run_id, nodes=len(victims))
-        with contextlib.suppress(*REDIS_ERRORS):
-            await self._resync()  # their jobs leave the active list
+        self._reconcile_needed = True  # their jobs leave the active list
 
     # ------------------------------------------------------------------ claiming
 
     async def _claim_loop(self) -> None:
         """Claim while there is work and a free slot; when a claim finds nothing, block
-        on the queues' wake tokens (no polling). Claims are atomic moves in Lua."""
-        failures = 0
+        on the queues' wake tokens (no polling). Claims are atomic moves in Lua. The
+        active list is reconciled here, between claims, so it never races one."""
+        backoff = Backoff(self.log, "worker.claim", base_s=0.05)
+        next_reconcile = time.monotonic() + self.reconcile_every_s
         while not self._stop.is_set():
+            if self.executor.hung:
+                await self._wait_for_sync_threads()
             await self._slots.acquire()
             taken = 1 + self._slots.take_free(self.claim_batch - 1)
             claimed: list[ClaimedJob] = []
             wanted = taken
             pause = 0.0
             try:
+                if self._reconcile_needed or time.monotonic() >= next_reconcile:
+                    await self._reconcile()
+                    next_reconcile = time.monotonic() + self.reconcile_every_s
                 claimed = await self.broker.claim(self.id, self.queues, taken)
                 for cj in claimed:
                     t = asyncio.create_task(self._execute(cj), name=f"{cj.job}#{cj.attempt}")
                     self._inflight[t] = cj
                     t.add_done_callback(self._inflight.pop)
                 taken -= len(claimed)
-                if failures:
-                    await self._resync()
-                    failures = 0
-            except REDIS_ERRORS as e:
-                failures += 1
-                pause = min(10.0, 0.05 * 2 ** min(failures, 8))
-                self.log.warning("worker.redis_unavailable", error=str(e), retry_in_s=round(pause, 2))
+                backoff.ok()
+            except LOOP_ERRORS as e:
+                pause = backoff.failed(e)
+                self._reconcile_needed = True  # a claim whose reply was lost
             finally:
                 self._slots.release(taken)
             if pause:
@@ -305,21 +416,37 @@ class Worker:
                 # now loses nothing and saves an empty claim round trip.
                 try:
                     await self.broker.wait_for_work(self.queues, self.claim_timeout_s)
-                except REDIS_ERRORS as e:
-                    self.log.warning("worker.redis_unavailable", error=str(e))
-                    await asyncio.sleep(0.5)
+                except LOOP_ERRORS as e:
+                    await backoff.sleep_after(e)
 
-    async def _resync(self) -> None:
-        """After a Redis error: hand back jobs in our active list that we are not running
-        (a claim whose reply was lost)."""
+    async def _wait_for_sync_threads(self) -> None:
+        """Some sync threads are hung: claim only while a thread is free for new work."""
+        logged = False
+        while self.executor.hung and self.executor.busy >= self.executor.threads and not self._stop.is_set():
+            if not logged:
+                self.log.warning(
+                    "worker.sync_threads_busy",
+                    hung=self.executor.hung,
+                    threads=self.executor.threads,
+                    note="not claiming until a sync thread is free",
+                )
+                logged = True
+            await asyncio.sleep(0.2)
+
+    async def _reconcile(self) -> None:
+        """Hand back the jobs of our active list we are not running."""
+        self._reconcile_needed = False
         n = await self.broker.handback(self.id, keep=[j.job for j in self._inflight.values()])
         if n:
-            self.log.warning("worker.resync_handed_back", jobs=n)
+            metrics.REQUEUED.labels("reconcile").inc(n)
+            self.log.warning("worker.reconciled", handed_back=n)
 
     # ------------------------------------------------------------------ executing
 
     async def _execute(self, job: ClaimedJob) -> None:
         log = self.log.bind(run_id=job.run_id, node_id=job.node_id, attempt=job.attempt)
+        me = asyncio.current_task()
+        name = me.get_name() if me is not None else job.job
         ctx: AgentContext | None = None
         started = time.monotonic()
         agent_type = "?"
@@ -331,29 +458,6 @@ class Worker:
             agent_spec = rt.spec.agents[node.agent]
             agent_type = agent_spec.kind
             policy = rt.spec.effective_policy(node)
-            variables = {
-                "inputs": rt.inputs,
-                "nodes": {k: {"output": v} for k, v in job.dep_outputs.items()},
-            }
-            task = render(node.task, variables, f"nodes.{node.id}.task")
-            ctx = AgentContext(
-                broker=self.broker,
-                worker_id=self.id,
-                job=job,
-                spec=rt.spec,
-                inputs=rt.inputs,
-                task=task,
-                governor=Governor([StrictPolicy(policy, agent_spec.tools, agent_spec.deny_tools)]),
-                providers=rt.providers,
-                tools=rt.tools,
-                default_model=rt.spec.default_model(node.agent),
-                prices=rt.prices,
-                budget=RunBudget(self.broker, job.run_id, rt.spec.policy, ttl_s=policy.timeout_s or 300.0),
-                retry=rt.spec.effective_retry(node),
-                call_guards=self.call_guards,
-                guards=rt.guards,
-            )
-            agent = rt.agent(node.agent)
             limit, scope, run_elapsed = policy.timeout_s, "node", 0.0
             run_timeout = rt.spec.policy.timeout_s
             if run_timeout is not None and rt.started_at_ms:
@@ -363,16 +467,60 @@ class Worker:
                     raise PolicyViolation("timeout_s", run_timeout, round(run_elapsed, 3), scope="run")
                 if limit is None or left < limit:
                     limit, scope = left, "run"
-            try:
-                async with asyncio.timeout(limit):
-                    output = await agent.run(ctx)
-            except TimeoutError:
+            self._running[name] = Running(job, started, limit)
+
+            def timed_out() -> PolicyViolation:
                 elapsed = round(time.monotonic() - started, 3)
+                blocked = self._blocked_s.get(name, 0.0)
+                detail = (
+                    f"the node's code blocked the worker's event loop for {blocked:.1f} s" if blocked else ""
+                )
                 if scope == "run":
-                    raise PolicyViolation(
-                        "timeout_s", run_timeout, round(run_elapsed + elapsed, 3), scope="run"
-                    ) from None
-                raise PolicyViolation("timeout_s", policy.timeout_s, elapsed) from None
+                    return PolicyViolation(
+                        "timeout_s", run_timeout, round(run_elapsed + elapsed, 3), detail, scope="run"
+                    )
+                return PolicyViolation("timeout_s", policy.timeout_s, elapsed, detail)
+
+            try:
+                async with asyncio.timeout(limit) as deadline:
+                    with node_deadline(deadline):
+                        variables = {
+                            "inputs": rt.inputs,
+                            "nodes": {k: {"output": v} for k, v in job.dep_outputs.items()},
+                        }
+                        task = await render_off_loop(
+                            node.task, variables, f"nodes.{node.id}.task", self.executor.run
+                        )
+                        ctx = AgentContext(
+                            broker=self.broker,
+                            worker_id=self.id,
+                            job=job,
+                            spec=rt.spec,
+                            inputs=rt.inputs,
+                            task=task,
+                            governor=Governor(
+                                [StrictPolicy(policy, agent_spec.tools, agent_spec.deny_tools)]
+                            ),
+                            providers=rt.providers,
+                            tools=rt.tools,
+                            default_model=rt.spec.default_model(node.agent),
+                            prices=rt.prices,
+                            budget=RunBudget(
+                                self.broker, job.run_id, rt.spec.policy, ttl_s=policy.timeout_s or 300.0
+                            ),
+                            retry=rt.spec.effective_retry(node),
+                            call_guards=self.call_guards,
+                            guards=rt.guards,
+                            run_sync=self.executor.run,
+                        )
+                        agent = await rt.agent(node.agent, self.executor.run)
+                        output = await agent.run(ctx)
+            except TimeoutError:
+                raise timed_out() from None
+            if limit is not None and time.monotonic() - started > limit:
+                # The loop was blocked past the deadline and the agent returned before
+                # the timeout could fire: the limit still holds.
+                raise timed_out()
             ok = await self.broker.complete(self.id, job, output, ctx.node_fields(), ctx.drain_events())
             outcome = "succeeded" if ok else "stale"
             metrics.EXECUTIONS.labels(outcome, agent_type).inc()
@@ -389,7 +537,6 @@ class Worker:
                 metrics.STALE_WRITES.inc()
                 log.warning("node.stale_completion_rejected")
         except asyncio.CancelledError:
-            me = asyncio.current_task()
             if me in self._cancelled:
                 self._cancelled.discard(me)
                 log.info("node.stopped", reason="run cancelled or failed")
@@ -405,11 +552,18 @@ class Worker:
             metrics.EXECUTIONS.labels(outcome, agent_type).inc()
             metrics.EXECUTION_SECONDS.labels(agent_type).observe(time.monotonic() - started)
         finally:
+            self._running.pop(name, None)
+            self._blocked_s.pop(name, None)
             metrics.ACTIVE_AGENTS.dec()
             self._slots.release()
 
     async def _fail(self, job: ClaimedJob, ctx: AgentContext | None, e: Exception, log: Any) -> str:
-        """Record a failed attempt; returns the outcome label (retry, failed, stale, unrecorded)."""
+        """Record a failed attempt; returns the outcome label (retry, failed, stale, unrecorded).
+
+        Policy violations and other permanent errors fail the node at once; anything
+        else (a Redis error included) is retried with the node's backoff, or the
+        default retry settings when the run's spec cannot be read right now.
+        """
         events = ctx.drain_events() if ctx else []
         if ctx and ctx.lifecycle.state != "TERMINATE":
             ctx.lifecycle.terminate()
@@ -424,20 +578,23 @@ class Worker:
             try:
                 rt = await self.runtimes.get(job.run_id)
                 retry = rt.spec.effective_retry(rt.spec.node(job.node_id))
-            except Exception:
+            except PermanentError:
                 retry = None
+            except Exception:  # e.g. Redis unreachable while the spec is not cached
+                retry = DEFAULT_RETRY
             if retry is not None and job.retries < (retry.max_retries or 0):
                 delay = backoff_delay_s(retry, job.retries + 1)
                 if isinstance(e, TransientError) and e.retry_after_s:
                     delay = max(delay, e.retry_after_s)
         try:
             r = await self.broker.fail(self.id, job, info, delay, fields, events)
-        except REDIS_ERRORS as re:
+        except LOOP_ERRORS as re:
             log.error(
                 "node.fail_not_recorded",
-                error=str(re),
-                note="the job stays in the active list; handback or the reaper requeues it",
+                error=describe(re),
+                note="the job stays in the active list; reconciliation or the reaper requeues it",
             )
+            self._reconcile_needed = True
             return "unrecorded"
         if r == 2:
             metrics.RETRIES.labels("node").inc()

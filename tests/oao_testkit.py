@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import yaml
@@ -88,3 +89,17 @@ async def run_spec(broker: Broker, spec: Spec, timeout_s: float = 30, **fleet_kw
 
 def of_type(events: list[Event], *types: str, node: str | None = None) -> list[Event]:
     return [e for e in events if e.type in types and (node is None or e.node == node)]
+
+
+async def wait_until(
+    probe: Callable[[], Awaitable[Any]], want: Any, timeout_s: float, what: str = "a condition"
+) -> Any:
+    """Poll ``probe`` until it returns ``want`` (or ``want(value)`` is true); fail after
+    ``timeout_s`` seconds with the last value."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        v = await probe()
+        if (want(v) if callable(want) else v == want) or time.monotonic() > deadline:
+            assert want(v) if callable(want) else v == want, f"waited {timeout_s}s for {what}: last {v!r}"
+            return v
+        await asyncio.sleep(0.02)

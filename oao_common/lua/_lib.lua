@@ -44,6 +44,34 @@ local function split_job(job)
   return string.sub(job, 1, i - 1), string.sub(job, i + 1)
 end
 
+-- Budget reservations (budget.lua, record_step.lua). A reservation is a field of the
+-- run's reservations hash: id -> "tokens_in tokens_out cost_usd expires_ms". The run
+-- hash keeps the totals res_in, res_out, res_cost so checks are O(1).
+local function parse_reservation(v)
+  local a, b, c, d = string.match(v, '^(%S+) (%S+) (%S+) (%S+)$')
+  return tonumber(a), tonumber(b), tonumber(c), tonumber(d)
+end
+
+local function drop_reservation(rk, resk, id)
+  local v = redis.call('HGET', resk, id)
+  if not v then return end
+  local tin, tout, cost = parse_reservation(v)
+  redis.call('HDEL', resk, id)
+  redis.call('HINCRBY', rk, 'res_in', -tin)
+  redis.call('HINCRBY', rk, 'res_out', -tout)
+  redis.call('HINCRBYFLOAT', rk, 'res_cost', -cost)
+end
+
+-- Drop every reservation of node nid (ids "<nid>#<attempt>#<seq>"): an attempt that
+-- died, was handed back or is superseded by a new claim spends nothing more.
+local function drop_node_reservations(rid, nid)
+  local resk = string.format(T.reservations, rid)
+  local prefix = nid .. '#'
+  for _, id in ipairs(redis.call('HKEYS', resk)) do
+    if string.sub(id, 1, #prefix) == prefix then drop_reservation(run_key(rid), resk, id) end
+  end
+end
+
 -- HSET key with the pairs of a table of field -> string (decoded JSON) plus extra
 -- field, value arguments; nothing when both are empty.
 local function hset_fields(key, fields, ...)
@@ -76,46 +104,52 @@ local function is_run_terminal(st)
   return st == 'SUCCEEDED' or st == 'FAILED' or st == 'CANCELLED' or st == 'PARTIAL'
 end
 
--- The fencing check (DESIGN.md guarantee 2): a write on behalf of node nk is accepted
--- only from the worker holding the lease, for the node's current attempt.
-local function fenced(nk, wid, attempt)
-  local s = redis.call('HMGET', nk, 'status', 'lease', 'attempt')
-  return s[1] == 'RUNNING' and s[2] == wid and s[3] == tostring(attempt), s
+-- The fencing check (docs/adr/002-fencing-and-attempts.md): a write on behalf of node nk
+-- is accepted only from the worker holding the lease, with the fencing token of the
+-- current claim. The token is made of a random per-call claim id (claim.lua), so it is
+-- never issued twice, even after Redis lost writes and attempt numbers repeat.
+-- s = {status, lease, fence, attempt}
+local function fenced(nk, wid, token)
+  local s = redis.call('HMGET', nk, 'status', 'lease', 'fence', 'attempt')
+  return s[1] == 'RUNNING' and s[2] == wid and s[3] == token, s
 end
 
 -- Record a rejected write. The job leaves the caller's active list only when no
 -- live claim of this worker can own it (a newer attempt by the same worker must
--- keep its entry, or a crash would lose it).
+-- keep its entry, or a crash would lose it). Nothing is written for a run that no
+-- longer exists (pruned, or lost by Redis): no orphan event stream.
 local function reject_stale(active, job, rid, nid, wid, attempt, s, what)
-  emit(rid, 'STALE_ATTEMPT_REJECTED', nid, attempt, cjson.encode({
-    worker = wid, write = what, current_status = s[1] or '',
-    current_attempt = tonumber(s[3] or '0'), current_lease = s[2] or ''}))
+  if redis.call('EXISTS', run_key(rid)) == 1 then
+    emit(rid, 'STALE_ATTEMPT_REJECTED', nid, attempt, cjson.encode({
+      worker = wid, write = what, current_status = s[1] or '',
+      current_attempt = tonumber(s[4] or '0'), current_lease = s[2] or ''}))
+  end
   if active ~= nil and s[1] ~= 'READY' and not (s[1] == 'RUNNING' and s[2] == wid) then
     redis.call('LREM', active, 1, job)
   end
 end
 
--- The run's final state once every node is terminal (DESIGN.md run states; FailureSpec):
--- no failure: SUCCEEDED; failed / total > max_failure_ratio: FAILED; else PARTIAL when
--- the run allows partial completion, FAILED otherwise.
 -- The start of every fenced write: parse the job and check the fence. Returns
--- rid, nid, node key when the caller holds the node; nil after recording a rejection.
-local function fence_or_reject(active, job, wid, attempt, what)
+-- rid, nid, node key, attempt (the node's attempt number, for events) when the caller
+-- holds the node; nil after recording a rejection.
+local function fence_or_reject(active, job, wid, token, what)
   local rid, nid = split_job(job)
   local nk = node_key(rid, nid)
-  local ok, s = fenced(nk, wid, attempt)
+  local ok, s = fenced(nk, wid, token)
   if not ok then
-    reject_stale(active, job, rid, nid, wid, attempt, s, what)
+    local _, _, attempt = string.find(token, '^(%d+)')
+    reject_stale(active, job, rid, nid, wid, attempt or 0, s, what)
     return nil
   end
-  return rid, nid, nk
+  return rid, nid, nk, s[4]
 end
 
--- A retried complete / fail of an attempt that already closed gets the first answer.
-local function closed_result(job, wid, attempt)
+-- A retried complete / fail (what: 'complete' or 'fail') of an attempt that already
+-- closed that way gets the first answer. closed_by is "<worker>#<fence>#<what>".
+local function closed_result(job, wid, token, what)
   local rid, nid = split_job(job)
   local c = redis.call('HMGET', node_key(rid, nid), 'closed_by', 'closed_result')
-  if c[1] == wid .. '#' .. attempt then return tonumber(c[2]) end
+  if c[1] == wid .. '#' .. token .. '#' .. what then return tonumber(c[2]) end
   return nil
 end
 
@@ -124,20 +158,25 @@ local function announce_end(rid, status)
   redis.call('XADD', T.finished, 'MAXLEN', '~', 100000, '*', 'rid', rid, 'status', status)
 end
 
+-- The run's final state once every node is terminal (docs/architecture.md, run states;
+-- FailureSpec): no failure: SUCCEEDED; no node succeeded, or failed / total >
+-- max_failure_ratio: FAILED; else PARTIAL when the run allows partial completion,
+-- FAILED otherwise. (Runs written before nodes_succeeded existed lack the field.)
 local function finish_run_if_done(rid)
   local rk = run_key(rid)
   local r = redis.call('HMGET', rk, 'status', 'nodes_total', 'nodes_done', 'nodes_failed',
-    'allow_partial', 'max_failure_ratio')
+    'allow_partial', 'max_failure_ratio', 'nodes_succeeded')
   if is_run_terminal(r[1]) then return end
   local total = tonumber(r[2] or '0')
   if tonumber(r[3] or '0') < total then return end
   local failed = tonumber(r[4] or '0')
+  local none_succeeded = r[7] ~= false and r[7] ~= nil and tonumber(r[7]) == 0
   local data = cjson.encode({nodes_failed = failed, nodes = total})
   if failed == 0 then
     redis.call('HSET', rk, 'status', 'SUCCEEDED', 'finished_at', NOW)
     emit(rid, 'RUN_SUCCEEDED', '', 0, data)
     announce_end(rid, 'SUCCEEDED')
-  elseif r[5] == '1' and failed / total <= tonumber(r[6] or '0.5') then
+  elseif r[5] == '1' and not none_succeeded and failed / total <= tonumber(r[6] or '0.5') then
     redis.call('HSET', rk, 'status', 'PARTIAL', 'finished_at', NOW)
     emit(rid, 'RUN_PARTIAL', '', 0, data)
     announce_end(rid, 'PARTIAL')
@@ -170,7 +209,7 @@ local function cancel_nodes(rid)
     local nk = node_key(rid, nid)
     if not is_terminal(redis.call('HGET', nk, 'status')) then
       redis.call('HSET', nk, 'status', 'CANCELLED', 'finished_at', NOW)
-      redis.call('HDEL', nk, 'lease', 'retry_at')
+      redis.call('HDEL', nk, 'lease', 'fence', 'retry_at')
       emit(rid, 'NODE_CANCELLED', nid, 0, '{}')
       n = n + 1
     end
@@ -221,7 +260,8 @@ end
 local function fail_node(rid, nid, attempt, error_json)
   local nk = node_key(rid, nid)
   redis.call('HSET', nk, 'status', 'FAILED', 'error', error_json, 'finished_at', NOW)
-  redis.call('HDEL', nk, 'lease', 'retry_at')
+  redis.call('HDEL', nk, 'lease', 'fence', 'retry_at')
+  drop_node_reservations(rid, nid)
   emit(rid, 'NODE_FAILED', nid, attempt, error_json)
   local skipped = skip_descendants(rid, nid)
   local rk = run_key(rid)
@@ -251,6 +291,7 @@ local function requeue_job(job, wid, event_type, count_requeue, max_requeues)
     return 'dropped'
   end
   if s[1] == 'RUNNING' then leave_running(rid) end
+  drop_node_reservations(rid, nid)
   local n = tonumber(redis.call('HGET', nk, 'requeues') or '0')
   if count_requeue then
     n = redis.call('HINCRBY', nk, 'requeues', 1)
@@ -262,26 +303,8 @@ local function requeue_job(job, wid, event_type, count_requeue, max_requeues)
     end
   end
   redis.call('HSET', nk, 'status', 'READY')
-  redis.call('HDEL', nk, 'lease')
+  redis.call('HDEL', nk, 'lease', 'fence')
   push_ready(nk, job, true)
   emit(rid, event_type, nid, s[3], cjson.encode({worker = wid, requeues = n}))
   return 'requeued'
-end
-
--- Budget reservations (budget.lua, record_step.lua). A reservation is a field of the
--- run's reservations hash: id -> "tokens_in tokens_out cost_usd expires_ms". The run
--- hash keeps the totals res_in, res_out, res_cost so checks are O(1).
-local function parse_reservation(v)
-  local a, b, c, d = string.match(v, '^(%S+) (%S+) (%S+) (%S+)$')
-  return tonumber(a), tonumber(b), tonumber(c), tonumber(d)
-end
-
-local function drop_reservation(rk, resk, id)
-  local v = redis.call('HGET', resk, id)
-  if not v then return end
-  local tin, tout, cost = parse_reservation(v)
-  redis.call('HDEL', resk, id)
-  redis.call('HINCRBY', rk, 'res_in', -tin)
-  redis.call('HINCRBY', rk, 'res_out', -tout)
-  redis.call('HINCRBYFLOAT', rk, 'res_cost', -cost)
 end

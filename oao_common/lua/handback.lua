@@ -1,18 +1,28 @@
--- handback.lua: a worker returns the jobs it holds to the front of their ready lists.
--- Used at shutdown (everything) and after a Redis error, when jobs may sit in the
--- active list that the worker is not running (a claim whose reply was lost).
--- Unlike reap.lua this does not count toward max_requeues: the worker is not dead.
+-- handback.lua: a worker returns jobs of its active list to the front of their ready
+-- lists. Three uses:
+--   * shutdown: everything (keep '[]'), mode 'handback';
+--   * reconciliation (periodic, and after a Redis error): the jobs it is not running
+--     (keep = the jobs it runs), mode 'handback': a claim whose reply was lost, a node
+--     that Redis "forgot" finished (lost writes) and shows RUNNING under this worker;
+--   * start-up, mode 'recover': a worker restarted under the same id (a pod name) finds
+--     the jobs of its previous life, which died with it. Like reap.lua this counts
+--     toward max_requeues (a node that kills its worker every time is dead-lettered).
 -- KEYS[1] the worker's active list
 -- ARGV[2] worker id
 -- ARGV[3] JSON array of jobs to keep (the ones the worker is running), or '[]'
--- Returns the number of jobs handed back.
+-- ARGV[4] mode: 'handback' or 'recover'   ARGV[5] max requeues (mode 'recover'; -1: no limit)
+-- Returns {handed back, poisoned, {run ids ended by a poisoned critical node}}.
 local keep = {}
 for _, j in ipairs(cjson.decode(ARGV[3])) do keep[j] = true end
-local n = 0
+local recover = ARGV[4] == 'recover'
+local event = recover and 'NODE_REQUEUED' or 'NODE_HANDED_BACK'
+local n, poisoned, ended = 0, 0, {}
 for _, job in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
   if not keep[job] then
-    if requeue_job(job, ARGV[2], 'NODE_HANDED_BACK', false, -1) == 'requeued' then n = n + 1 end
+    local r, rid = requeue_job(job, ARGV[2], event, recover, tonumber(ARGV[5] or '-1'))
+    if r == 'requeued' then n = n + 1 elseif r == 'poison' then poisoned = poisoned + 1 end
+    if rid then table.insert(ended, rid) end
     redis.call('LREM', KEYS[1], 1, job)
   end
 end
-return n
+return {n, poisoned, ended}

@@ -3,6 +3,7 @@
 -- empty and the worker unregistered, and does nothing.
 -- KEYS[1] workers index (zset)   KEYS[2] the worker's heartbeat key
 -- KEYS[3] the worker's active list   KEYS[4] the worker's info hash
+-- KEYS[5] the worker's claim memo
 -- ARGV[2] worker id   ARGV[3] max requeues per node before it is dead-lettered (-1: no limit)
 -- Returns -1 if the worker is alive (heartbeat present), else
 -- {requeued, poisoned, dropped, {run ids ended by a poisoned critical node}}.
@@ -15,6 +16,6 @@ for _, job in ipairs(redis.call('LRANGE', KEYS[3], 0, -1)) do
   counts[r] = counts[r] + 1
   if rid then table.insert(ended, rid) end
 end
-redis.call('DEL', KEYS[3], KEYS[4])
+redis.call('DEL', KEYS[3], KEYS[4], KEYS[5])
 redis.call('ZREM', KEYS[1], wid)
 return {counts.requeued, counts.poison, counts.dropped, ended}

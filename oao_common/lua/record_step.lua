@@ -1,14 +1,14 @@
 -- record_step.lua: append one executed step to the run's step ledger (fenced).
 -- KEYS[1] the worker's active list   KEYS[2] the run's budget reservations hash
--- ARGV[2] worker id   ARGV[3] job   ARGV[4] attempt   ARGV[5] step sequence number (1-based)
+-- ARGV[2] worker id   ARGV[3] job   ARGV[4] fencing token   ARGV[5] step sequence number (1-based)
 -- ARGV[6] ledger record (JSON)   ARGV[7] input tokens   ARGV[8] output tokens
 -- ARGV[9] cost in USD   ARGV[10] "1" for a tool call, "0" otherwise
 -- ARGV[11] buffered events (JSON array of [type, data_json])
 -- ARGV[12] budget reservation id to settle ('' for none): usage and release in one step
 -- Returns 1 when recorded (or already recorded by this same attempt: a retried call
 -- after a lost reply changes nothing), 0 when the attempt is stale.
-local wid, job, attempt, seq = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
-local rid, nid, nk = fence_or_reject(KEYS[1], job, wid, attempt, 'record_step')
+local wid, job, token, seq = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local rid, nid, nk, attempt = fence_or_reject(KEYS[1], job, wid, token, 'record_step')
 if not rid then return 0 end
 local prev = redis.call('HGET', steps_key(rid), nid .. ':' .. seq)
 if prev and tostring(cjson.decode(prev).attempt) == attempt then return 1 end

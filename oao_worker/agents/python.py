@@ -10,12 +10,14 @@ The entrypoint (``module:attr``) may be:
   async: the call is one recorded step (kind ``invoke``), so a resumed node does not
   run it again once it has finished.
 
-Sync code runs in a thread so it cannot stall the worker's event loop.
+Sync code runs in the worker's bounded executor (``ctx.run_sync``), so it cannot stall
+the worker's event loop, and its time limit counts from when its thread starts.
+Building the agent (importing the entrypoint, instantiating a class) is blocking too:
+the worker does it off the loop as well (``RunRuntime.agent``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 from typing import Any
 
@@ -68,7 +70,7 @@ class PythonAgent:
         async def invoke() -> Any:
             if inspect.iscoroutinefunction(call):
                 return await call(ctx.task)
-            return await asyncio.to_thread(call, ctx.task)
+            return await ctx.run_sync(call, ctx.task)
 
         result = await ctx.invoke(self.name, invoke)
         lc.enter(AgentState.REVIEW)

@@ -3,12 +3,12 @@ incomplete step), non-determinism detection, the llm agent with real tools."""
 
 from __future__ import annotations
 
-import asyncio
 import json
+import signal
 from pathlib import Path
 
 import pytest
-from oao_testkit import fleet, make_spec, of_type, run_spec
+from oao_testkit import fleet, make_spec, of_type, run_spec, wait_until
 
 from oao_common.broker import Broker
 from oao_common.spec import load_spec
@@ -16,45 +16,50 @@ from oao_scheduler.progress import wait_for_run
 from oao_scheduler.submit import submit_spec
 
 
-async def test_resume_from_first_incomplete_step(
-    broker: Broker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from oao_worker.worker import Worker
+async def node_field(broker: Broker, rid: str, nid: str, field: str) -> str | None:
+    return (await broker.get_nodes(rid, [nid]))[0].get(field)
+
+
+async def _count(broker: Broker, rid: str, type_: str) -> int:
+    return len(of_type(await broker.events(rid), type_))
+
+
+async def test_resume_from_first_incomplete_step(broker: Broker, redis_url: str, tmp_path: Path) -> None:
+    from proc import env, start_worker, stop
 
     ledger = tmp_path / "ledger.txt"
     marker = tmp_path / "block"
     marker.touch()
-    monkeypatch.setenv("OAO_TEST_LEDGER", str(ledger))
-    monkeypatch.setenv("OAO_TEST_BLOCK_MARKER", str(marker))
     spec = make_spec([{"id": "s", "agent": "steps"}, {"id": "t", "agent": "noop", "depends_on": ["s"]}])
     s = await submit_spec(broker, spec)
 
-    # worker A records two side-effect steps, then is frozen at the crash point
-    a = Worker(broker, worker_id="A", heartbeat_ttl_s=0.3, claim_timeout_s=0.2)
-    a_task = asyncio.create_task(a.run())
-    while (await broker.get_nodes(s.run_id, ["s"]))[0].get("steps_recorded") != "2":
-        await asyncio.sleep(0.02)
-    # A dies: its heartbeat task stops refreshing; its node task stays blocked
-    for t in asyncio.all_tasks():
-        if t.get_name() == "A-heartbeat" or t.get_name().startswith("A-claim"):
-            t.cancel()
-    while await broker.redis.exists(broker.keys.heartbeat("A")):
-        await asyncio.sleep(0.02)
-    assert (await broker.reap("A", max_requeues=5)).requeued == 1  # type: ignore[union-attr]
+    # worker A (a real process) records two side-effect steps, then waits at the crash point
+    extra = {"OAO_TEST_LEDGER": str(ledger), "OAO_TEST_BLOCK_MARKER": str(marker)}
+    a = start_worker(
+        redis_url, broker.keys.prefix, "--worker-id", "A", "--heartbeat-ttl", "1", extra_env=extra
+    )
+    try:
+        await wait_until(lambda: node_field(broker, s.run_id, "s", "steps_recorded"), "2", 20)
+        # A freezes (SIGSTOP): its heartbeat expires, and the reaper requeues its node
+        a.send_signal(signal.SIGSTOP)
+        await wait_until(lambda: broker.redis.exists(broker.keys.heartbeat("A")), 0, 10)
+        assert (await broker.reap("A", max_requeues=5)).requeued == 1  # type: ignore[union-attr]
 
-    # worker B resumes the node: steps 1-2 come from the ledger, step 3 runs live
-    marker.unlink()
-    from oao_testkit import fleet
-
-    async with fleet(broker, workers=1):
-        from oao_scheduler.progress import wait_for_run
-
-        await wait_for_run(broker, s.run_id, interval_s=0.02, timeout_s=20)
-    # A's frozen attempt wakes up now: every write it tries is fenced off
-    await asyncio.sleep(0.3)
-    a.request_stop()
-    a.grace_period_s = 2
-    await asyncio.wait_for(a_task, 10)
+        # worker B resumes the node: steps 1-2 come from the ledger, step 3 runs live
+        marker.unlink()
+        with pytest.MonkeyPatch.context() as mp:
+            for k, v in env(**extra).items():
+                if k.startswith("OAO_TEST_"):
+                    mp.setenv(k, v)
+            async with fleet(broker, workers=1):
+                await wait_for_run(broker, s.run_id, interval_s=0.02, timeout_s=20)
+        # A's frozen attempt wakes up now: every write it tries is fenced off
+        a.send_signal(signal.SIGCONT)
+        await wait_until(
+            lambda: _count(broker, s.run_id, "STALE_ATTEMPT_REJECTED"), lambda n: n >= 1, 10, "a stale write"
+        )
+    finally:
+        stop(a)
 
     assert ledger.read_text().splitlines() == ["a", "b", "c"]  # each side effect exactly once
     [node] = await broker.get_nodes(s.run_id, ["s"])

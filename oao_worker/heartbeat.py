@@ -1,0 +1,228 @@
+"""The heartbeat thread and the event-loop watchdog of a worker.
+
+Heartbeats must not depend on the worker's event loop: an agent that calls
+``time.sleep(8)`` inside ``async def run(ctx)``, or a slow import, stops the loop, and
+a heartbeat task on that loop would stop with it, so the reaper would declare a live
+worker dead and its nodes would hop through the fleet. The heartbeat therefore runs in
+a daemon thread with its own event loop and its own Redis connection.
+
+The same thread watches the worker's loop: every ``check_s`` it posts a callback to the
+loop and measures how long ago the previous one ran (the lag). A lag over
+``block_warn_s`` is a *blocked loop*: it is logged at once, naming the task that holds
+the loop (a node's task is named ``<run>/<node>#<attempt>``), and when the loop runs
+again the episode is logged with its length and written to the node's event log
+(``LOOP_BLOCKED``). A node whose blocking outlasts its time limit by a heartbeat TTL is
+failed from this thread (``PolicyViolation`` ``timeout_s``, never retried), and a loop
+still blocked a TTL after that ends the process (exit status 5) so a supervisor
+replaces it; the reaper then requeues its other nodes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from oao_common.broker import Broker, ClaimedJob
+from oao_common.errors import PolicyViolation
+from oao_common.events import EventType, pending_event
+from oao_common.log import get_logger
+from oao_common.retry import LOOP_ERRORS, Backoff, describe
+
+EXIT_LOOP_WEDGED = 5
+
+
+@dataclass(slots=True)
+class Running:
+    """What the watchdog knows of a node task: its job and its time limit (seconds)."""
+
+    job: ClaimedJob
+    started: float
+    limit_s: float | None
+
+
+class HeartbeatThread:
+    """Heartbeats (``ttl_s``, refreshed every ``ttl_s / 3``) and the loop watchdog.
+
+    ``make_broker()`` builds a :class:`Broker` on a new connection inside the thread.
+    ``running`` maps task names to :class:`Running` (maintained by the worker);
+    ``on_lapse()`` is called on the worker's loop when a refresh finds the previous
+    heartbeat expired; ``on_blocked(task_name, seconds)`` when a blocked episode ends.
+    """
+
+    def __init__(
+        self,
+        make_broker: Callable[[], Broker],
+        worker_id: str,
+        ttl_s: float,
+        loop: asyncio.AbstractEventLoop,
+        running: dict[str, Running],
+        on_lapse: Callable[[], Any],
+        on_blocked: Callable[[str, float], Any],
+        block_warn_s: float = 1.0,
+        check_s: float = 0.2,
+    ) -> None:
+        self.make_broker = make_broker
+        self.worker_id = worker_id
+        self.ttl_s = ttl_s
+        self.loop = loop
+        self.running = running
+        self.on_lapse = on_lapse
+        self.on_blocked = on_blocked
+        self.block_warn_s = block_warn_s
+        self.check_s = min(check_s, ttl_s / 6)
+        self.log = get_logger(worker_id=worker_id, component="heartbeat")
+        self.beats = 0
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._main, name=f"{worker_id}-heartbeat", daemon=True)
+        self._last_pong = time.monotonic()
+        self._first_beat = threading.Event()
+
+    # ------------------------------------------------------------------ control
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        """Start the thread and wait for its first heartbeat attempt."""
+        self._thread.start()
+        self._first_beat.wait(timeout_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5.0)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _pong(self) -> None:
+        self._last_pong = time.monotonic()
+
+    # ------------------------------------------------------------------ thread
+
+    def _main(self) -> None:
+        try:
+            asyncio.run(self._run())
+        except BaseException as e:  # the worker sees a dead thread and exits non-zero
+            self.error = e
+            self.log.error("worker.heartbeat_thread_died", error=f"{type(e).__name__}: {e}")
+        finally:
+            self._first_beat.set()
+
+    async def _run(self) -> None:
+        broker = self.make_broker()
+        backoff = Backoff(self.log, "worker.heartbeat", base_s=0.1, cap_s=self.ttl_s / 3)
+        interval = self.ttl_s / 3
+        next_beat = 0.0
+        blocked_since: float | None = None
+        culprit = ""
+        failed_culprit = False
+        try:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                if now >= next_beat:
+                    try:
+                        alive = await broker.heartbeat(self.worker_id, self.ttl_s)
+                        backoff.ok()
+                        self.beats += 1
+                        next_beat = now + interval
+                        if not alive:
+                            self._call_loop(self.on_lapse)
+                    except LOOP_ERRORS as e:
+                        next_beat = now + backoff.failed(e)
+                    self._first_beat.set()
+                # --- watchdog
+                lag = now - self._last_pong
+                if lag > self.block_warn_s:
+                    if blocked_since is None:
+                        blocked_since = self._last_pong
+                        culprit = self._current_task_name()
+                        self.log.warning("worker.loop_blocked", task=culprit, blocked_s=round(lag, 3))
+                    if not failed_culprit and await self._fail_if_over_limit(broker, culprit, lag):
+                        failed_culprit = True
+                    if failed_culprit and lag > self._limit_of(culprit) + 2 * self.ttl_s:
+                        self.log.error(
+                            "worker.loop_wedged",
+                            task=culprit,
+                            blocked_s=round(lag, 3),
+                            note="exiting so that a supervisor replaces this worker",
+                        )
+                        os._exit(EXIT_LOOP_WEDGED)
+                elif blocked_since is not None:
+                    total = self._last_pong - blocked_since
+                    await self._report_blocked(broker, culprit, total)
+                    blocked_since, culprit, failed_culprit = None, "", False
+                self._call_loop(self._pong)
+                await asyncio.sleep(self.check_s)
+        finally:
+            await broker.redis.aclose()
+
+    def _call_loop(self, fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the worker's loop is closed: the worker is gone
+            self._stop.set()
+
+    def _current_task_name(self) -> str:
+        try:
+            task = asyncio.current_task(self.loop)
+        except RuntimeError:
+            return ""
+        return task.get_name() if task is not None else ""
+
+    def _limit_of(self, task_name: str) -> float:
+        r = self.running.get(task_name)
+        return r.limit_s if r is not None and r.limit_s is not None else float("inf")
+
+    async def _fail_if_over_limit(self, broker: Broker, task_name: str, lag: float) -> bool:
+        """Fail the blocking node once its blocking outlasted its time limit by a TTL."""
+        r = self.running.get(task_name)
+        if r is None or r.limit_s is None:
+            return False
+        elapsed = time.monotonic() - r.started
+        if elapsed < r.limit_s + self.ttl_s:
+            return False
+        e = PolicyViolation(
+            "timeout_s",
+            r.limit_s,
+            round(elapsed, 3),
+            detail=f"the node's code blocked the worker's event loop for {lag:.1f} s "
+            "(use await asyncio.sleep, or run blocking code in a thread)",
+        )
+        info = {"type": type(e).__name__, "message": str(e), **e.to_dict()}
+        try:
+            await broker.fail(
+                self.worker_id,
+                r.job,
+                info,
+                None,
+                events=[pending_event(EventType.POLICY_VIOLATION, e.to_dict())],
+            )
+        except LOOP_ERRORS as err:
+            self.log.warning("worker.blocked_node_fail_failed", error=describe(err))
+            return False
+        self.log.error("node.failed", run_id=r.job.run_id, node_id=r.job.node_id, error=str(e))
+        return True
+
+    async def _report_blocked(self, broker: Broker, task_name: str, seconds: float) -> None:
+        r = self.running.get(task_name)
+        fields: dict[str, Any] = {"task": task_name, "blocked_s": round(seconds, 3)}
+        if r is not None:
+            fields.update(run_id=r.job.run_id, node_id=r.job.node_id, attempt=r.job.attempt)
+        self.log.warning("worker.loop_unblocked", **fields)
+        self._call_loop(self.on_blocked, task_name, seconds)
+        if r is None:
+            return
+        try:
+            await broker.append_run_event(
+                r.job.run_id,
+                EventType.LOOP_BLOCKED,
+                {"worker": self.worker_id, "blocked_s": round(seconds, 3)},
+                node=r.job.node_id,
+                attempt=r.job.attempt,
+            )
+        except LOOP_ERRORS as e:
+            self.log.warning("worker.loop_blocked_event_lost", error=describe(e))
