@@ -31,6 +31,7 @@ from oao_common.cli_support import (
     run_async,
 )
 from oao_common.connection import DEFAULT_URL, EmbeddedServer, connect, ping, redact
+from oao_common.errors import SpecError
 from oao_common.log import configure_logging, get_logger
 from oao_common.metrics import serve_metrics
 from oao_common.spec import Spec, apply_inputs, load_spec, parse_input_pairs
@@ -55,9 +56,29 @@ out = _console()
 err = _console(stderr=True)
 
 
-def _load(path: str, inputs: tuple[str, ...]) -> Spec:
+def _load(path: str, inputs: tuple[str, ...], check_imports: bool = False) -> Spec:
+    """Load and validate a spec; with ``check_imports``, also import its entrypoints.
+    Raises :class:`SpecError` (exit 2)."""
     spec = load_spec(path)
-    return apply_inputs(spec, parse_input_pairs(inputs)) if inputs else spec
+    spec = apply_inputs(spec, parse_input_pairs(inputs)) if inputs else spec
+    if check_imports:
+        from oao_worker.runtime import import_problems
+
+        problems = import_problems(spec)
+        if problems:
+            raise SpecError(problems, path)
+    return spec
+
+
+def check_imports_option(default: bool) -> Any:
+    return click.option(
+        "--check-imports/--no-check-imports",
+        default=default,
+        show_default=True,
+        help="Import every agent and tool entrypoint here first (as a worker would, from "
+        "the current directory or --app-dir); an entrypoint that fails to import is an "
+        "invalid spec (exit 2).",
+    )
 
 
 async def _broker(redis_url: str | None, prefix: str) -> Broker:
@@ -109,15 +130,14 @@ def main(log_level: str | None, app_dir: str | None) -> None:
 @main.command()
 @click.argument("spec_file", type=click.Path(dir_okay=False))
 @input_option
+@check_imports_option(False)
 @json_option
-def validate(spec_file: str, inputs: tuple[str, ...], as_json: bool) -> None:
+def validate(spec_file: str, inputs: tuple[str, ...], check_imports: bool, as_json: bool) -> None:
     """Validate a spec without touching Redis; exit 2 with the problems if invalid."""
-    from oao_common.errors import SpecError
-
     from .submit import execution_hash
 
     try:
-        spec = _load(spec_file, inputs)
+        spec = _load(spec_file, inputs, check_imports)
     except SpecError as e:
         for p in e.problems:
             click.echo(f"error: {e.source}: {p}", err=True)
@@ -140,6 +160,7 @@ def validate(spec_file: str, inputs: tuple[str, ...], as_json: bool) -> None:
 @click.option(
     "--progress/--no-progress", default=True, show_default=True, help="Show node states while running."
 )
+@check_imports_option(True)
 @json_option
 @run_async
 async def run(
@@ -151,6 +172,7 @@ async def run(
     concurrency: int,
     timeout_s: float | None,
     progress: bool,
+    check_imports: bool,
     as_json: bool,
 ) -> int:
     """Run a DAG to completion in this process and print the execution report.
@@ -163,7 +185,7 @@ async def run(
 
     if not os.environ.get("OAO_LOG_LEVEL") and not _log_level_given():
         configure_logging("warning")  # the progress view and the report say it all
-    spec = _load(spec_file, inputs)
+    spec = _load(spec_file, inputs, check_imports)
     server: EmbeddedServer | None = None
     if not redis_url:
         server = EmbeddedServer().start()
@@ -218,6 +240,7 @@ async def run(
     "--timeout", "timeout_s", type=float, default=None, help="With --wait: give up after N seconds."
 )
 @click.option("--idempotency-key", default=None, help="Submitting twice with one key returns the first run.")
+@check_imports_option(False)
 @json_option
 @run_async
 async def submit(
@@ -228,6 +251,7 @@ async def submit(
     wait: bool,
     timeout_s: float | None,
     idempotency_key: str | None,
+    check_imports: bool,
     as_json: bool,
 ) -> int:
     """Validate SPEC_FILE and submit it as a new run; print the run id.
@@ -235,7 +259,7 @@ async def submit(
     Workers (oao-worker) execute it; run `oao-scheduler serve` for dead-worker
     recovery and retries.
     """
-    spec = _load(spec_file, inputs)
+    spec = _load(spec_file, inputs, check_imports)
     broker = await _broker(redis_url, prefix)
     s = await submit_spec(broker, spec, idempotency_key=idempotency_key)
     status = "SUBMITTED" if s.created else "EXISTS"

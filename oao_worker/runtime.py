@@ -23,7 +23,7 @@ from oao_common.spec import Spec
 from .agents import Agent, build_agent
 from .guards import Guard
 from .providers import Provider, make_provider
-from .tools import RunSync, Tool, load_tools
+from .tools import RunSync, Tool, load_entrypoint, load_tools
 
 
 @dataclass(slots=True)
@@ -66,6 +66,21 @@ def guards_of(spec: Spec) -> dict[str, Guard]:
         if g.active:
             out[f"tool:{name}"] = g
     return out
+
+
+def import_problems(spec: Spec) -> list[str]:
+    """Import every entrypoint of ``spec`` (agents and tools) as a worker would; one
+    line per entrypoint that fails, naming its place (``agents.writer.entrypoint``).
+    Blocking: for the command line (``validate/submit --check-imports``, ``run``)."""
+    places = [(f"agents.{n}.entrypoint", a.entrypoint) for n, a in spec.agents.items() if a.kind == "python"]
+    places += [(f"tools.{n}.entrypoint", t.entrypoint) for n, t in spec.tools.items()]
+    problems = []
+    for where, entrypoint in places:
+        try:
+            load_entrypoint(entrypoint)
+        except PermanentError as e:
+            problems.append(f"{where}: {e}")
+    return problems
 
 
 class RuntimeCache:

@@ -178,3 +178,22 @@ def test_sigterm_hands_back_in_flight_node(redis_url: str, prefix: str, tmp_path
         assert "NODE_HANDED_BACK" in ev
     finally:
         stop(w)
+
+
+def test_check_imports_rejects_entrypoints_that_fail_to_import(tmp_path: Path) -> None:
+    spec = tmp_path / "imports.yaml"
+    spec.write_text(
+        "name: x\n"
+        "agents: {a: {kind: python, entrypoint: 'nosuchmod_xyz:f'}}\n"
+        "tools: {t: {entrypoint: 'os:nope_attr'}}\n"
+        "nodes: [{id: n, agent: a}]\n"
+    )
+    plain = cli("validate", str(spec))
+    assert plain.returncode == 0, plain.stderr  # without the check, the spec is valid
+    for args in (["validate", "--check-imports", str(spec)], ["run", str(spec)]):
+        r = cli(*args)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2, r.stderr
+        assert "Traceback" not in r.stderr
+        assert any("agents.a.entrypoint: cannot import 'nosuchmod_xyz:f'" in line for line in lines), lines
+        assert any("tools.t.entrypoint: 'os:nope_attr'" in line for line in lines), lines
