@@ -6,7 +6,7 @@ model in a loop; 2,000-token budget; chunks streamed every 2 ms) on a real
 ``oao-worker`` process. For each run the latency is ``NODE_FAILED`` (server clock) minus
 the moment the governor saw the crossing chunk (``at_ms`` of the ``POLICY_VIOLATION``,
 worker clock; same host). Same-run baselines: a Redis round trip (``PING``) and the
-model's inter-chunk interval. Target (DESIGN.md guarantee 6): under 100 ms.
+model's inter-chunk interval. Target (docs/benchmarks.md): under 100 ms.
 
     python bench/budget_stop.py              # 50 runs, embedded Valkey
     python bench/budget_stop.py --runs 200 --redis-url redis://127.0.0.1:6379/14

@@ -1,4 +1,4 @@
-"""Every Redis key name OAO uses, in one place (DESIGN.md, "Data model in Redis").
+"""Every Redis key name OAO uses, in one place (docs/architecture.md, "Redis data model").
 
 Keys of one run share the hash tag ``{rid}``. Lua scripts never spell a key: they get
 the fixed ones in ``KEYS`` and, for keys that depend on data they read (a dependent

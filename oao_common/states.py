@@ -1,4 +1,4 @@
-"""Node and run states (DESIGN.md, "Data model in Redis").
+"""Node and run states (docs/architecture.md, "Redis data model").
 
 The Lua scripts in ``oao_common/lua`` write these same strings; a unit test checks
 that every state literal used there is defined here.

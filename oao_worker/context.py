@@ -5,7 +5,7 @@
 1. gets the next sequence number of the node (1, 2, ...);
 2. is looked up in the node's step ledger: a recorded step with the same request hash
    is served from the record (``STEP_REPLAYED``) and not executed again; a different
-   hash raises :class:`~oao_common.errors.NonDeterminismError` (DESIGN.md guarantees 3, 4);
+   hash raises :class:`~oao_common.errors.NonDeterminismError` (docs/guarantees.md, promises 3 and 4);
 3. otherwise passes the governance chain, executes, and is recorded atomically with
    its events by a fenced script (``record_step.lua``). A rejected record means
    another attempt owns the node: :class:`~oao_common.errors.StaleAttemptError`.
@@ -297,7 +297,7 @@ class AgentContext:
 
     async def _begin_tool_step(self, seq: int, name: str, req_hash: str) -> None:
         """Guard a side effect: refuse to repeat an unrecorded non-idempotent call, and
-        write a fenced "started" marker before executing (DESIGN.md guarantee 3)."""
+        write a fenced "started" marker before executing (docs/guarantees.md, ADR 003)."""
         tool = self.tools.get(name)
         idempotent = bool(tool and tool.spec.idempotent)
         prior = self.job.started.get(seq)

@@ -1,4 +1,4 @@
-"""The agent lifecycle state machine (DESIGN.md, "Inside a node").
+"""The agent lifecycle state machine (docs/architecture.md, "The worker inside").
 
 ``INIT → PLAN → EXECUTE → REVIEW → (PLAN … | TERMINATE)``; ``PLAN → REVIEW`` is
 allowed for a turn with nothing to execute, and any state may go to ``TERMINATE``

@@ -103,7 +103,7 @@ class ModelRequest:
     context: dict[str, Any] = field(default_factory=dict)
 
     def hash_view(self) -> dict[str, Any]:
-        """The part of the request that identifies it for replay (DESIGN.md guarantee 4)."""
+        """The part of the request that identifies it for replay (docs/guarantees.md, promise 4)."""
         return {
             "model": self.model,
             "messages": self.messages,
