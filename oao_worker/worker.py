@@ -304,8 +304,10 @@ class Worker:
             await asyncio.gather(*pending, return_exceptions=True)
 
     async def _leave(self) -> None:
-        for delay in (0.0, 0.2, 0.5, 1.0, 2.0):
-            await asyncio.sleep(delay)
+        """Hand everything back and deregister, retrying Redis errors for about 5 s;
+        after that the reaper requeues our jobs once the heartbeat expires."""
+        backoff = Backoff(self.log, "worker.leave", base_s=0.2, cap_s=2.0)
+        for _ in range(5):
             try:
                 n = await self.broker.handback(self.id)
                 metrics.REQUEUED.labels("handback").inc(n)
@@ -313,7 +315,7 @@ class Worker:
                 self.log.info("worker.stopped", handed_back=n, completed=self.completed, failed=self.failed)
                 return
             except LOOP_ERRORS as e:
-                self.log.warning("worker.handback_failed", error=describe(e))
+                await backoff.sleep_after(e)
         self.log.error(
             "worker.handback_gave_up",
             note="the reaper will requeue this worker's jobs after its heartbeat expires",
