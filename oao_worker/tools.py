@@ -3,8 +3,8 @@
 A tool is ``module:function`` (sync or async). Its JSON schema for tool-calling
 models is derived from the signature with pydantic; its description is the spec's
 ``description`` or the docstring's first line. While a tool runs,
-:func:`idempotency_key` returns the key of the current call (docs/guarantees.md, "Tool calls and side effects"),
-for a tool that passes it on to an external API.
+:func:`idempotency_key` returns the key of the current call, for a tool that passes
+it on to an external API (docs/guarantees.md, "Tool calls and side effects").
 """
 
 from __future__ import annotations
