@@ -201,6 +201,11 @@ class Worker:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
+    @property
+    def inflight(self) -> int:
+        """Node attempts this worker is running now."""
+        return len(self._inflight)
+
     async def run(self) -> None:
         """Run until :meth:`request_stop`; then drain, hand back and deregister."""
         info = {

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import yaml
@@ -91,15 +92,16 @@ def of_type(events: list[Event], *types: str, node: str | None = None) -> list[E
     return [e for e in events if e.type in types and (node is None or e.node == node)]
 
 
-async def wait_until(
-    probe: Callable[[], Awaitable[Any]], want: Any, timeout_s: float, what: str = "a condition"
-) -> Any:
-    """Poll ``probe`` until it returns ``want`` (or ``want(value)`` is true); fail after
-    ``timeout_s`` seconds with the last value."""
+async def wait_until(probe: Callable[[], Any], want: Any, timeout_s: float, what: str = "a condition") -> Any:
+    """Poll ``probe`` (sync or async) until it returns ``want`` (or ``want(value)`` is
+    true); fail after ``timeout_s`` seconds with the last value. Returns the value."""
     deadline = time.monotonic() + timeout_s
     while True:
-        v = await probe()
-        if (want(v) if callable(want) else v == want) or time.monotonic() > deadline:
-            assert want(v) if callable(want) else v == want, f"waited {timeout_s}s for {what}: last {v!r}"
+        v = probe()
+        if inspect.isawaitable(v):
+            v = await v
+        ok = want(v) if callable(want) else v == want
+        if ok:
             return v
+        assert time.monotonic() < deadline, f"waited {timeout_s}s for {what}: last value {v!r}"
         await asyncio.sleep(0.02)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 from chaoskit import check_invariants, read_ledger
+from oao_testkit import wait_until
 from proc import start_serve, start_worker, stop
 
 from oao_common.broker import Broker
@@ -207,8 +208,12 @@ async def test_redis_restart_mid_run(tmp_path: Path, prefix: str) -> None:
         r = connect(url)
         broker = Broker(r, prefix)
         s = await submit_spec(broker, parse_spec(chaos_spec(60, seed=3, delay=0.1), "restart"))
-        while int(await r.hget(broker.keys.run(s.run_id), "nodes_done") or 0) < 10:
-            await asyncio.sleep(0.05)
+        await wait_until(
+            lambda: r.hget(broker.keys.run(s.run_id), "nodes_done"),
+            lambda n: int(n or 0) >= 10,
+            60,
+            "10 nodes",
+        )
         await r.aclose()
         server.stop()  # SIGTERM: the AOF is flushed on shutdown
         await asyncio.sleep(1.5)

@@ -9,7 +9,7 @@ import json
 from typing import Any
 
 import pytest
-from oao_testkit import fleet, make_spec, of_type, run_spec
+from oao_testkit import fleet, make_spec, of_type, run_spec, wait_until
 
 from oao_common.broker import Broker
 from oao_scheduler.progress import wait_for_run
@@ -181,15 +181,14 @@ async def test_cancel_stops_in_flight_nodes_without_waiting_for_their_step(broke
     )
     async with fleet(broker, workers=1, concurrency=2) as [w]:
         s = await submit_spec(broker, spec)
-        while len(w._inflight) < 2:
-            await asyncio.sleep(0.02)
+        await wait_until(lambda: w.inflight, 2, 10, "two nodes in flight")
         assert await broker.cancel(s.run_id) == 2
-        for _ in range(200):
-            if not w._inflight and not await broker.redis.llen(broker.keys.active(w.id)):
-                break
-            await asyncio.sleep(0.05)
-        assert not w._inflight  # stopped inside a 60 s model call
-        assert await broker.redis.llen(broker.keys.active(w.id)) == 0
+
+        async def inflight_and_active() -> tuple[int, int]:
+            return w.inflight, await broker.redis.llen(broker.keys.active(w.id))
+
+        # stopped inside a 60 s model call, and their jobs left the active list
+        await wait_until(inflight_and_active, (0, 0), 10, "cancelled nodes to stop")
     assert [n["status"] for n in await broker.get_nodes(s.run_id, ["a", "b"])] == ["CANCELLED"] * 2
     assert int((await broker.get_run(s.run_id)).get("res_out") or 0) == 0
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from oao_testkit import fleet, make_spec, of_type, run_spec
+from oao_testkit import fleet, make_spec, of_type, run_spec, wait_until
 
 from oao_common.broker import Broker
 from oao_common.keys import job_id
@@ -176,8 +176,7 @@ async def test_stale_completion_is_rejected(broker: Broker) -> None:
     s = await submit_spec(broker, spec)
     await broker.heartbeat("zombie", 0.05)
     [old] = await broker.claim("zombie", "default", 1)
-    while await broker.redis.exists(broker.keys.heartbeat("zombie")):
-        await asyncio.sleep(0.02)
+    await wait_until(lambda: broker.redis.exists(broker.keys.heartbeat("zombie")), 0, 5, "expiry")
     res = await broker.reap("zombie", max_requeues=5)
     assert res is not None and res.requeued == 1
     [new] = await broker.claim("fresh", "default", 1)
@@ -200,8 +199,7 @@ async def test_reaper_requeues_dead_worker_jobs_once(broker: Broker) -> None:
     await broker.heartbeat("dead", 0.05)
     claimed = await broker.claim("dead", "default", 2)
     assert len(claimed) == 2
-    while await broker.redis.exists(broker.keys.heartbeat("dead")):
-        await asyncio.sleep(0.02)
+    await wait_until(lambda: broker.redis.exists(broker.keys.heartbeat("dead")), 0, 5, "expiry")
     reapers = [Reaper(broker, heartbeat_ttl_s=0.05, max_requeues=5) for _ in range(5)]
     results = await asyncio.gather(*(r.tick() for r in reapers))
     assert sum(len(r) for r in results) == 1  # exactly one reaper acted
@@ -229,8 +227,8 @@ async def test_poison_job_is_dead_lettered(broker: Broker) -> None:
         await broker.heartbeat(wid, 0.05)
         if not await broker.claim(wid, "default", 1):
             break
-        while await broker.redis.exists(broker.keys.heartbeat(wid)):
-            await asyncio.sleep(0.02)
+        hb = broker.keys.heartbeat(wid)
+        await wait_until(lambda hb=hb: broker.redis.exists(hb), 0, 5, "expiry")
         await broker.reap(wid, max_requeues=1)
     [p] = await broker.get_nodes(s.run_id, ["p"])
     assert p["status"] == "FAILED" and json.loads(p["error"])["reason"] == "poison"
@@ -242,8 +240,7 @@ async def test_graceful_stop_hands_back_running_node(broker: Broker) -> None:
     spec = make_spec([{"id": "slow", "agent": "sleeper", "task": "30"}])
     s = await submit_spec(broker, spec)
     async with fleet(broker, reaper=False) as [w]:
-        while (await broker.get_nodes(s.run_id, ["slow"]))[0]["status"] != "RUNNING":
-            await asyncio.sleep(0.02)
+        await wait_until(lambda: node_status(broker, s.run_id, "slow"), "RUNNING", 10, "slow to run")
         w.grace_period_s = 0.1
     [n] = await broker.get_nodes(s.run_id, ["slow"])
     assert n["status"] == "READY" and "lease" not in n and n["requeues"] == "0"
@@ -339,3 +336,7 @@ async def test_idle_worker_wakes_on_push_and_serves_several_queues(broker: Broke
 
         assert await wait_for_run(broker, s.run_id, interval_s=0.02, timeout_s=10) == "SUCCEEDED"
         assert w.completed == 2
+
+
+async def node_status(broker: Broker, rid: str, nid: str) -> str | None:
+    return (await broker.get_nodes(rid, [nid]))[0].get("status")
