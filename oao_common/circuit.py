@@ -38,6 +38,7 @@ from redis.asyncio import Redis
 
 from .errors import TransientError
 from .keys import Keys
+from .limits import PositiveCount, PositiveDelayS, Ratio
 from .scripts import Scripts
 
 #: Buckets of the rolling window of a closed circuit.
@@ -62,12 +63,12 @@ class CircuitBreakerSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    failure_ratio: Annotated[float, Field(gt=0, le=1)] = 0.5
-    window_s: Annotated[float, Field(gt=0)] = 60.0
-    min_calls: Annotated[int, Field(ge=1)] = 10
-    cool_down_s: Annotated[float, Field(gt=0)] = 30.0
-    half_open_probes: Annotated[int, Field(ge=1)] = 1
-    probe_ttl_s: Annotated[float, Field(gt=0)] = 120.0
+    failure_ratio: Annotated[Ratio, Field(gt=0)] = 0.5
+    window_s: PositiveDelayS = 60.0
+    min_calls: PositiveCount = 10
+    cool_down_s: PositiveDelayS = 30.0
+    half_open_probes: PositiveCount = 1
+    probe_ttl_s: PositiveDelayS = 120.0
 
 
 @dataclass(frozen=True, slots=True)

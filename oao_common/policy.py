@@ -1,6 +1,7 @@
 """Policy and retry settings as they appear in a spec (``defaults`` and per node).
 
-Units: steps, tokens, tool calls, seconds, USD. ``None`` means "no limit".
+Units: steps, tokens, tool calls, seconds, USD. ``None`` means "no limit". Every number
+is finite, strictly typed and bounded by its unit type (``oao_common/limits.py``).
 The enforcement lives in ``oao_worker/governance.py``; this module only holds data
 and the backoff arithmetic.
 """
@@ -12,6 +13,19 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .limits import (
+    MAX_DELAY_S,
+    Backoff,
+    Count,
+    DelayS,
+    PositiveCount,
+    Ratio,
+    Retries,
+    StrictBool,
+    StrictInt,
+    TimeoutS,
+    Usd,
+)
 from .retry import exponential_delay_s
 
 
@@ -20,13 +34,13 @@ class PolicySpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_steps: int | None = Field(default=None, ge=1, description="model + tool calls per node")
-    max_tokens: int | None = Field(default=None, ge=1, description="input + output tokens")
-    max_input_tokens: int | None = Field(default=None, ge=1)
-    max_output_tokens: int | None = Field(default=None, ge=1)
-    max_tool_calls: int | None = Field(default=None, ge=0)
-    timeout_s: float | None = Field(default=None, gt=0, description="wall time of one attempt")
-    max_cost_usd: float | None = Field(default=None, ge=0)
+    max_steps: PositiveCount | None = Field(default=None, description="model + tool calls per node")
+    max_tokens: PositiveCount | None = Field(default=None, description="input + output tokens")
+    max_input_tokens: PositiveCount | None = None
+    max_output_tokens: PositiveCount | None = None
+    max_tool_calls: Count | None = None
+    timeout_s: TimeoutS | None = Field(default=None, description="wall time of one attempt")
+    max_cost_usd: Usd | None = None
 
 
 class RunPolicySpec(PolicySpec):
@@ -34,7 +48,7 @@ class RunPolicySpec(PolicySpec):
     reservation in Redis), plus ``max_parallel_nodes``. ``timeout_s`` bounds the run's
     wall time from its first claim."""
 
-    max_parallel_nodes: int | None = Field(default=None, ge=1)
+    max_parallel_nodes: PositiveCount | None = None
 
 
 class FailureSpec(BaseModel):
@@ -48,9 +62,9 @@ class FailureSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    allow_partial_completion: bool = False
-    max_failure_ratio: float = Field(default=0.5, ge=0, le=1)
-    critical_priority: int = Field(default=8, ge=0, le=11)
+    allow_partial_completion: StrictBool = False
+    max_failure_ratio: Ratio = 0.5
+    critical_priority: StrictInt = Field(default=8, ge=0, le=11)
 
 
 DEFAULT_POLICY = PolicySpec(max_steps=50, max_tokens=100_000, max_tool_calls=50, timeout_s=300.0)
@@ -61,11 +75,11 @@ class RetrySpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_retries: int | None = Field(default=None, ge=0)
-    retry_delay_s: float | None = Field(default=None, ge=0)
-    backoff: float | None = Field(default=None, ge=1.0)
-    max_delay_s: float | None = Field(default=None, ge=0)
-    jitter: bool | None = None
+    max_retries: Retries | None = None
+    retry_delay_s: DelayS | None = None
+    backoff: Backoff | None = None
+    max_delay_s: DelayS | None = None
+    jitter: StrictBool | None = None
 
 
 DEFAULT_RETRY = RetrySpec(max_retries=3, retry_delay_s=1.0, backoff=2.0, max_delay_s=300.0, jitter=True)
@@ -84,15 +98,18 @@ def merge(base: BaseModel, *overrides: BaseModel | None) -> Any:
 def backoff_delay_s(retry: RetrySpec, retry_number: int, rng: random.Random | None = None) -> float:
     """Delay in seconds before retry number ``retry_number`` (1-based).
 
-    Exponential backoff ``retry_delay_s * backoff ** (n - 1)`` capped at ``max_delay_s``,
-    with "equal jitter" when ``jitter`` is on (``oao_common.retry.exponential_delay_s``:
-    half the delay plus a uniform draw over the other half), so retries of many nodes
-    spread out but never fire immediately. Never ``inf``, whatever the settings.
+    Exponential backoff ``retry_delay_s * backoff ** (n - 1)`` capped at ``max_delay_s``
+    (and always at :data:`~oao_common.limits.MAX_DELAY_S`, so the result is finite even
+    when the power overflows), with "equal jitter" when ``jitter`` is on
+    (:func:`oao_common.retry.exponential_delay_s`: half the delay plus a uniform draw
+    over the other half), so retries of many nodes spread out but never fire
+    immediately.
     """
+    cap = MAX_DELAY_S if retry.max_delay_s is None else min(float(retry.max_delay_s), MAX_DELAY_S)
     return exponential_delay_s(
         retry_number,
         float(retry.retry_delay_s or 0.0),
-        retry.max_delay_s,
+        cap,
         factor=float(retry.backoff or 1.0),
         jitter=bool(retry.jitter),
         rng=rng,

@@ -37,11 +37,12 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, PositiveInt
+from pydantic import BaseModel, ConfigDict
 from redis.asyncio import Redis
 
 from .errors import PermanentError, TransientError
 from .keys import Keys
+from .limits import PositiveCount
 from .scripts import Scripts
 
 #: Tier name of :class:`RateLimitSpec` -> (unit, window in seconds).
@@ -66,12 +67,12 @@ class RateLimitSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    rpm: PositiveInt | None = None
-    rph: PositiveInt | None = None
-    rpd: PositiveInt | None = None
-    tpm: PositiveInt | None = None
-    tpd: PositiveInt | None = None
-    max_concurrent: PositiveInt | None = None
+    rpm: PositiveCount | None = None
+    rph: PositiveCount | None = None
+    rpd: PositiveCount | None = None
+    tpm: PositiveCount | None = None
+    tpd: PositiveCount | None = None
+    max_concurrent: PositiveCount | None = None
 
     def tiers(self) -> Tiers:
         """The buckets of this spec with their windows (:data:`TIER_WINDOWS`)."""

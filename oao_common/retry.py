@@ -115,13 +115,15 @@ def exponential_delay_s(
 
     Overflow-safe: a huge ``n`` or ``factor`` gives the cap, never ``inf``.
     """
+    if not base_s > 0:
+        return 0.0
     try:
         d = float(base_s) * float(factor) ** max(0, n - 1)
     except OverflowError:
         d = float("inf")
     d = min(d, MAX_DELAY_S if cap_s is None else float(cap_s))
-    if d != d or d == float("inf"):  # nan, or inf with no cap
-        d = 0.0 if not base_s > 0 else MAX_DELAY_S
+    if d != d or d == float("inf"):  # nan, or an infinite cap
+        d = MAX_DELAY_S
     if jitter and d > 0:
         return d / 2 + (rng or random).uniform(0, d / 2)
     return d

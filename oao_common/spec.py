@@ -4,7 +4,9 @@
 :class:`~oao_common.errors.SpecError` whose ``problems`` each name the place
 (``nodes[2] (draft).depends_on``) and, where the YAML has one, the line.
 Validation is pure: nothing here touches Redis, so bad input never reaches it
-(DESIGN.md guarantee 7).
+(docs/guarantees.md, guarantee 7). Hostile documents (huge, deeply nested, alias bombs, duplicate
+keys, invalid UTF-8) are refused while reading (``oao_common/spec_yaml.py``), and every
+number is finite, strictly typed and bounded (``oao_common/limits.py``).
 """
 
 from __future__ import annotations
@@ -17,10 +19,13 @@ import yaml
 from jinja2 import TemplateSyntaxError, nodes
 from jinja2.sandbox import SandboxedEnvironment
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     PrivateAttr,
+    Tag,
     ValidationError,
     ValidationInfo,
     model_validator,
@@ -28,6 +33,17 @@ from pydantic import (
 
 from .circuit import CircuitBreakerSpec
 from .errors import SpecError
+from .limits import (
+    MAX_DEPTH,
+    Attempts,
+    DelayS,
+    PositiveCount,
+    StrictBool,
+    StrictInt,
+    Temperature,
+    TimeoutS,
+    Usd,
+)
 from .policy import (
     DEFAULT_POLICY,
     DEFAULT_RETRY,
@@ -38,6 +54,7 @@ from .policy import (
     merge,
 )
 from .ratelimit import RateLimitSpec
+from .spec_yaml import YamlProblem, load_yaml, plain_data_problem, read_spec_file
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
 ENTRYPOINT_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$"
@@ -47,6 +64,18 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _plain(value: Any) -> Any:
+    problem = plain_data_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+PlainData = Annotated[Any, AfterValidator(_plain)]
+"""Free-form data (inputs, agent config, tool-call arguments): JSON-like, finite numbers
+(:func:`~oao_common.spec_yaml.plain_data_problem`)."""
+
+
 # --------------------------------------------------------------------------- models
 
 
@@ -54,14 +83,24 @@ class ScriptedReply(_Strict):
     """One reply of the scripted model: text (a sandboxed Jinja template) and tool calls."""
 
     content: str = ""
-    tool_calls: list[dict[str, Any]] = Field(default_factory=list)
+    tool_calls: list[dict[str, PlainData]] = Field(default_factory=list)
+
+
+def _reply_kind(value: Any) -> str:
+    return "<text>" if isinstance(value, str) else "<reply>"
+
+
+Reply = Annotated[
+    Annotated[ScriptedReply, Tag("<reply>")] | Annotated[str, Tag("<text>")], Discriminator(_reply_kind)
+]
+"""A scripted reply: plain text or a :class:`ScriptedReply` (one error per bad reply)."""
 
 
 class PricingSpec(_Strict):
     """USD per million tokens, input and output."""
 
-    input_usd_per_mtok: float = Field(ge=0)
-    output_usd_per_mtok: float = Field(ge=0)
+    input_usd_per_mtok: Usd
+    output_usd_per_mtok: Usd
 
 
 class ScriptedModelSpec(_Strict):
@@ -69,13 +108,13 @@ class ScriptedModelSpec(_Strict):
     (or cycling with ``cycle: true``). ``by_node`` gives a node its own script."""
 
     provider: Literal["scripted"]
-    replies: list[ScriptedReply | str] = Field(default_factory=list)
-    by_node: dict[str, list[ScriptedReply | str]] = Field(default_factory=dict)
+    replies: list[Reply] = Field(default_factory=list)
+    by_node: dict[str, list[Reply]] = Field(default_factory=dict)
     replies_file: str | None = None
-    cycle: bool = False
-    stream_delay_s: float = Field(default=0.0, ge=0, description="sleep before each chunk")
-    reply_delay_s: float = Field(default=0.0, ge=0, description="sleep before the reply")
-    chunk_tokens: int = Field(default=8, ge=1)
+    cycle: StrictBool = False
+    stream_delay_s: DelayS = Field(default=0.0, description="sleep before each chunk")
+    reply_delay_s: DelayS = Field(default=0.0, description="sleep before the reply")
+    chunk_tokens: PositiveCount = 8
     pricing: PricingSpec | None = None
     rate_limit: RateLimitSpec | None = None
     circuit_breaker: CircuitBreakerSpec | None = None
@@ -91,9 +130,9 @@ class OpenAIModelSpec(_Strict):
     model: str
     base_url: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
-    temperature: float | None = None
-    timeout_s: float = Field(default=60.0, gt=0)
-    stream: bool = True
+    temperature: Temperature | None = None
+    timeout_s: TimeoutS = 60.0
+    stream: StrictBool = True
     pricing: PricingSpec | None = None
     rate_limit: RateLimitSpec | None = None
     circuit_breaker: CircuitBreakerSpec | None = None
@@ -114,7 +153,7 @@ class PythonAgentSpec(_Strict):
     model: str | None = Field(default=None, description="default model of ctx.llm")
     tools: list[str] = Field(default_factory=list)
     deny_tools: list[str] = Field(default_factory=list)
-    config: dict[str, Any] = Field(default_factory=dict)
+    config: dict[str, PlainData] = Field(default_factory=dict)
 
 
 class LLMAgentSpec(_Strict):
@@ -125,9 +164,9 @@ class LLMAgentSpec(_Strict):
     system: str = ""
     tools: list[str] = Field(default_factory=list)
     deny_tools: list[str] = Field(default_factory=list)
-    max_turns: int = Field(default=8, ge=1)
-    max_tokens: int | None = Field(default=None, ge=1, description="per model call")
-    temperature: float | None = None
+    max_turns: PositiveCount = 8
+    max_tokens: PositiveCount | None = Field(default=None, description="per model call")
+    temperature: Temperature | None = None
 
 
 AgentSpec = Annotated[PythonAgentSpec | LLMAgentSpec, Field(discriminator="kind")]
@@ -138,7 +177,7 @@ class ToolSpec(_Strict):
 
     entrypoint: str = Field(pattern=ENTRYPOINT_PATTERN)
     description: str = ""
-    idempotent: bool = False
+    idempotent: StrictBool = False
     rate_limit: RateLimitSpec | None = None
     circuit_breaker: CircuitBreakerSpec | None = None
 
@@ -149,8 +188,8 @@ class NodeSpec(_Strict):
     task: str = ""
     depends_on: list[str] = Field(default_factory=list)
     queue: str = Field(default="default", pattern=ID_PATTERN)
-    priority: int = Field(default=5, ge=0, le=10)
-    critical: bool | None = None
+    priority: StrictInt = Field(default=5, ge=0, le=10)
+    critical: StrictBool | None = None
     policy: PolicySpec | None = None
     retry: RetrySpec | None = None
 
@@ -165,8 +204,8 @@ class EscalationSpec(_Strict):
     webhook: str = Field(pattern=r"^https?://")
     on: list[EndStatus] = Field(default_factory=lambda: list[EndStatus](["FAILED"]))
     headers: dict[str, str] = Field(default_factory=dict)
-    timeout_s: float = Field(default=10.0, gt=0)
-    max_attempts: int = Field(default=5, ge=1)
+    timeout_s: TimeoutS = 10.0
+    max_attempts: Attempts = 5
 
 
 class Defaults(_Strict):
@@ -180,7 +219,7 @@ class Spec(_Strict):
 
     name: str = Field(min_length=1)
     description: str = ""
-    inputs: dict[str, Any] = Field(default_factory=dict)
+    inputs: dict[str, PlainData] = Field(default_factory=dict)
     defaults: Defaults = Field(default_factory=Defaults)
     policy: RunPolicySpec = Field(default_factory=RunPolicySpec)
     failure: FailureSpec = Field(default_factory=FailureSpec)
@@ -411,7 +450,31 @@ def _loc_name(raw: Any, loc: tuple[Any, ...]) -> str:
     return out or "(top level)"
 
 
-_UNION_TAGS = {"python", "llm", "scripted", "openai", "function-after[_cross_references()]"}
+_UNION_TAGS = {
+    "python",
+    "llm",
+    "scripted",
+    "openai",
+    "<reply>",
+    "<text>",
+    "function-after[_cross_references()]",
+}
+
+
+def _clean_loc(raw: Any, loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``loc`` without the tags pydantic inserts for union members (``scripted``,
+    ``<reply>``), keeping a part that is a real key of the data at that point."""
+    out: list[Any] = []
+    cur = raw
+    for part in loc:
+        if isinstance(part, str) and part in _UNION_TAGS and not (isinstance(cur, dict) and part in cur):
+            continue
+        out.append(part)
+        if isinstance(part, int):
+            cur = cur[part] if isinstance(cur, list) and 0 <= part < len(cur) else None
+        else:
+            cur = cur.get(part) if isinstance(cur, dict) else None
+    return tuple(out)
 
 
 def _format_validation(e: ValidationError, raw: Any, root: yaml.Node | None) -> list[str]:
@@ -421,69 +484,95 @@ def _format_validation(e: ValidationError, raw: Any, root: yaml.Node | None) -> 
         if _CROSS_MARK in msg:
             problems.extend(msg.split(_CROSS_MARK, 1)[1].split("\n"))
             continue
-        loc = tuple(p for p in err["loc"] if p not in _UNION_TAGS)
+        loc = _clean_loc(raw, tuple(err["loc"]))
         line = _line_of(root, loc)
         at = f" (line {line})" if line else ""
         msg = msg.removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown field"
-        problems.append(f"{_loc_name(raw, loc)}{at}: {msg}")
+        problems.append(" ".join(f"{_loc_name(raw, loc)}{at}: {msg}".split()))
     return problems
 
 
 def parse_spec(text: str, source: str = "spec") -> Spec:
-    """Parse and validate spec text. Raises :class:`SpecError`."""
+    """Parse and validate spec text. Raises :class:`SpecError`, one problem per line,
+    for bad YAML, a document over the bounds of :mod:`oao_common.limits` (size,
+    nesting, alias expansion), a duplicate key, or a spec that does not validate."""
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(e, "problem", None) or str(e)
-        raise SpecError([f"YAML syntax error at {where}{problem}"], source) from None
+        doc = load_yaml(text)
+    except YamlProblem as e:
+        raise SpecError([e.message], source) from None
+    raw = doc.data
     if not isinstance(raw, dict):
         raise SpecError(["the spec must be a YAML mapping with name, agents and nodes"], source)
     try:
         return Spec.model_validate(raw)
     except ValidationError as e:
-        raise SpecError(_format_validation(e, raw, root), source) from None
+        raise SpecError(_format_validation(e, raw, doc.root), source) from None
+    except RecursionError:  # last resort: load_yaml bounds the nesting well below this
+        raise SpecError(
+            [f"nested too deeply to validate (the limit is {MAX_DEPTH} levels)"], source
+        ) from None
 
 
 def load_spec(path: str | Path) -> Spec:
-    """Read and validate a spec file. Raises :class:`SpecError` (also for an unreadable file)."""
+    """Read and validate a spec file. Raises :class:`SpecError` for an unreadable file,
+    one larger than :data:`~oao_common.limits.MAX_SPEC_BYTES`, one that is not UTF-8
+    (naming the byte offset), and everything :func:`parse_spec` refuses."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        text = read_spec_file(p)
     except OSError as e:
         raise SpecError([f"cannot read file: {e.strerror or e}"], str(path)) from None
+    except YamlProblem as e:
+        raise SpecError([e.message], str(path)) from None
     spec = parse_spec(text, source=str(path))
     return _resolve_files(spec, p.parent, str(path))
 
 
 def _resolve_files(spec: Spec, base: Path, source: str) -> Spec:
-    """Inline ``replies_file`` of scripted models (YAML or JSON list of replies)."""
+    """Inline ``replies_file`` of scripted models (YAML or JSON list of replies), read
+    within the same bounds as the spec itself."""
     for mname, m in spec.models.items():
         if isinstance(m, ScriptedModelSpec) and m.replies_file:
+            where = f"models.{mname}.replies_file"
             f = (base / m.replies_file).resolve()
             try:
-                data = yaml.safe_load(f.read_text(encoding="utf-8"))
-            except (OSError, yaml.YAMLError) as e:
+                data = load_yaml(read_spec_file(f)).data
+            except OSError as e:
                 raise SpecError(
-                    [f"models.{mname}.replies_file: cannot load {m.replies_file}: {e}"], source
+                    [f"{where}: cannot load {m.replies_file}: {e.strerror or e}"], source
                 ) from None
+            except YamlProblem as e:
+                raise SpecError([f"{where}: {m.replies_file}: {e.message}"], source) from None
             if not isinstance(data, list):
-                raise SpecError([f"models.{mname}.replies_file: must hold a list of replies"], source)
+                raise SpecError([f"{where}: must hold a list of replies"], source)
             try:
                 extra = ScriptedModelSpec.model_validate({"provider": "scripted", "replies": data}).replies
             except ValidationError as e:
-                raise SpecError([f"models.{mname}.replies_file: {e.errors()[0]['msg']}"], source) from None
+                err = e.errors()[0]
+                at = _loc_name(data, _clean_loc({"replies": data}, tuple(err["loc"]))[1:])
+                msg = str(err["msg"]).removeprefix("Value error, ")
+                raise SpecError([f"{where}: {m.replies_file} {at}: {msg}"], source) from None
             m.replies = [*m.replies, *extra]
             m.replies_file = None
     return spec
 
 
 def apply_inputs(spec: Spec, overrides: dict[str, Any]) -> Spec:
-    """A copy of ``spec`` with ``inputs`` updated from ``--input k=v`` pairs."""
+    """A copy of ``spec`` with ``inputs`` updated from ``--input k=v`` pairs.
+
+    The values must be what a spec's ``inputs`` may hold (JSON-like, finite numbers,
+    within the nesting bound); raises :class:`SpecError` (source ``command line``)
+    with one line per bad value otherwise.
+    """
+    problems = []
+    for k, v in overrides.items():
+        problem = "the key must be a string" if not isinstance(k, str) else plain_data_problem(v)
+        if problem is not None:
+            problems.append(f"--input {k}: {problem}")
+    if problems:
+        raise SpecError(problems, "command line")
     return spec.model_copy(update={"inputs": {**spec.inputs, **overrides}})
 
 
@@ -493,7 +582,9 @@ _INPUT_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 def parse_input_pairs(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """``["topic=AI", "n=3"]`` → ``{"topic": "AI", "n": 3}`` (values parsed as YAML scalars).
 
-    Raises :class:`SpecError` for a pair without ``=`` or with a bad key.
+    Raises :class:`SpecError` for a pair without ``=`` or with a bad key, or a value
+    over the bounds of :func:`~oao_common.spec_yaml.load_yaml`. A value that is not
+    valid YAML is kept as text.
     """
     out: dict[str, Any] = {}
     for pair in pairs:
@@ -501,7 +592,9 @@ def parse_input_pairs(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
         if not sep or not _INPUT_KEY.match(k):
             raise SpecError([f"--input {pair!r}: expected key=value"], "command line")
         try:
-            out[k] = yaml.safe_load(v) if v else ""
-        except yaml.YAMLError:
-            out[k] = v
+            out[k] = load_yaml(v).data if v else ""
+        except YamlProblem as e:
+            if not e.syntax:  # over a bound or a duplicate key: say so
+                raise SpecError([f"--input {k}: {e.message}"], "command line") from None
+            out[k] = v  # not YAML: the text itself
     return out
