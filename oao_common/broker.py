@@ -25,6 +25,7 @@ from .keys import Keys, job_id, parse_job
 from .log import get_logger
 from .scripts import Scripts
 from .states import NodeState, RunState
+from .stored_spec import SPEC_TEXTS, join_spec
 
 REDIS_CONNECTION_ERRORS = (redis_exc.ConnectionError, redis_exc.TimeoutError, ConnectionError)
 
@@ -64,6 +65,15 @@ class ReapResult:
     requeued: int
     poisoned: int
     dropped: int
+
+
+@dataclass(slots=True)
+class PruneResult:
+    """What one ``prune.lua`` call deleted: runs, keys (spec keys included), run ids."""
+
+    runs: int
+    keys: int
+    run_ids: list[str]
 
 
 class Broker:
@@ -113,15 +123,20 @@ class Broker:
         event_data: dict[str, Any],
         idempotency_key: str | None = None,
         idempotency_ttl_s: int = 0,
+        spec_hash: str | None = None,
+        spec_json: str = "",
     ) -> tuple[bool, str]:
         """Write a run atomically (``submit.lua``). Returns ``(created, run_id)``;
         ``created`` is False when the idempotency key (or the run id) already existed,
-        and ``run_id`` is then the existing run's id."""
+        and ``run_id`` is then the existing run's id. With ``spec_hash``, ``spec_json``
+        (the spec without inputs, see :mod:`oao_common.stored_spec`) is stored once under
+        that hash and the run takes a reference to it."""
         idem = self.keys.idempotency(idempotency_key) if idempotency_key else ""
+        spec_key = self.keys.spec(spec_hash) if spec_hash else ""
         created, rid = await self.scripts.call(
             "submit",
-            [self.keys.run(run_id), self.keys.runs, idem],
-            [run_id, _json(run_fields), _json(nodes), _json(event_data), idempotency_ttl_s],
+            [self.keys.run(run_id), self.keys.runs, idem, spec_key],
+            [run_id, _json(run_fields), _json(nodes), _json(event_data), idempotency_ttl_s, spec_json],
         )
         return bool(created), str(rid)
 
@@ -408,8 +423,23 @@ class Broker:
         return dict(await self.redis.hgetall(self.keys.run(run_id)))
 
     async def get_spec_json(self, run_id: str) -> tuple[str | None, str | None, str | None]:
-        """``(spec_json, inputs_json, started_at_ms)`` of a run, for a worker's cache."""
-        spec, inputs, started = await self.redis.hmget(self.keys.run(run_id), "spec", "inputs", "started_at")
+        """``(spec_json, inputs_json, started_at_ms)`` of a run, for a worker's cache.
+
+        ``spec_json`` is the whole spec with the run's inputs (``None`` if the run or its
+        stored spec is gone): read from the shared spec key named by the run's
+        ``spec_hash`` (one more round trip, skipped when the text is cached), or from the
+        run's own ``spec`` field for runs submitted before specs were shared.
+        """
+        spec, spec_hash, inputs, started = await self.redis.hmget(
+            self.keys.run(run_id), "spec", "spec_hash", "inputs", "started_at"
+        )
+        if spec is None and spec_hash:
+            body = SPEC_TEXTS.get(spec_hash)
+            if body is None:
+                body = await self.redis.hget(self.keys.spec(spec_hash), "json")
+                if body is not None:
+                    SPEC_TEXTS.put(spec_hash, body)
+            spec = None if body is None else join_spec(body, inputs)
         return spec, inputs, started
 
     async def get_nodes(self, run_id: str, node_ids: list[str]) -> list[dict[str, str]]:
@@ -504,9 +534,31 @@ class Broker:
         names = [k[len(head) :] async for k in self.redis.scan_iter(match=head + "*", count=500)]
         return await self.queue_lengths(names) if names else {}
 
+    # ---------------------------------------------------------------- retention
+
+    async def prune_runs(
+        self, cutoff_ms: int, most: int = 100, run_ids: list[str] | None = None, max_keys: int = 0
+    ) -> PruneResult:
+        """Delete up to ``most`` finished runs that ended at or before ``cutoff_ms`` (ms
+        since the epoch, server time) with every key they own (``prune.lua``): the oldest
+        of the finished-runs index, or only those of ``run_ids``. A run that is not
+        terminal is never deleted. ``max_keys`` > 0 stops taking runs once that many keys
+        were deleted (bounds the time one call holds Redis)."""
+        runs, keys, ids = await self.scripts.call(
+            "prune",
+            [self.keys.runs, self.keys.done],
+            [int(cutoff_ms), max(1, most), _json(run_ids) if run_ids else "", int(max_keys)],
+        )
+        return PruneResult(int(runs), int(keys), [str(x) for x in ids])
+
+    async def server_time_ms(self) -> int:
+        """The Redis server's clock in ms since the epoch (the clock of ``finished_at``)."""
+        sec, usec = await self.redis.time()
+        return int(sec) * 1000 + int(usec) // 1000
+
     async def run_is_terminal(self, run_id: str) -> bool:
         st = await self.redis.hget(self.keys.run(run_id), "status")
         return st is not None and RunState(st).terminal
 
 
-__all__ = ["Broker", "ClaimedJob", "ReapResult", "job_id", "new_run_id"]
+__all__ = ["Broker", "ClaimedJob", "PruneResult", "ReapResult", "job_id", "new_run_id"]

@@ -1,11 +1,14 @@
 -- submit.lua: write a run and its nodes, push the root nodes, in one atomic step.
 -- KEYS[1] run hash            KEYS[2] runs index (zset)     KEYS[3] idempotency key
+-- KEYS[4] the stored spec (hash: json, refs), or '' when the run hash holds its spec
 -- ARGV[2] run id
--- ARGV[3] run fields: JSON object of string values (status, spec, exec_hash, ...)
+-- ARGV[3] run fields: JSON object of string values (status, spec_hash, inputs, ...)
 -- ARGV[4] nodes: JSON array of {id, fields} with fields a JSON object of strings;
 --         a node whose fields.status is READY is pushed to its ready list (fields.ready)
 -- ARGV[5] RUN_SUBMITTED event data (JSON)
 -- ARGV[6] idempotency TTL in seconds ("0": none)
+-- ARGV[7] the spec's canonical JSON without inputs (written once per KEYS[4]; every run
+--         written adds one to its refs, prune.lua takes it away)
 -- Returns {1, rid} when written, {0, existing_rid} when the run or the idempotency
 -- key already exists (nothing written).
 local rid = ARGV[2]
@@ -26,6 +29,10 @@ for _, node in ipairs(cjson.decode(ARGV[4])) do
   end
 end
 redis.call('ZADD', KEYS[2], NOW, rid)
+if KEYS[4] ~= nil and KEYS[4] ~= '' then
+  redis.call('HSETNX', KEYS[4], 'json', ARGV[7])
+  redis.call('HINCRBY', KEYS[4], 'refs', 1)
+end
 if KEYS[3] ~= '' then
   local ttl = tonumber(ARGV[6])
   if ttl > 0 then redis.call('SET', KEYS[3], rid, 'EX', ttl) else redis.call('SET', KEYS[3], rid) end
