@@ -23,6 +23,7 @@ from .log import get_logger
 from .retry import MAX_DELAY_S, retry_transient
 from .scripts import Scripts
 from .states import NodeState, RunState
+from .stored_spec import SPEC_TEXTS, join_spec
 
 
 def new_run_id() -> str:
@@ -67,6 +68,15 @@ class ReapResult:
     dropped: int
 
 
+@dataclass(slots=True)
+class PruneResult:
+    """What one ``prune.lua`` call deleted: runs, keys (spec keys included), run ids."""
+
+    runs: int
+    keys: int
+    run_ids: list[str]
+
+
 class Broker:
     """OAO's Redis protocol. ``redis`` must use ``decode_responses=True``."""
 
@@ -100,17 +110,33 @@ class Broker:
         event_data: dict[str, Any],
         idempotency_key: str | None = None,
         idempotency_ttl_s: int = 0,
+        spec_hash: str | None = None,
+        spec_json: str = "",
     ) -> tuple[bool, str]:
         """Write a run atomically (``submit.lua``). Returns ``(created, run_id)``;
         ``created`` is False when the idempotency key already named a run, and
         ``run_id`` is then that run's id. ``run_id`` must be fresh (:func:`new_run_id`):
         an existing run of that id counts as this call's own write, re-sent by the
-        client after a lost reply."""
+        client after a lost reply. With ``spec_hash``, ``spec_json`` (the spec without
+        inputs, see :mod:`oao_common.stored_spec`) is stored once under that hash and the
+        run takes a reference to it. Only keys that exist are declared (an ACL user
+        limited to the prefix can submit)."""
         keys = [self.keys.run(run_id), self.keys.runs]
+        if spec_hash:
+            keys.append(self.keys.spec(spec_hash))
         if idempotency_key:
             keys.append(self.keys.idempotency(idempotency_key))
         created, rid = await self.scripts.call(
-            "submit", keys, [run_id, _json(run_fields), _json(nodes), _json(event_data), idempotency_ttl_s]
+            "submit",
+            keys,
+            [
+                run_id,
+                _json(run_fields),
+                _json(nodes),
+                _json(event_data),
+                idempotency_ttl_s,
+                spec_json if spec_hash else "",
+            ],
         )
         # A fresh run id that already exists is this very call, re-sent by the client
         # after a lost reply: it was written, by us.
@@ -432,8 +458,23 @@ class Broker:
         return dict(await self.redis.hgetall(self.keys.run(run_id)))
 
     async def get_spec_json(self, run_id: str) -> tuple[str | None, str | None, str | None]:
-        """``(spec_json, inputs_json, started_at_ms)`` of a run, for a worker's cache."""
-        spec, inputs, started = await self.redis.hmget(self.keys.run(run_id), "spec", "inputs", "started_at")
+        """``(spec_json, inputs_json, started_at_ms)`` of a run, for a worker's cache.
+
+        ``spec_json`` is the whole spec with the run's inputs (``None`` if the run or its
+        stored spec is gone): read from the shared spec key named by the run's
+        ``spec_hash`` (one more round trip, skipped when the text is cached), or from the
+        run's own ``spec`` field for runs submitted before specs were shared.
+        """
+        spec, spec_hash, inputs, started = await self.redis.hmget(
+            self.keys.run(run_id), "spec", "spec_hash", "inputs", "started_at"
+        )
+        if spec is None and spec_hash:
+            body = SPEC_TEXTS.get(spec_hash)
+            if body is None:
+                body = await self.redis.hget(self.keys.spec(spec_hash), "json")
+                if body is not None:
+                    SPEC_TEXTS.put(spec_hash, body)
+            spec = None if body is None else join_spec(body, inputs)
         return spec, inputs, started
 
     async def get_nodes(self, run_id: str, node_ids: list[str]) -> list[dict[str, str]]:
@@ -528,9 +569,31 @@ class Broker:
         names = [k[len(head) :] async for k in self.redis.scan_iter(match=head + "*", count=500)]
         return await self.queue_lengths(names) if names else {}
 
+    # ---------------------------------------------------------------- retention
+
+    async def prune_runs(
+        self, cutoff_ms: int, most: int = 100, run_ids: list[str] | None = None, max_keys: int = 0
+    ) -> PruneResult:
+        """Delete up to ``most`` finished runs that ended at or before ``cutoff_ms`` (ms
+        since the epoch, server time) with every key they own (``prune.lua``): the oldest
+        of the finished-runs index, or only those of ``run_ids``. A run that is not
+        terminal is never deleted. ``max_keys`` > 0 stops taking runs once that many keys
+        were deleted (bounds the time one call holds Redis)."""
+        runs, keys, ids = await self.scripts.call(
+            "prune",
+            [self.keys.runs, self.keys.done],
+            [int(cutoff_ms), max(1, most), _json(run_ids) if run_ids else "", int(max_keys)],
+        )
+        return PruneResult(int(runs), int(keys), [str(x) for x in ids])
+
+    async def server_time_ms(self) -> int:
+        """The Redis server's clock in ms since the epoch (the clock of ``finished_at``)."""
+        sec, usec = await self.redis.time()
+        return int(sec) * 1000 + int(usec) // 1000
+
     async def run_is_terminal(self, run_id: str) -> bool:
         st = await self.redis.hget(self.keys.run(run_id), "status")
         return st is not None and RunState(st).terminal
 
 
-__all__ = ["Broker", "ClaimedJob", "ReapResult", "job_id", "new_run_id"]
+__all__ = ["Broker", "ClaimedJob", "PruneResult", "ReapResult", "job_id", "new_run_id"]

@@ -111,6 +111,17 @@ class Keys:
         return f"{self.prefix}:runs:finished"
 
     @property
+    def done(self) -> str:
+        """Sorted set of finished runs: run id -> ``finished_at`` (ms), written by the Lua
+        that ends a run (``announce_end``); retention prunes from it (``prune.lua``)."""
+        return f"{self.prefix}:runs:done"
+
+    def spec(self, spec_hash: str) -> str:
+        """Hash of one stored spec, shared by every run of it: ``json`` (the canonical
+        spec without ``inputs``) and ``refs`` (runs that use it; deleted at 0)."""
+        return f"{self.prefix}:spec:{spec_hash}"
+
+    @property
     def control_channel(self) -> str:
         """Pub/sub channel of fleet control messages (``cancel <rid>``)."""
         return f"{self.prefix}:control"
@@ -149,4 +160,6 @@ class Keys:
             "reservations": esc.reservations("%s"),
             "finished": self.finished,
             "wake": esc.wake("%s"),
+            "done": self.done,
+            "spec": esc.spec("%s"),
         }

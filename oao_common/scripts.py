@@ -33,6 +33,7 @@ SCRIPT_NAMES = (
     "ratelimit",
     "circuit",
     "heartbeat",
+    "prune",
 )
 
 

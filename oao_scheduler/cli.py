@@ -38,10 +38,12 @@ from oao_common.spec import Spec, apply_inputs, load_spec, parse_input_pairs
 from oao_common.states import RunState
 from oao_common.supervise import supervise
 
+from .durations import parse_duration
 from .escalation import Escalator
 from .progress import wait_for_run
 from .reaper import Reaper
 from .report import collect, render_report, render_status
+from .retention import Retention
 from .submit import submit_spec
 
 
@@ -469,6 +471,15 @@ async def workers(redis_url: str | None, prefix: str, as_json: bool) -> int:
     show_default=True,
     help="Requeues after worker deaths before a node is dead-lettered (poison).",
 )
+@click.option(
+    "--retention",
+    "retention",
+    default="3d",
+    show_default=True,
+    metavar="DURATION",
+    help="Delete finished runs (state, events, ledger) this long after they end: "
+    "90s, 30m, 12h, 3d or seconds; 0 keeps them forever.",
+)
 @metrics_port_option
 @run_async
 async def serve(
@@ -477,15 +488,18 @@ async def serve(
     reaper_interval: float,
     heartbeat_ttl: float,
     max_requeues: int,
+    retention: str,
     metrics_port: int | None,
 ) -> int:
-    """Run the reaper (dead-worker recovery), the delayed-retry promoter and escalation.
+    """Run the reaper (dead-worker recovery), the delayed-retry promoter, escalation and
+    retention (finished runs are deleted --retention after they end).
 
     Any number of `serve` processes may run at once; the scripts they run are atomic
     and idempotent. Redis errors (outages, OOM, READONLY after a failover) are logged
     and retried with backoff. Stops on SIGTERM / SIGINT; exits 5 if one of its loops
     dies anyway, so a supervisor restarts it.
     """
+    retention_s = _duration_or_exit("--retention", retention)
     url = redis_url or DEFAULT_URL
     broker = await _broker(url, prefix)
     log = get_logger(component="serve")
@@ -500,16 +514,104 @@ async def serve(
         broker, interval_s=reaper_interval, heartbeat_ttl_s=heartbeat_ttl, max_requeues=max_requeues
     )
     escalator = Escalator(broker)
+    loops = {"reaper": reaper.run(stop), "escalation": escalator.run(stop)}
+    keeper = Retention(broker, retention_s) if retention_s > 0 else None
+    if keeper is not None:
+        loops["retention"] = keeper.run(stop)
     log.info(
-        "serve.started", redis=redact(url), reaper_interval_s=reaper_interval, heartbeat_ttl_s=heartbeat_ttl
+        "serve.started",
+        redis=redact(url),
+        reaper_interval_s=reaper_interval,
+        heartbeat_ttl_s=heartbeat_ttl,
+        retention_s=retention_s or None,
     )
-    await supervise({"reaper": reaper.run(stop), "escalation": escalator.run(stop)}, stop)
+    await supervise(loops, stop)
     log.info(
         "serve.stopped",
         passes=reaper.stats.passes,
         requeued=reaper.stats.requeued,
         escalated=escalator.sent,
+        pruned_runs=keeper.stats.runs if keeper else 0,
     )
+    return EXIT_OK
+
+
+def _duration_or_exit(option: str, text: str) -> float:
+    """Seconds in ``text`` (see :func:`parse_duration`); exit 2 with one line if invalid."""
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        click.echo(f"error: {option}: {e}", err=True)
+        sys.exit(EXIT_USAGE)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB"
+
+
+@main.command()
+@redis_url_option
+@prefix_option
+@click.option(
+    "--older-than",
+    default="0",
+    show_default=True,
+    metavar="DURATION",
+    help="Only runs that ended at least this long ago: 90s, 30m, 12h, 3d or seconds.",
+)
+@click.option(
+    "--status",
+    "statuses",
+    default=None,
+    metavar="STATES",
+    help="Only runs that ended in these states, comma-separated: SUCCEEDED, FAILED, CANCELLED, PARTIAL.",
+)
+@click.option("--dry-run", is_flag=True, help="Count what would be deleted; delete nothing.")
+@json_option
+@run_async
+async def prune(
+    redis_url: str | None,
+    prefix: str,
+    older_than: str,
+    statuses: str | None,
+    dry_run: bool,
+    as_json: bool,
+) -> int:
+    """Delete finished runs now: run and node state, events, step ledger, and the shared
+    spec once no run uses it. Their status, report and events are gone afterwards.
+
+    Runs still pending or running are never touched, nor runs whose ending escalation
+    has not handled yet. Finished runs from before the finished-runs index are found
+    too (and indexed, so `serve --retention` handles them from then on). Bytes are
+    estimated from a sample of the runs (MEMORY USAGE). `serve` does this continuously
+    (--retention, default 3d).
+    """
+    from .prune import parse_statuses, prune_on_demand
+
+    older_than_s = _duration_or_exit("--older-than", older_than)
+    try:
+        wanted = parse_statuses(statuses)
+    except ValueError as e:
+        click.echo(f"error: {e}", err=True)
+        return EXIT_USAGE
+    broker = await _broker(redis_url, prefix)
+    rep = await prune_on_demand(broker, older_than_s, wanted, dry_run=dry_run)
+    await broker.redis.aclose()
+    if as_json:
+        print_json(rep.to_dict())
+        return EXIT_OK
+    verb = "would delete" if dry_run else "deleted"
+    keys = f"~{rep.keys:,}" if dry_run else f"{rep.keys:,}"
+    click.echo(
+        f"{verb} {rep.runs:,} finished runs: {keys} keys, ~{_mib(rep.bytes)}"
+        + (f" (estimated from {rep.sampled} runs)" if rep.sampled else "")
+    )
+    if rep.indexed:
+        click.echo(f"indexed {rep.indexed:,} finished runs from before the finished-runs index")
+    if rep.held_back:
+        click.echo(f"kept {rep.held_back:,} runs whose ending escalation has not handled yet")
+    if rep.endings:
+        click.echo(f"trimmed {rep.endings:,} old entries of the run-endings stream")
     return EXIT_OK
 
 

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from oao_common.broker import Broker, new_run_id
-from oao_common.hashing import canonical_json, sha256_hex
+from oao_common.hashing import sha256_hex
 from oao_common.keys import band_of, ready_name
 from oao_common.spec import Spec
 from oao_common.states import NodeState, RunState
+from oao_common.stored_spec import split_doc
 
 
 def execution_hash(spec: Spec) -> str:
@@ -34,16 +35,23 @@ class Submitted:
     exec_hash: str
 
 
-def expand(spec: Spec, run_id: str) -> tuple[dict[str, str], list[dict[str, Any]], str]:
-    """The run fields and node records that ``submit.lua`` writes, and the exec hash."""
-    exec_hash = execution_hash(spec)
+def expand(spec: Spec, run_id: str) -> tuple[dict[str, str], list[dict[str, Any]], str, str]:
+    """The run fields and node records that ``submit.lua`` writes, the exec hash, and the
+    spec JSON to store once for every run of the spec.
+
+    The run hash names that stored spec by ``spec_hash`` and keeps its own ``inputs``
+    (see :mod:`oao_common.stored_spec`).
+    """
+    doc = spec.model_dump(mode="json")
+    exec_hash = sha256_hex(doc)  # = execution_hash(spec), without a second dump
     dependents = spec.dependents()
+    spec_hash, spec_json, inputs_json = split_doc(doc)
     run_fields = {
         "name": spec.name,
         "status": str(RunState.PENDING),
         "exec_hash": exec_hash,
-        "spec": canonical_json(spec.model_dump(mode="json")),
-        "inputs": canonical_json(spec.inputs),
+        "spec_hash": spec_hash,
+        "inputs": inputs_json,
         "node_ids": ",".join(n.id for n in spec.nodes),
         "nodes_total": str(len(spec.nodes)),
         "nodes_done": "0",
@@ -83,7 +91,7 @@ def expand(spec: Spec, run_id: str) -> tuple[dict[str, str], list[dict[str, Any]
                 },
             }
         )
-    return run_fields, nodes, exec_hash
+    return run_fields, nodes, exec_hash, spec_json
 
 
 async def submit_spec(
@@ -96,7 +104,7 @@ async def submit_spec(
     """Write ``spec`` as a new run. With ``idempotency_key``, a second submission with the
     same key returns the first run (``created=False``) instead of starting another."""
     rid = run_id or new_run_id()
-    run_fields, nodes, exec_hash = expand(spec, rid)
+    run_fields, nodes, exec_hash, spec_json = expand(spec, rid)
     created, rid = await broker.submit(
         rid,
         run_fields,
@@ -104,5 +112,7 @@ async def submit_spec(
         {"name": spec.name, "nodes": len(spec.nodes), "exec_hash": exec_hash},
         idempotency_key=idempotency_key,
         idempotency_ttl_s=idempotency_ttl_s if idempotency_key else 0,
+        spec_hash=run_fields["spec_hash"],
+        spec_json=spec_json,
     )
     return Submitted(rid, created, exec_hash)

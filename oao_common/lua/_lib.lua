@@ -156,6 +156,7 @@ end
 -- Announce a run's end on the fleet's stream of endings (escalation reads it).
 local function announce_end(rid, status)
   redis.call('XADD', T.finished, 'MAXLEN', '~', 100000, '*', 'rid', rid, 'status', status)
+  redis.call('ZADD', T.done, NOW, rid)  -- the finished-runs index retention prunes from
 end
 
 -- The run's final state once every node is terminal (docs/architecture.md, run states;

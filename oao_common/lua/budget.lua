@@ -12,13 +12,16 @@
 -- ARGV[7] time to live in ms
 -- ARGV[8] limits: JSON object with any of max_tokens, max_input_tokens,
 --          max_output_tokens, max_cost_usd
--- Returns {1} when reserved (or released), {0, rule, limit, would_reach} when the
+-- Returns {1} when reserved (or released, or the run is gone), {0, rule, limit, would_reach} when the
 -- reservation would cross a limit (nothing reserved).
 local rk, resk, op, id = KEYS[1], KEYS[2], ARGV[2], ARGV[3]
 if op == 'release' then
   drop_reservation(rk, resk, id)
   return {1}
 end
+-- A run that no longer exists (pruned) gets no keys back; the caller's next fenced
+-- write is rejected anyway.
+if redis.call('EXISTS', rk) == 0 then return {1} end
 
 -- purge reservations of attempts that died
 local all = redis.call('HGETALL', resk)

@@ -1,16 +1,21 @@
 -- submit.lua: write a run and its nodes, push the root nodes, in one atomic step.
 -- KEYS[1] run hash            KEYS[2] runs index (zset)
--- KEYS[3] the idempotency key, only when the submission has one
+-- then, only those that apply, in this order: the stored spec (hash: json, refs; when
+-- ARGV[7] is not empty), the idempotency key (when the submission has one)
 -- ARGV[2] run id
--- ARGV[3] run fields: JSON object of string values (status, spec, exec_hash, ...)
+-- ARGV[3] run fields: JSON object of string values (status, spec_hash, inputs, ...)
 -- ARGV[4] nodes: JSON array of {id, fields} with fields a JSON object of strings;
 --         a node whose fields.status is READY is pushed to its ready list (fields.ready)
 -- ARGV[5] RUN_SUBMITTED event data (JSON)
 -- ARGV[6] idempotency TTL in seconds ("0": none)
+-- ARGV[7] the spec's canonical JSON without inputs, written once per stored-spec key;
+--         every run written adds one to its refs, prune.lua takes it away ('' when the
+--         run hash holds its whole spec)
 -- Returns {1, rid} when written, {0, existing_rid} when the run or the idempotency
 -- key already exists (nothing written).
 local rid = ARGV[2]
-local idem = KEYS[3]
+local spec_key, idem = nil, KEYS[3]
+if ARGV[7] ~= '' then spec_key, idem = KEYS[3], KEYS[4] end
 if idem then
   local existing = redis.call('GET', idem)
   if existing then return {0, existing} end
@@ -28,6 +33,10 @@ for _, node in ipairs(cjson.decode(ARGV[4])) do
   end
 end
 redis.call('ZADD', KEYS[2], NOW, rid)
+if spec_key then
+  redis.call('HSETNX', spec_key, 'json', ARGV[7])
+  redis.call('HINCRBY', spec_key, 'refs', 1)
+end
 if idem then
   local ttl = tonumber(ARGV[6])
   if ttl > 0 then redis.call('SET', idem, rid, 'EX', ttl) else redis.call('SET', idem, rid) end
