@@ -13,6 +13,7 @@ from oao_common.broker import Broker
 from oao_common.errors import PermanentError
 from oao_common.pricing import Price, price_of
 from oao_common.spec import Spec
+from oao_common.trust import DEFAULT_TRUST, TrustPolicy
 
 from .agents import Agent, build_agent
 from .guards import Guard
@@ -30,12 +31,13 @@ class RunRuntime:
     guards: dict[str, Guard] = field(default_factory=dict)
     started_at_ms: int = 0
     agents: dict[str, Agent] = field(default_factory=dict)
+    trust: TrustPolicy = DEFAULT_TRUST
 
     def agent(self, name: str) -> Agent:
         """The agent ``name``, built on first use (imports its entrypoint)."""
         a = self.agents.get(name)
         if a is None:
-            a = self.agents[name] = build_agent(name, self.spec.agents[name])
+            a = self.agents[name] = build_agent(name, self.spec.agents[name], self.trust)
         return a
 
 
@@ -55,10 +57,12 @@ def guards_of(spec: Spec) -> dict[str, Guard]:
 
 
 class RuntimeCache:
-    """LRU of :class:`RunRuntime` by run id (``size`` runs)."""
+    """LRU of :class:`RunRuntime` by run id (``size`` runs); ``trust`` bounds what the
+    runs' entrypoints, API-key variables and URLs may be (docs/security.md)."""
 
-    def __init__(self, broker: Broker, size: int = 128) -> None:
+    def __init__(self, broker: Broker, size: int = 128, trust: TrustPolicy = DEFAULT_TRUST) -> None:
         self.broker = broker
+        self.trust = trust
         self.size = size
         self._items: OrderedDict[str, RunRuntime] = OrderedDict()
         self._loading: dict[str, asyncio.Future[RunRuntime]] = {}
@@ -102,10 +106,11 @@ class RuntimeCache:
         rt = RunRuntime(
             spec=spec,
             inputs=json.loads(inputs_json or "{}"),
-            providers={name: make_provider(name, m) for name, m in spec.models.items()},
-            tools=load_tools(spec.tools),
+            providers={name: make_provider(name, m, self.trust) for name, m in spec.models.items()},
+            tools=load_tools(spec.tools, self.trust),
             prices={name: price_of(m) for name, m in spec.models.items()},
             guards=guards_of(spec),
             started_at_ms=int(started_at or 0),
+            trust=self.trust,
         )
         return rt

@@ -42,6 +42,7 @@ from oao_common.log import get_logger
 from oao_common.policy import backoff_delay_s
 from oao_common.ratelimit import RateLimiter
 from oao_common.templating import render
+from oao_common.trust import DEFAULT_TRUST, TrustPolicy
 
 from .budget import RunBudget
 from .context import AgentContext
@@ -105,6 +106,7 @@ class Worker:
 
     ``heartbeat_ttl_s``: seconds a heartbeat lives; the reaper treats a worker whose
     key expired as dead. ``claim_batch``: most extra jobs taken per claim round trip.
+    ``trust``: what specs may import, read as API keys and connect to (docs/security.md).
     """
 
     def __init__(
@@ -117,6 +119,7 @@ class Worker:
         grace_period_s: float = 30.0,
         claim_timeout_s: float = 1.0,
         claim_batch: int = 32,
+        trust: TrustPolicy = DEFAULT_TRUST,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
@@ -129,7 +132,7 @@ class Worker:
         # Idle waits stay well inside the heartbeat so a stopping worker exits promptly.
         self.claim_timeout_s = min(claim_timeout_s, heartbeat_ttl_s / 4)
         self.claim_batch = claim_batch
-        self.runtimes = RuntimeCache(broker)
+        self.runtimes = RuntimeCache(broker, trust=trust)
         self.call_guards = CallGuards(
             RateLimiter(broker.redis, broker.keys), CircuitBreaker(broker.redis, broker.keys)
         )
