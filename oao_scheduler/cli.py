@@ -28,12 +28,14 @@ from oao_common.cli_support import (
     print_json,
     redis_url_option,
     run_async,
+    trust_options,
 )
 from oao_common.connection import DEFAULT_URL, EmbeddedServer, connect, ping, redact
 from oao_common.log import configure_logging, get_logger
 from oao_common.metrics import serve_metrics
 from oao_common.spec import Spec, apply_inputs, load_spec, parse_input_pairs
 from oao_common.states import RunState
+from oao_common.trust import TrustPolicy
 
 from .escalation import Escalator
 from .progress import wait_for_run
@@ -63,6 +65,16 @@ async def _broker(redis_url: str | None, prefix: str) -> Broker:
     r = connect(url)
     await ping(r, url)
     return Broker(r, prefix)
+
+
+def _check_trust(spec: Spec, trust: TrustPolicy, source: str) -> None:
+    """Refuse early what the trust options given here would refuse on the workers
+    (entrypoints by name, API-key variables, URLs); raises :class:`SpecError`."""
+    from oao_common.errors import SpecError
+
+    problems = trust.spec_problems(spec)
+    if problems:
+        raise SpecError(problems, source)
 
 
 def _log_level_given() -> bool:
@@ -108,14 +120,20 @@ def main(log_level: str | None, app_dir: str | None) -> None:
 @click.argument("spec_file", type=click.Path(dir_okay=False))
 @input_option
 @json_option
-def validate(spec_file: str, inputs: tuple[str, ...], as_json: bool) -> None:
-    """Validate a spec without touching Redis; exit 2 with the problems if invalid."""
+@trust_options(submit_time=True)
+def validate(spec_file: str, inputs: tuple[str, ...], as_json: bool, trust: TrustPolicy) -> None:
+    """Validate a spec without touching Redis; exit 2 with the problems if invalid.
+
+    With the fleet's trust options (--allow-entrypoints ...), also report what its
+    workers would refuse. Link-local and cloud-metadata URLs are always refused.
+    """
     from oao_common.errors import SpecError
 
     from .submit import execution_hash
 
     try:
         spec = _load(spec_file, inputs)
+        _check_trust(spec, trust, spec_file)
     except SpecError as e:
         for p in e.problems:
             click.echo(f"error: {e.source}: {p}", err=True)
@@ -139,6 +157,7 @@ def validate(spec_file: str, inputs: tuple[str, ...], as_json: bool) -> None:
     "--progress/--no-progress", default=True, show_default=True, help="Show node states while running."
 )
 @json_option
+@trust_options()
 @run_async
 async def run(
     spec_file: str,
@@ -150,6 +169,7 @@ async def run(
     timeout_s: float | None,
     progress: bool,
     as_json: bool,
+    trust: TrustPolicy,
 ) -> int:
     """Run a DAG to completion in this process and print the execution report.
 
@@ -162,6 +182,7 @@ async def run(
     if not os.environ.get("OAO_LOG_LEVEL") and not _log_level_given():
         configure_logging("warning")  # the progress view and the report say it all
     spec = _load(spec_file, inputs)
+    _check_trust(spec, trust, spec_file)
     server: EmbeddedServer | None = None
     if not redis_url:
         server = EmbeddedServer().start()
@@ -169,14 +190,14 @@ async def run(
     try:
         broker = await _broker(redis_url, prefix)
         fleet = [
-            Worker(broker, concurrency=concurrency, heartbeat_ttl_s=5.0, grace_period_s=5.0)
+            Worker(broker, concurrency=concurrency, heartbeat_ttl_s=5.0, grace_period_s=5.0, trust=trust)
             for _ in range(workers)
         ]
         reaper = Reaper(broker, interval_s=0.5, heartbeat_ttl_s=5.0)
         stop = asyncio.Event()
         tasks = [asyncio.create_task(w.run()) for w in fleet]
         tasks.append(asyncio.create_task(reaper.run(stop)))
-        escalator = Escalator(broker)
+        escalator = Escalator(broker, trust=trust)
         tasks.append(asyncio.create_task(escalator.run(stop)))
         try:
             submitted = await submit_spec(broker, spec)
@@ -217,6 +238,7 @@ async def run(
 )
 @click.option("--idempotency-key", default=None, help="Submitting twice with one key returns the first run.")
 @json_option
+@trust_options(submit_time=True)
 @run_async
 async def submit(
     spec_file: str,
@@ -227,13 +249,16 @@ async def submit(
     timeout_s: float | None,
     idempotency_key: str | None,
     as_json: bool,
+    trust: TrustPolicy,
 ) -> int:
     """Validate SPEC_FILE and submit it as a new run; print the run id.
 
     Workers (oao-worker) execute it; run `oao-scheduler serve` for dead-worker
-    recovery and retries.
+    recovery and retries. Trust options given here (--allow-entrypoints ...) refuse
+    early what the fleet's workers would refuse.
     """
     spec = _load(spec_file, inputs)
+    _check_trust(spec, trust, spec_file)
     broker = await _broker(redis_url, prefix)
     s = await submit_spec(broker, spec, idempotency_key=idempotency_key)
     status = "SUBMITTED" if s.created else "EXISTS"
@@ -444,6 +469,7 @@ async def workers(redis_url: str | None, prefix: str, as_json: bool) -> int:
     help="Requeues after worker deaths before a node is dead-lettered (poison).",
 )
 @metrics_port_option
+@trust_options(entrypoints=False)
 @run_async
 async def serve(
     redis_url: str | None,
@@ -452,6 +478,7 @@ async def serve(
     heartbeat_ttl: float,
     max_requeues: int,
     metrics_port: int | None,
+    trust: TrustPolicy,
 ) -> int:
     """Run the reaper (dead-worker recovery), the delayed-retry promoter and escalation.
 
@@ -471,7 +498,7 @@ async def serve(
     reaper = Reaper(
         broker, interval_s=reaper_interval, heartbeat_ttl_s=heartbeat_ttl, max_requeues=max_requeues
     )
-    escalator = Escalator(broker)
+    escalator = Escalator(broker, trust=trust)
     log.info(
         "serve.started", redis=redact(url), reaper_interval_s=reaper_interval, heartbeat_ttl_s=heartbeat_ttl
     )
