@@ -117,10 +117,12 @@ class Broker:
         """Write a run atomically (``submit.lua``). Returns ``(created, run_id)``;
         ``created`` is False when the idempotency key (or the run id) already existed,
         and ``run_id`` is then the existing run's id."""
-        idem = self.keys.idempotency(idempotency_key) if idempotency_key else ""
+        keys = [self.keys.run(run_id), self.keys.runs]
+        if idempotency_key:  # no empty key name: ACL users restricted to the prefix refuse it
+            keys.append(self.keys.idempotency(idempotency_key))
         created, rid = await self.scripts.call(
             "submit",
-            [self.keys.run(run_id), self.keys.runs, idem],
+            keys,
             [run_id, _json(run_fields), _json(nodes), _json(event_data), idempotency_ttl_s],
         )
         return bool(created), str(rid)

@@ -1,5 +1,7 @@
 -- submit.lua: write a run and its nodes, push the root nodes, in one atomic step.
--- KEYS[1] run hash            KEYS[2] runs index (zset)     KEYS[3] idempotency key
+-- KEYS[1] run hash            KEYS[2] runs index (zset)
+-- KEYS[3] idempotency key, only when the submit has one (an ACL user restricted to the
+--         prefix may not name an empty key)
 -- ARGV[2] run id
 -- ARGV[3] run fields: JSON object of string values (status, spec, exec_hash, ...)
 -- ARGV[4] nodes: JSON array of {id, fields} with fields a JSON object of strings;
@@ -9,8 +11,9 @@
 -- Returns {1, rid} when written, {0, existing_rid} when the run or the idempotency
 -- key already exists (nothing written).
 local rid = ARGV[2]
-if KEYS[3] ~= '' then
-  local existing = redis.call('GET', KEYS[3])
+local idem = KEYS[3]
+if idem then
+  local existing = redis.call('GET', idem)
   if existing then return {0, existing} end
 end
 if redis.call('EXISTS', KEYS[1]) == 1 then return {0, rid} end
@@ -26,8 +29,8 @@ for _, node in ipairs(cjson.decode(ARGV[4])) do
   end
 end
 redis.call('ZADD', KEYS[2], NOW, rid)
-if KEYS[3] ~= '' then
+if idem then
   local ttl = tonumber(ARGV[6])
-  if ttl > 0 then redis.call('SET', KEYS[3], rid, 'EX', ttl) else redis.call('SET', KEYS[3], rid) end
+  if ttl > 0 then redis.call('SET', idem, rid, 'EX', ttl) else redis.call('SET', idem, rid) end
 end
 return {1, rid}
