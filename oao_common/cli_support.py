@@ -8,7 +8,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import click
 from redis import exceptions as redis_exc
@@ -78,6 +78,13 @@ def run_async(fn: Callable[..., Coroutine[Any, Any, int | None]]) -> Callable[..
         except LoopDied as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(EXIT_INTERNAL)
+        except redis_exc.NoPermissionError as e:
+            click.echo(
+                f"error: Redis refused a command for lack of permission: {e} "
+                "(see the ACL users in docs/security.md)",
+                err=True,
+            )
+            sys.exit(EXIT_UNAVAILABLE)
         except redis_exc.RedisError as e:
             url = kwargs.get("redis_url") or os.environ.get(ENV_URL) or "the configured URL"
             click.echo(f"error: Redis at {redact(url)} failed: {describe(e)}", err=True)
@@ -91,3 +98,91 @@ def run_async(fn: Callable[..., Coroutine[Any, Any, int | None]]) -> Callable[..
 
 def print_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, default=str))
+
+
+def trust_options(
+    *, entrypoints: bool = True, network: bool = True, submit_time: bool = False
+) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Add the trust-policy options (docs/security.md) to a command and pass the policy
+    they describe as the keyword argument ``trust`` (a :class:`TrustPolicy`).
+
+    ``entrypoints``: ``--allow-entrypoints`` and ``--allow-api-key-env``; ``network``:
+    ``--deny-private-networks`` and ``--allow-hosts``; each also read from its ``OAO_*``
+    variable. ``submit_time``: an API-key allow-list is checked only when given (the
+    fleet's own may differ). Place it right above ``run_async``. A malformed value is a
+    usage error (exit 2).
+    """
+    from .trust import (
+        DEFAULT_API_KEY_ENVS,
+        ENV_ALLOW_API_KEY_ENV,
+        ENV_ALLOW_ENTRYPOINTS,
+        ENV_ALLOW_HOSTS,
+        ENV_DENY_PRIVATE_NETWORKS,
+        TrustPolicy,
+    )
+
+    options: list[Callable[[Any], Any]] = []
+    if entrypoints:
+        options += [
+            click.option(
+                "--allow-entrypoints",
+                envvar=ENV_ALLOW_ENTRYPOINTS,
+                default=None,
+                metavar="PATTERNS",
+                help="Comma-separated fnmatch patterns of the python entrypoints specs may run, on "
+                "module:attr or the module (e.g. 'examples.*,myco.agents.*'); others fail without "
+                f"being imported. Default: any (trusts every submitter). Env {ENV_ALLOW_ENTRYPOINTS}.",
+            ),
+            click.option(
+                "--allow-api-key-env",
+                envvar=ENV_ALLOW_API_KEY_ENV,
+                default=None,
+                metavar="PATTERNS",
+                help="Comma-separated patterns of the variables a model's api_key_env may name "
+                f"(default {','.join(DEFAULT_API_KEY_ENVS)}; names with REDIS, PASSWORD, SECRET only "
+                f"by exact name; OAO_* never). Env {ENV_ALLOW_API_KEY_ENV}.",
+            ),
+        ]
+    if network:
+        options += [
+            click.option(
+                "--deny-private-networks",
+                envvar=ENV_DENY_PRIVATE_NETWORKS,
+                is_flag=True,
+                default=False,
+                help="Refuse model base_url / webhook addresses that are not public (loopback, "
+                "10/8, 192.168/16 ...), unless in an --allow-hosts network. Link-local and "
+                f"cloud-metadata addresses are always refused. Env {ENV_DENY_PRIVATE_NETWORKS}.",
+            ),
+            click.option(
+                "--allow-hosts",
+                envvar=ENV_ALLOW_HOSTS,
+                default=None,
+                metavar="HOSTS",
+                help="Comma-separated host-name globs and IP networks that model base_urls and "
+                "webhooks may name (e.g. 'api.openai.com,*.corp.example,10.1.0.0/16'). Default: "
+                f"any host. Env {ENV_ALLOW_HOSTS}.",
+            ),
+        ]
+
+    def decorate(fn: Callable[..., T]) -> Callable[..., T]:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> T:
+            try:
+                kwargs["trust"] = TrustPolicy.from_options(
+                    kwargs.pop("allow_entrypoints", None),
+                    kwargs.pop("allow_api_key_env", None),
+                    bool(kwargs.pop("deny_private_networks", False)),
+                    kwargs.pop("allow_hosts", None),
+                    api_key_default=None if submit_time else DEFAULT_API_KEY_ENVS,
+                )
+            except ValueError as e:
+                raise click.UsageError(str(e)) from None
+            return fn(*args, **kwargs)
+
+        out: Any = wrapper
+        for opt in reversed(options):
+            out = opt(out)
+        return cast(Callable[..., T], out)
+
+    return decorate

@@ -135,3 +135,10 @@ class StaleAttemptError(OAOError):
 
 class IllegalTransition(PermanentError):
     """The agent lifecycle state machine was asked for a transition it does not allow."""
+
+
+class TrustError(PermanentError):
+    """A spec asked for something the fleet's trust policy refuses: an entrypoint outside
+    ``--allow-entrypoints``, an API-key variable outside ``--allow-api-key-env``, or a
+    URL whose address is link-local, cloud metadata or (with ``--deny-private-networks``)
+    private. Never retried; the message names the spec field and the option."""

@@ -28,6 +28,7 @@ from pydantic import (
     Tag,
     ValidationError,
     ValidationInfo,
+    field_validator,
     model_validator,
 )
 
@@ -139,6 +140,18 @@ class OpenAIModelSpec(_Strict):
     limit_key: str | None = Field(
         default=None, description="limiter / breaker name shared by several models (e.g. a provider)"
     )
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _not_an_oao_setting(cls, name: str) -> str:
+        """``OAO_*`` names OAO's own settings (``OAO_REDIS_URL`` holds the Redis password):
+        never an API key to send to a model server (docs/security.md)."""
+        if name.upper().startswith("OAO_"):
+            raise ValueError(
+                f"{name!r} is refused: OAO's own settings (OAO_*, e.g. the Redis URL and its "
+                "password) are never sent to a model server"
+            )
+        return name
 
 
 ModelSpec = Annotated[ScriptedModelSpec | OpenAIModelSpec, Field(discriminator="provider")]

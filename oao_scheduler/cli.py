@@ -29,6 +29,7 @@ from oao_common.cli_support import (
     print_json,
     redis_url_option,
     run_async,
+    trust_options,
 )
 from oao_common.connection import DEFAULT_URL, EmbeddedServer, connect, ping, redact
 from oao_common.errors import SpecError
@@ -37,6 +38,7 @@ from oao_common.metrics import serve_metrics
 from oao_common.spec import Spec, apply_inputs, load_spec, parse_input_pairs
 from oao_common.states import RunState
 from oao_common.supervise import supervise
+from oao_common.trust import TrustPolicy
 
 from .durations import parse_duration
 from .escalation import Escalator
@@ -58,15 +60,20 @@ out = _console()
 err = _console(stderr=True)
 
 
-def _load(path: str, inputs: tuple[str, ...], check_imports: bool = False) -> Spec:
-    """Load and validate a spec; with ``check_imports``, also import its entrypoints.
-    Raises :class:`SpecError` (exit 2)."""
+def _load(
+    path: str, inputs: tuple[str, ...], check_imports: bool = False, trust: TrustPolicy | None = None
+) -> Spec:
+    """Load and validate a spec; with ``trust``, refuse what the fleet's trust options
+    would refuse (before importing anything); with ``check_imports``, import its
+    entrypoints as a worker would. Raises :class:`SpecError` (exit 2)."""
     spec = load_spec(path)
     spec = apply_inputs(spec, parse_input_pairs(inputs)) if inputs else spec
+    if trust is not None:
+        _check_trust(spec, trust, path)
     if check_imports:
         from oao_worker.runtime import import_problems
 
-        problems = import_problems(spec)
+        problems = import_problems(spec, trust)
         if problems:
             raise SpecError(problems, path)
     return spec
@@ -88,6 +95,16 @@ async def _broker(redis_url: str | None, prefix: str) -> Broker:
     r = connect(url)
     await ping(r, url)
     return Broker(r, prefix)
+
+
+def _check_trust(spec: Spec, trust: TrustPolicy, source: str) -> None:
+    """Refuse early what the trust options given here would refuse on the workers
+    (entrypoints by name, API-key variables, URLs); raises :class:`SpecError`."""
+    from oao_common.errors import SpecError
+
+    problems = trust.spec_problems(spec)
+    if problems:
+        raise SpecError(problems, source)
 
 
 def _log_level_given() -> bool:
@@ -134,12 +151,19 @@ def main(log_level: str | None, app_dir: str | None) -> None:
 @input_option
 @check_imports_option(False)
 @json_option
-def validate(spec_file: str, inputs: tuple[str, ...], check_imports: bool, as_json: bool) -> None:
-    """Validate a spec without touching Redis; exit 2 with the problems if invalid."""
+@trust_options(submit_time=True)
+def validate(
+    spec_file: str, inputs: tuple[str, ...], check_imports: bool, as_json: bool, trust: TrustPolicy
+) -> None:
+    """Validate a spec without touching Redis; exit 2 with the problems if invalid.
+
+    With the fleet's trust options (--allow-entrypoints ...), also report what its
+    workers would refuse. Link-local and cloud-metadata URLs are always refused.
+    """
     from .submit import execution_hash
 
     try:
-        spec = _load(spec_file, inputs, check_imports)
+        spec = _load(spec_file, inputs, check_imports, trust)
     except SpecError as e:
         for p in e.problems:
             click.echo(f"error: {e.source}: {p}", err=True)
@@ -164,6 +188,7 @@ def validate(spec_file: str, inputs: tuple[str, ...], check_imports: bool, as_js
 )
 @check_imports_option(True)
 @json_option
+@trust_options()
 @run_async
 async def run(
     spec_file: str,
@@ -176,6 +201,7 @@ async def run(
     progress: bool,
     check_imports: bool,
     as_json: bool,
+    trust: TrustPolicy,
 ) -> int:
     """Run a DAG to completion in this process and print the execution report.
 
@@ -187,7 +213,7 @@ async def run(
 
     if not os.environ.get("OAO_LOG_LEVEL") and not _log_level_given():
         configure_logging("warning")  # the progress view and the report say it all
-    spec = _load(spec_file, inputs, check_imports)
+    spec = _load(spec_file, inputs, check_imports, trust)
     server: EmbeddedServer | None = None
     if not redis_url:
         server = EmbeddedServer().start()
@@ -195,14 +221,14 @@ async def run(
     try:
         broker = await _broker(redis_url, prefix)
         fleet = [
-            Worker(broker, concurrency=concurrency, heartbeat_ttl_s=5.0, grace_period_s=5.0)
+            Worker(broker, concurrency=concurrency, heartbeat_ttl_s=5.0, grace_period_s=5.0, trust=trust)
             for _ in range(workers)
         ]
         reaper = Reaper(broker, interval_s=0.5, heartbeat_ttl_s=5.0)
         stop = asyncio.Event()
         tasks = [asyncio.create_task(w.run()) for w in fleet]
         tasks.append(asyncio.create_task(reaper.run(stop)))
-        escalator = Escalator(broker)
+        escalator = Escalator(broker, trust=trust)
         tasks.append(asyncio.create_task(escalator.run(stop)))
         try:
             submitted = await submit_spec(broker, spec)
@@ -244,6 +270,7 @@ async def run(
 @click.option("--idempotency-key", default=None, help="Submitting twice with one key returns the first run.")
 @check_imports_option(False)
 @json_option
+@trust_options(submit_time=True)
 @run_async
 async def submit(
     spec_file: str,
@@ -255,13 +282,15 @@ async def submit(
     idempotency_key: str | None,
     check_imports: bool,
     as_json: bool,
+    trust: TrustPolicy,
 ) -> int:
     """Validate SPEC_FILE and submit it as a new run; print the run id.
 
     Workers (oao-worker) execute it; run `oao-scheduler serve` for dead-worker
-    recovery and retries.
+    recovery and retries. Trust options given here (--allow-entrypoints ...) refuse
+    early what the fleet's workers would refuse.
     """
-    spec = _load(spec_file, inputs, check_imports)
+    spec = _load(spec_file, inputs, check_imports, trust)
     broker = await _broker(redis_url, prefix)
     s = await submit_spec(broker, spec, idempotency_key=idempotency_key)
     status = "SUBMITTED" if s.created else "EXISTS"
@@ -481,6 +510,7 @@ async def workers(redis_url: str | None, prefix: str, as_json: bool) -> int:
     "90s, 30m, 12h, 3d or seconds; 0 keeps them forever.",
 )
 @metrics_port_option
+@trust_options(entrypoints=False)
 @run_async
 async def serve(
     redis_url: str | None,
@@ -490,6 +520,7 @@ async def serve(
     max_requeues: int,
     retention: str,
     metrics_port: int | None,
+    trust: TrustPolicy,
 ) -> int:
     """Run the reaper (dead-worker recovery), the delayed-retry promoter, escalation and
     retention (finished runs are deleted --retention after they end).
@@ -513,7 +544,7 @@ async def serve(
     reaper = Reaper(
         broker, interval_s=reaper_interval, heartbeat_ttl_s=heartbeat_ttl, max_requeues=max_requeues
     )
-    escalator = Escalator(broker)
+    escalator = Escalator(broker, trust=trust)
     loops = {"reaper": reaper.run(stop), "escalation": escalator.run(stop)}
     keeper = Retention(broker, retention_s) if retention_s > 0 else None
     if keeper is not None:

@@ -8,6 +8,11 @@ For a run whose spec has ``escalation`` and whose status is in ``escalation.on``
 POSTs the execution report (JSON) to the webhook, retrying network errors and HTTP 5xx
 / 429 with exponential backoff (1, 2, 4 ... s, capped at 30 s), then appends an
 ``ESCALATED`` event with the outcome and acknowledges the entry.
+
+The webhook must pass the fleet's trust policy (docs/security.md): never a link-local or
+cloud-metadata address, checked on the URL and again on every address its host resolves
+to at connect time (:mod:`oao_common.safe_http`); redirects are not followed. A refused
+webhook is not retried: the ``ESCALATED`` event says why (``ok: false``, ``error``).
 """
 
 from __future__ import annotations
@@ -22,10 +27,13 @@ import httpx
 from redis import exceptions as redis_exc
 
 from oao_common.broker import Broker
+from oao_common.errors import TrustError
 from oao_common.events import EventType
 from oao_common.log import get_logger
 from oao_common.retry import LOOP_ERRORS, Backoff, exponential_delay_s
+from oao_common.safe_http import BlockedDestination, guarded_client
 from oao_common.spec import EscalationSpec, Spec
+from oao_common.trust import DEFAULT_TRUST, TrustPolicy
 
 from .report import collect
 
@@ -33,10 +41,18 @@ GROUP = "oao-escalation"
 
 
 class Escalator:
-    """Consumes run endings and escalates the ones the spec asks for."""
+    """Consumes run endings and escalates the ones the spec asks for; ``trust`` decides
+    which webhook addresses may be reached."""
 
-    def __init__(self, broker: Broker, reclaim_idle_s: float = 60.0, backoff_cap_s: float = 30.0):
+    def __init__(
+        self,
+        broker: Broker,
+        reclaim_idle_s: float = 60.0,
+        backoff_cap_s: float = 30.0,
+        trust: TrustPolicy = DEFAULT_TRUST,
+    ):
         self.broker = broker
+        self.trust = trust
         self.consumer = f"{socket.gethostname()}-{os.getpid()}"
         self.reclaim_idle_s = reclaim_idle_s
         self.backoff_cap_s = backoff_cap_s
@@ -96,17 +112,27 @@ class Escalator:
         self.log.info("escalator.escalated", run_id=run_id, status=status, **outcome)
 
     async def post(self, esc: EscalationSpec, body: dict[str, Any]) -> dict[str, Any]:
-        """POST ``body``; returns ``{"ok", "http_status", "attempts", "error"}``."""
+        """POST ``body``; returns ``{"ok", "http_status", "attempts", "error"}``.
+
+        A webhook the trust policy refuses is not contacted (``attempts`` 0) and an
+        address refused at connect time is not retried; a redirect is not followed
+        (its 3xx status is the outcome)."""
         payload = json.dumps(body, default=str).encode()
         headers = {"content-type": "application/json", **esc.headers}
         last: dict[str, Any] = {}
-        async with httpx.AsyncClient(timeout=esc.timeout_s) as client:
+        try:
+            self.trust.check_url(esc.webhook, "escalation.webhook")
+        except TrustError as e:
+            return {"ok": False, "http_status": None, "attempts": 0, "error": str(e)}
+        async with guarded_client(self.trust, "escalation.webhook", timeout=esc.timeout_s) as client:
             for attempt in range(1, esc.max_attempts + 1):
                 try:
                     resp = await client.post(esc.webhook, content=payload, headers=headers)
                     last = {"ok": resp.is_success, "http_status": resp.status_code, "attempts": attempt}
                     if resp.is_success or (resp.status_code < 500 and resp.status_code != 429):
                         return last
+                except BlockedDestination as e:
+                    return {"ok": False, "http_status": None, "attempts": attempt, "error": str(e)}
                 except httpx.HTTPError as e:
                     last = {"ok": False, "http_status": None, "attempts": attempt, "error": str(e)}
                 if attempt < esc.max_attempts:

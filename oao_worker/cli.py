@@ -21,10 +21,12 @@ from oao_common.cli_support import (
     prefix_option,
     redis_url_option,
     run_async,
+    trust_options,
 )
 from oao_common.connection import DEFAULT_URL, connect, ping
-from oao_common.log import configure_logging
+from oao_common.log import configure_logging, get_logger
 from oao_common.metrics import serve_metrics
+from oao_common.trust import TrustPolicy
 
 from .worker import Worker
 
@@ -71,6 +73,7 @@ from .worker import Worker
 @click.option("--app-dir", default=None, help="Directory put on sys.path for entrypoints (default: cwd).")
 @metrics_port_option
 @click.option("--log-level", default=None, help="debug, info, warning, error (env OAO_LOG_LEVEL).")
+@trust_options()
 @run_async
 async def main(
     redis_url: str | None,
@@ -85,14 +88,26 @@ async def main(
     app_dir: str | None,
     metrics_port: int | None,
     log_level: str | None,
+    trust: TrustPolicy,
 ) -> int:
     """Claim nodes from Redis and run their agents until SIGTERM / SIGINT.
 
     On the first signal the worker stops claiming, lets in-flight nodes finish within
     --grace-period and hands the rest back to their queues; a second signal ends the
     grace period at once.
+
+    Anyone who can write to the Redis prefix can make this worker import and run code:
+    limit it with --allow-entrypoints (docs/security.md).
     """
     configure_logging(log_level)
+    log = get_logger(component="worker")
+    log.info("worker.trust_policy", **trust.describe())
+    if trust.entrypoints is None:
+        log.warning(
+            "worker.entrypoints_unrestricted",
+            note="any spec submitted to this prefix may run any Python code here; "
+            "set --allow-entrypoints / OAO_ALLOW_ENTRYPOINTS (docs/security.md)",
+        )
     add_app_dir(app_dir)
     if metrics_port:
         serve_metrics(metrics_port)
@@ -108,6 +123,7 @@ async def main(
         grace_period_s=grace_period,
         sync_threads=sync_threads,
         max_requeues=max_requeues,
+        trust=trust,
     )
     loop = asyncio.get_running_loop()
 

@@ -19,6 +19,7 @@ from oao_common.broker import Broker
 from oao_common.errors import PermanentError
 from oao_common.pricing import Price, price_of
 from oao_common.spec import Spec
+from oao_common.trust import DEFAULT_TRUST, TrustPolicy
 
 from .agents import Agent, build_agent
 from .guards import Guard
@@ -36,13 +37,14 @@ class RunRuntime:
     guards: dict[str, Guard] = field(default_factory=dict)
     started_at_ms: int = 0
     agents: dict[str, Agent] = field(default_factory=dict)
+    trust: TrustPolicy = DEFAULT_TRUST
 
     async def agent(self, name: str, run_sync: RunSync) -> Agent:
         """The agent ``name``, built on first use through ``run_sync`` (it imports the
         entrypoint); raises :class:`PermanentError` if that fails."""
         a = self.agents.get(name)
         if a is None:
-            a = await run_sync(build_agent, name, self.spec.agents[name])
+            a = await run_sync(build_agent, name, self.spec.agents[name], self.trust)
             a = self.agents.setdefault(name, a)
         return a
 
@@ -68,7 +70,7 @@ def guards_of(spec: Spec) -> dict[str, Guard]:
     return out
 
 
-def import_problems(spec: Spec) -> list[str]:
+def import_problems(spec: Spec, trust: TrustPolicy | None = None) -> list[str]:
     """Import every entrypoint of ``spec`` (agents and tools) as a worker would; one
     line per entrypoint that fails, naming its place (``agents.writer.entrypoint``).
     Blocking: for the command line (``validate/submit --check-imports``, ``run``)."""
@@ -77,7 +79,7 @@ def import_problems(spec: Spec) -> list[str]:
     problems = []
     for where, entrypoint in places:
         try:
-            load_entrypoint(entrypoint)
+            load_entrypoint(entrypoint, trust or DEFAULT_TRUST)
         except PermanentError as e:
             problems.append(f"{where}: {e}")
     return problems
@@ -85,10 +87,18 @@ def import_problems(spec: Spec) -> list[str]:
 
 class RuntimeCache:
     """LRU of :class:`RunRuntime` by run id (``size`` runs); blocking work through
-    ``run_sync`` (default ``asyncio.to_thread``)."""
+    ``run_sync`` (default ``asyncio.to_thread``); ``trust`` bounds what the runs'
+    entrypoints, API-key variables and URLs may be (docs/security.md)."""
 
-    def __init__(self, broker: Broker, size: int = 128, run_sync: RunSync | None = None) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        size: int = 128,
+        run_sync: RunSync | None = None,
+        trust: TrustPolicy = DEFAULT_TRUST,
+    ) -> None:
         self.broker = broker
+        self.trust = trust
         self.size = size
         self.run_sync: RunSync = run_sync or asyncio.to_thread
         self._closing: set[asyncio.Task[None]] = set()
@@ -142,13 +152,14 @@ class RuntimeCache:
             spec = Spec.from_stored_json(spec_json)
         except ValueError as e:
             raise PermanentError(f"run {run_id}: stored spec no longer validates: {e}") from None
-        tools = await self.run_sync(load_tools, spec.tools)
+        tools = await self.run_sync(load_tools, spec.tools, self.trust)
         return RunRuntime(
             spec=spec,
             inputs=json.loads(inputs_json or "{}"),
-            providers={name: make_provider(name, m) for name, m in spec.models.items()},
+            providers={name: make_provider(name, m, self.trust) for name, m in spec.models.items()},
             tools=tools,
             prices={name: price_of(m) for name, m in spec.models.items()},
             guards=guards_of(spec),
             started_at_ms=int(started_at or 0),
+            trust=self.trust,
         )

@@ -21,6 +21,7 @@ from pydantic import create_model
 
 from oao_common.errors import PermanentError
 from oao_common.spec import ToolSpec
+from oao_common.trust import DEFAULT_TRUST, TrustPolicy
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,10 +53,13 @@ def idempotency_key() -> str | None:
     return info.key if info else None
 
 
-def load_entrypoint(entrypoint: str) -> Any:
+def load_entrypoint(entrypoint: str, trust: TrustPolicy = DEFAULT_TRUST) -> Any:
     """Import ``module:attr.path``; raises :class:`PermanentError` with the cause, for
-    any exception the module raises while it is imported. Blocking: workers call it
-    through their executor (``oao_worker/executor.py``), never on the event loop."""
+    any exception the module raises while it is imported, and
+    :class:`~oao_common.errors.TrustError` (nothing imported) for an entrypoint that
+    ``trust`` does not allow. Blocking: workers call it through their executor
+    (``oao_worker/executor.py``), never on the event loop."""
+    trust.check_entrypoint(entrypoint)  # before any import (docs/security.md)
     module_name, _, attr_path = entrypoint.partition(":")
     try:
         obj: Any = importlib.import_module(module_name)
@@ -66,6 +70,7 @@ def load_entrypoint(entrypoint: str) -> Any:
             obj = getattr(obj, part)
         except AttributeError:
             raise PermanentError(f"{entrypoint!r}: {module_name} has no attribute {attr_path!r}") from None
+    trust.check_target(entrypoint, obj)
     return obj
 
 
@@ -120,11 +125,12 @@ class Tool:
             _current.reset(token)
 
 
-def load_tools(specs: dict[str, ToolSpec]) -> dict[str, Tool]:
-    """Resolve every tool of a spec; raises :class:`PermanentError` for a bad entrypoint."""
+def load_tools(specs: dict[str, ToolSpec], trust: TrustPolicy = DEFAULT_TRUST) -> dict[str, Tool]:
+    """Resolve every tool of a spec; raises :class:`PermanentError` for a bad entrypoint
+    (``TrustError`` for one ``trust`` does not allow)."""
     tools = {}
     for name, s in specs.items():
-        func = load_entrypoint(s.entrypoint)
+        func = load_entrypoint(s.entrypoint, trust)
         if not callable(func):
             raise PermanentError(f"tool {name!r}: {s.entrypoint} is not callable")
         tools[name] = Tool(name, func, s)

@@ -60,6 +60,7 @@ from oao_common.policy import DEFAULT_RETRY, backoff_delay_s
 from oao_common.ratelimit import RateLimiter
 from oao_common.retry import LOOP_ERRORS, Backoff, describe
 from oao_common.templating import render_off_loop
+from oao_common.trust import DEFAULT_TRUST, TrustPolicy
 
 from .budget import RunBudget
 from .context import AgentContext
@@ -127,7 +128,8 @@ class Worker:
     ``concurrency``, at least 4, at most 64). ``reconcile_every_s``: seconds between
     reconciliations of the active list. ``block_warn_s``: event-loop lag (seconds)
     reported as a blocked loop. ``max_requeues``: as the reaper's, for the jobs a
-    previous process under the same id left behind.
+    previous process under the same id left behind. ``trust``: what specs may import,
+    read as API keys and connect to (docs/security.md).
     """
 
     def __init__(
@@ -144,6 +146,7 @@ class Worker:
         reconcile_every_s: float = 10.0,
         block_warn_s: float = 1.0,
         max_requeues: int = 5,
+        trust: TrustPolicy = DEFAULT_TRUST,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
@@ -160,7 +163,7 @@ class Worker:
         self.block_warn_s = block_warn_s
         self.max_requeues = max_requeues
         self.executor = SyncExecutor(sync_threads or max(4, min(64, concurrency)), name=f"{self.id}-sync")
-        self.runtimes = RuntimeCache(broker, run_sync=self.executor.run)
+        self.runtimes = RuntimeCache(broker, run_sync=self.executor.run, trust=trust)
         self.call_guards = CallGuards(
             RateLimiter(broker.redis, broker.keys), CircuitBreaker(broker.redis, broker.keys)
         )

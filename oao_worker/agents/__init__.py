@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from oao_common.spec import AgentSpec, LLMAgentSpec
+from oao_common.trust import DEFAULT_TRUST, TrustPolicy
 
 from ..context import AgentContext
 
@@ -16,16 +17,16 @@ class Agent(Protocol):
         ...
 
 
-def build_agent(name: str, spec: AgentSpec) -> Agent:
+def build_agent(name: str, spec: AgentSpec, trust: TrustPolicy = DEFAULT_TRUST) -> Agent:
     """The runnable agent for agent ``name`` of a spec; raises ``PermanentError`` if its
-    entrypoint cannot be imported."""
+    entrypoint cannot be imported (``TrustError`` if ``trust`` does not allow it)."""
     if isinstance(spec, LLMAgentSpec):
         from .llm import LLMAgent
 
         return LLMAgent(name, spec)
     from .python import PythonAgent
 
-    return PythonAgent(name, spec)
+    return PythonAgent(name, spec, trust)
 
 
 __all__ = ["Agent", "build_agent"]

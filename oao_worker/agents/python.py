@@ -23,6 +23,7 @@ from typing import Any
 
 from oao_common.errors import PermanentError
 from oao_common.spec import PythonAgentSpec
+from oao_common.trust import DEFAULT_TRUST, TrustPolicy
 
 from ..context import AgentContext
 from ..lifecycle import AgentState
@@ -37,9 +38,9 @@ def _is_step_aware(fn: Any) -> bool:
 
 
 class PythonAgent:
-    def __init__(self, name: str, spec: PythonAgentSpec) -> None:
+    def __init__(self, name: str, spec: PythonAgentSpec, trust: TrustPolicy = DEFAULT_TRUST) -> None:
         self.name = name
-        target = load_entrypoint(spec.entrypoint)
+        target = load_entrypoint(spec.entrypoint, trust)
         if inspect.isclass(target):
             try:
                 target = target(**spec.config)

@@ -3,6 +3,10 @@ vLLM, Ollama, LM Studio, llama.cpp server) through the official ``openai`` SDK.
 
 The SDK's own retries are off (``max_retries=0``): OAO retries a node's step itself,
 driven by :class:`~oao_common.errors.TransientError` and its ``retry_after_s`` hint.
+
+The fleet's :class:`~oao_common.trust.TrustPolicy` decides which ``api_key_env`` may be
+read and where the client may connect: every connection (redirects too) goes through
+:class:`~oao_common.safe_http.GuardedTransport`, which checks the resolved address.
 """
 
 from __future__ import annotations
@@ -10,13 +14,16 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
+import httpx
 import openai
 
-from oao_common.errors import OAOError, PermanentError, TransientError
+from oao_common.errors import OAOError, PermanentError, TransientError, TrustError
 from oao_common.ratelimit import retry_after_from_headers
+from oao_common.safe_http import BlockedDestination, guarded_client
 from oao_common.spec import OpenAIModelSpec
+from oao_common.trust import DEFAULT_TRUST, TrustPolicy
 
 from .base import (
     ChunkCallback,
@@ -56,17 +63,34 @@ class OpenAIProvider(Provider):
     ``spec.api_key_env`` at construction, or ``"not-needed"`` when it is unset. Every
     HTTP call is bounded by ``spec.timeout_s`` seconds (connect, and each read).
     The key never appears in an error message raised by this class.
+
+    ``trust`` must allow ``spec.api_key_env`` and ``spec.base_url`` (else
+    :class:`~oao_common.errors.TrustError` here, before the variable is read) and
+    every address the client connects to (else ``TrustError`` from ``complete``).
     """
 
-    def __init__(self, name: str, spec: OpenAIModelSpec) -> None:
+    def __init__(self, name: str, spec: OpenAIModelSpec, trust: TrustPolicy = DEFAULT_TRUST) -> None:
         self.name = name
         self.spec = spec
+        where = f"models.{name}"
+        trust.check_api_key_env(spec.api_key_env, f"{where}.api_key_env")
+        if spec.base_url:
+            trust.check_url(spec.base_url, f"{where}.base_url")
         self._api_key = os.environ.get(spec.api_key_env) or NO_KEY
+        self._http = guarded_client(
+            trust,
+            f"{where}.base_url",
+            transport_kw={"limits": httpx.Limits(max_connections=1000, max_keepalive_connections=100)},
+            timeout=spec.timeout_s,
+            follow_redirects=True,  # as the SDK's own client; every hop is checked
+        )
         self._client = openai.AsyncOpenAI(
             api_key=self._api_key,
             base_url=spec.base_url,
             timeout=spec.timeout_s,
             max_retries=0,
+            # openai 1.x types this as httpx.AsyncClient, 2.x+ as httpx2's; both accept httpx's.
+            http_client=cast(Any, self._http),
         )
 
     async def complete(self, request: ModelRequest, on_chunk: ChunkCallback) -> ModelReply:
@@ -88,7 +112,9 @@ class OpenAIProvider(Provider):
         HTTP 429 or 5xx, or an error event inside the stream (``retry_after_s`` from the
         ``retry-after-ms``/``Retry-After`` header, in seconds, if sent);
         :class:`PermanentError` on other HTTP 4xx errors, on tool-call arguments that
-        are not a JSON object (naming the tool) and on non-function tool calls.
+        are not a JSON object (naming the tool) and on non-function tool calls;
+        :class:`~oao_common.errors.TrustError` (permanent) when the trust policy refuses
+        an address the server's name resolves to (or a redirect leads to).
         Whatever ``on_chunk`` raises propagates unchanged.
         """
         kwargs: dict[str, Any] = {"model": self.spec.model, "messages": request.messages}
@@ -248,6 +274,8 @@ class OpenAIProvider(Provider):
             return PermanentError(msg)
         if isinstance(exc, openai.APITimeoutError):
             return TransientError(f"{who}: request timed out after {self.spec.timeout_s}s")
+        if isinstance(exc, openai.APIConnectionError) and isinstance(exc.__cause__, BlockedDestination):
+            return TrustError(self._redact(f"{who}: {exc.__cause__}"))
         if isinstance(exc, openai.APIConnectionError):
             cause = exc.__cause__
             reason = f": {type(cause).__name__}: {cause}" if cause is not None else ""
@@ -263,3 +291,4 @@ class OpenAIProvider(Provider):
     async def aclose(self) -> None:
         """Close the HTTP client and its pooled connections."""
         await self._client.close()
+        await self._http.aclose()

@@ -23,7 +23,7 @@ from oao_worker.providers.openai_provider import OpenAIProvider
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from openai_server import DEFAULT_MODEL, OpenAIStubServer
 
-KEY_ENV = "OAO_TEST_OPENAI_KEY"
+KEY_ENV = "OAOTEST_OPENAI_API_KEY"  # OAO_* names are refused (docs/security.md)
 SECRET = "sk-test-Zq8XvN3pLmK7wR2tY5uB9cD4"
 MODEL = "gpt-test"
 MESSAGES = [
@@ -359,8 +359,8 @@ async def test_api_key_is_sent_as_bearer_and_never_in_errors(
 async def test_missing_key_env_sends_placeholder(
     server: OpenAIStubServer, make_provider: MakeProvider, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.delenv("OAO_TEST_UNSET_KEY_VAR", raising=False)
-    provider = make_provider(api_key_env="OAO_TEST_UNSET_KEY_VAR")
+    monkeypatch.delenv("OAOTEST_UNSET_API_KEY", raising=False)
+    provider = make_provider(api_key_env="OAOTEST_UNSET_API_KEY")
     server.reply_text("ok")
 
     await provider.complete(request(), Chunks())
