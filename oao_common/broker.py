@@ -445,9 +445,11 @@ class Broker:
 
     async def cancel(self, run_id: str) -> int:
         """Cancel a run and tell the workers to stop its in-flight nodes now; returns the
-        number of nodes cancelled, or -1 if the run is unknown or already finished."""
+        number of nodes cancelled, or -1 if the run is unknown or already finished.
+        The workers are told whenever the run ends up CANCELLED (also when this call was
+        re-sent after a lost reply and the first one did the work)."""
         n = int(await self.scripts.call("cancel", [self.keys.run(run_id)], [run_id]))
-        if n >= 0:
+        if n >= 0 or await self.redis.hget(self.keys.run(run_id), "status") == RunState.CANCELLED:
             await self.notify_cancelled([run_id])
         return n
 

@@ -64,7 +64,8 @@ def connect(url: str, max_connections: int = DEFAULT_MAX_CONNECTIONS, **kwargs: 
     connection instead of hanging the caller. Commands retry connection errors three
     times with equal-jitter backoff (redis-py's ``Retry``); that is safe for OAO's Lua
     scripts because each is idempotent for a re-sent call (``claim.lua`` through its
-    claim id; see docs/architecture.md). Callers above handle longer outages
+    claim id) or harmless when repeated (a duplicate event; see the table in
+    docs/architecture.md). Callers above handle longer outages
     (``oao_common.retry``).
     """
     opts: dict[str, Any] = {

@@ -34,7 +34,8 @@ TERMINAL_NODE_STATES = frozenset(
 
 
 class RunState(StrEnum):
-    """``PENDING → RUNNING → SUCCEEDED | FAILED | CANCELLED`` (``PARTIAL`` reserved)."""
+    """``PENDING → RUNNING → SUCCEEDED | PARTIAL | FAILED | CANCELLED``; ``PARTIAL``: some nodes
+    failed, within the spec's ``failure`` rules (docs/governance.md)."""
 
     PENDING = "PENDING"
     RUNNING = "RUNNING"
