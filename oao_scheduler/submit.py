@@ -56,6 +56,7 @@ def expand(spec: Spec, run_id: str) -> tuple[dict[str, str], list[dict[str, Any]
         "nodes_total": str(len(spec.nodes)),
         "nodes_done": "0",
         "nodes_failed": "0",
+        "nodes_succeeded": "0",
         "steps": "0",
         "tokens_in": "0",
         "tokens_out": "0",

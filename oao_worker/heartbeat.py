@@ -38,11 +38,23 @@ EXIT_LOOP_WEDGED = 5
 
 @dataclass(slots=True)
 class Running:
-    """What the watchdog knows of a node task: its job and its time limit (seconds)."""
+    """What the watchdog knows of a node task: its job, its time limit (seconds) and its
+    deadline (``asyncio.Timeout``, on the monotonic clock, moved out while sync calls
+    wait for a thread). ``failed`` is set once the watchdog failed the node."""
 
     job: ClaimedJob
     started: float
     limit_s: float | None
+    deadline: asyncio.Timeout | None = None
+    failed: bool = False
+
+    def overrun_s(self, now: float) -> float | None:
+        """Seconds past the deadline at monotonic time ``now`` (negative before it);
+        None without a limit."""
+        when = self.deadline.when() if self.deadline is not None else None
+        if when is None:
+            return None if self.limit_s is None else now - self.started - self.limit_s
+        return now - when
 
 
 class HeartbeatThread:
@@ -119,6 +131,7 @@ class HeartbeatThread:
         next_beat = 0.0
         blocked_since: float | None = None
         culprit = ""
+        record: Running | None = None
         failed_culprit = False
         try:
             while not self._stop.is_set():
@@ -140,10 +153,12 @@ class HeartbeatThread:
                     if blocked_since is None:
                         blocked_since = self._last_pong
                         culprit = self._current_task_name()
+                        record = self.running.get(culprit)
                         self.log.warning("worker.loop_blocked", task=culprit, blocked_s=round(lag, 3))
-                    if not failed_culprit and await self._fail_if_over_limit(broker, culprit, lag):
-                        failed_culprit = True
-                    if failed_culprit and lag > self._limit_of(culprit) + 2 * self.ttl_s:
+                    if record is not None and not failed_culprit:
+                        failed_culprit = await self._fail_if_over_limit(broker, record, lag)
+                    overrun = record.overrun_s(time.monotonic()) if record is not None else None
+                    if failed_culprit and overrun is not None and overrun > 2 * self.ttl_s:
                         self.log.error(
                             "worker.loop_wedged",
                             task=culprit,
@@ -153,8 +168,8 @@ class HeartbeatThread:
                         os._exit(EXIT_LOOP_WEDGED)
                 elif blocked_since is not None:
                     total = self._last_pong - blocked_since
-                    await self._report_blocked(broker, culprit, total)
-                    blocked_since, culprit, failed_culprit = None, "", False
+                    await self._report_blocked(broker, culprit, record, total)
+                    blocked_since, culprit, record, failed_culprit = None, "", None, False
                 self._call_loop(self._pong)
                 await asyncio.sleep(self.check_s)
         finally:
@@ -173,18 +188,13 @@ class HeartbeatThread:
             return ""
         return task.get_name() if task is not None else ""
 
-    def _limit_of(self, task_name: str) -> float:
-        r = self.running.get(task_name)
-        return r.limit_s if r is not None and r.limit_s is not None else float("inf")
-
-    async def _fail_if_over_limit(self, broker: Broker, task_name: str, lag: float) -> bool:
-        """Fail the blocking node once its blocking outlasted its time limit by a TTL."""
-        r = self.running.get(task_name)
-        if r is None or r.limit_s is None:
+    async def _fail_if_over_limit(self, broker: Broker, r: Running, lag: float) -> bool:
+        """Fail the blocking node once its blocking outlasted its deadline by a TTL."""
+        now = time.monotonic()
+        overrun = r.overrun_s(now)
+        if overrun is None or overrun < self.ttl_s:
             return False
-        elapsed = time.monotonic() - r.started
-        if elapsed < r.limit_s + self.ttl_s:
-            return False
+        elapsed = now - r.started
         e = PolicyViolation(
             "timeout_s",
             r.limit_s,
@@ -204,11 +214,13 @@ class HeartbeatThread:
         except LOOP_ERRORS as err:
             self.log.warning("worker.blocked_node_fail_failed", error=describe(err))
             return False
+        r.failed = True
         self.log.error("node.failed", run_id=r.job.run_id, node_id=r.job.node_id, error=str(e))
         return True
 
-    async def _report_blocked(self, broker: Broker, task_name: str, seconds: float) -> None:
-        r = self.running.get(task_name)
+    async def _report_blocked(
+        self, broker: Broker, task_name: str, r: Running | None, seconds: float
+    ) -> None:
         fields: dict[str, Any] = {"task": task_name, "blocked_s": round(seconds, 3)}
         if r is not None:
             fields.update(run_id=r.job.run_id, node_id=r.job.node_id, attempt=r.job.attempt)

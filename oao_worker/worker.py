@@ -300,11 +300,21 @@ class Worker:
         metrics.LOOP_BLOCKED_SECONDS.observe(seconds)
 
     async def _drain(self) -> None:
+        """Give in-flight nodes the grace period (ended early by :meth:`end_grace`), then
+        cancel what still runs."""
         tasks = list(self._inflight)
         if tasks:
             self.log.info("worker.draining", inflight=len(tasks), grace_s=self.grace_period_s)
             cut = asyncio.create_task(self._end_grace.wait())
-            await asyncio.wait([*tasks, cut], timeout=self.grace_period_s or None)
+            deadline = time.monotonic() + self.grace_period_s
+            pending_tasks: set[asyncio.Future[Any]] = set(tasks)
+            while pending_tasks and not cut.done() and time.monotonic() < deadline:
+                done, _ = await asyncio.wait(
+                    [*pending_tasks, cut],
+                    timeout=deadline - time.monotonic(),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                pending_tasks -= done
             cut.cancel()
             pending = [t for t in tasks if not t.done()]
             for t in pending:
@@ -493,6 +503,7 @@ class Worker:
 
             try:
                 async with asyncio.timeout(limit) as deadline:
+                    self._running[name].deadline = deadline
                     with node_deadline(deadline):
                         variables = {
                             "inputs": rt.inputs,
@@ -527,9 +538,10 @@ class Worker:
                         output = await agent.run(ctx)
             except TimeoutError:
                 raise timed_out() from None
-            if limit is not None and time.monotonic() - started > limit:
+            if (when := deadline.when()) is not None and asyncio.get_running_loop().time() > when:
                 # The loop was blocked past the deadline and the agent returned before
-                # the timeout could fire: the limit still holds.
+                # the timeout could fire: the limit still holds. (The deadline, not the
+                # wall time: it moved out while sync calls waited for a thread.)
                 raise timed_out()
             ok = await self.broker.complete(self.id, job, output, ctx.node_fields(), ctx.drain_events())
             outcome = "succeeded" if ok else "stale"
@@ -558,6 +570,10 @@ class Worker:
             metrics.EXECUTIONS.labels("stale", agent_type).inc()
             log.warning("node.stale_attempt", error=str(e))
         except Exception as e:
+            r = self._running.get(name)
+            if r is not None and r.failed:  # the watchdog failed it while the loop was blocked
+                log.warning("node.failed_by_watchdog", error=str(e))
+                return
             outcome = await self._fail(job, ctx, e, log)
             metrics.EXECUTIONS.labels(outcome, agent_type).inc()
             metrics.EXECUTION_SECONDS.labels(agent_type).observe(time.monotonic() - started)
