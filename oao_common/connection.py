@@ -16,6 +16,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import EqualJitterBackoff
 
 from .errors import RedisUnavailable
+from .sentinel import is_sentinel_url, redact_sentinel_url, sentinel_client
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 ENV_URL = "OAO_REDIS_URL"
@@ -29,6 +30,8 @@ def url_from_env(explicit: str | None = None) -> str | None:
 
 def redact(url: str) -> str:
     """``redis://user:secret@host`` → ``redis://user:***@host`` (secrets are never logged)."""
+    if is_sentinel_url(url):
+        return redact_sentinel_url(url)
     if "@" not in url or "://" not in url:
         return url
     scheme, rest = url.split("://", 1)
@@ -57,6 +60,8 @@ def connect(url: str, max_connections: int = DEFAULT_MAX_CONNECTIONS, **kwargs: 
         "retry_on_error": [redis_exc.ConnectionError, redis_exc.TimeoutError],
     }
     opts.update(kwargs)
+    if is_sentinel_url(url):  # the same options, primary found via Sentinel
+        return sentinel_client(url, max_connections, **opts)
     pool = BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=None, **opts)
     return Redis(connection_pool=pool)
 
