@@ -49,21 +49,29 @@ def wait_for(predicate: object, what: str, timeout_s: float, interval_s: float =
 
 
 class SentinelCluster:
-    """Primary (AOF on) + one replica + three Sentinels (quorum 2).
+    """Primary (AOF on) + ``replicas`` replicas (default one) + three Sentinels (quorum 2).
 
-    ``down_after_ms`` and ``failover_timeout_ms`` go to every Sentinel. ``url`` is the
+    ``down_after_ms`` and ``failover_timeout_ms`` go to every Sentinel;
+    ``min_replicas_to_write`` (with ``min-replicas-max-lag 10``) to both servers. ``url`` is the
     ``redis+sentinel://`` URL of the set (database ``db``). Use as a context manager.
     """
 
     def __init__(
-        self, workdir: Path, db: int = 0, down_after_ms: int = 1000, failover_timeout_ms: int = 5000
+        self,
+        workdir: Path,
+        db: int = 0,
+        down_after_ms: int = 1000,
+        failover_timeout_ms: int = 5000,
+        min_replicas_to_write: int = 0,
+        replicas: int = 1,
     ) -> None:
         self.dir = workdir
+        self.min_replicas_to_write = min_replicas_to_write
         self.db = db
         self.down_after_ms = down_after_ms
         self.failover_timeout_ms = failover_timeout_ms
         self.primary_port = free_port()
-        self.replica_port = free_port()
+        self.replica_ports = [free_port() for _ in range(replicas)]
         self.sentinel_ports = [free_port() for _ in range(3)]
         self.sentinel_ids = {p: secrets.token_hex(20) for p in self.sentinel_ports}
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
@@ -90,6 +98,8 @@ class SentinelCluster:
             "maxmemory-policy noeviction",
             "repl-diskless-sync-delay 0",  # a replica syncs at once, not after 5 s
         ]
+        if self.min_replicas_to_write:  # on every server: any may become the primary
+            lines += [f"min-replicas-to-write {self.min_replicas_to_write}", "min-replicas-max-lag 10"]
         if replica_of is not None:
             lines.append(f"replicaof 127.0.0.1 {replica_of}")
         conf = d / "redis.conf"
@@ -112,8 +122,8 @@ class SentinelCluster:
             # Known from the start (instead of discovered over ~10 s): the Sentinels'
             # ids, each other and the replica.
             f"sentinel myid {self.sentinel_ids[port]}",
-            f"sentinel known-replica {MASTER} 127.0.0.1 {self.replica_port}",
         ]
+        lines += [f"sentinel known-replica {MASTER} 127.0.0.1 {p}" for p in self.replica_ports]
         lines += [
             f"sentinel known-sentinel {MASTER} 127.0.0.1 {p} {self.sentinel_ids[p]}"
             for p in self.sentinel_ports
@@ -133,26 +143,21 @@ class SentinelCluster:
         return redis.Redis(port=port, decode_responses=True, socket_timeout=2, socket_connect_timeout=2)
 
     def start(self, timeout_s: float = 20.0) -> SentinelCluster:
-        """Start everything; return once the replica is in sync and every Sentinel
-        knows the replica and both other Sentinels (so a failover can be authorised)."""
+        """Start everything; return once the replicas are in sync and every Sentinel
+        knows them and both other Sentinels (so a failover can be authorised)."""
         self._start(self.primary_port, ["redis-server", str(self._server_conf(self.primary_port, None))])
         wait_for(lambda: self.client(self.primary_port).ping(), "the primary", timeout_s)
-        self._start(
-            self.replica_port,
-            ["redis-server", str(self._server_conf(self.replica_port, self.primary_port))],
-        )
-        wait_for(
-            lambda: self.client(self.replica_port).info("replication").get("master_link_status") == "up",
-            "the replica to sync",
-            timeout_s,
-        )
+        for port in self.replica_ports:
+            self._start(port, ["redis-server", str(self._server_conf(port, self.primary_port))])
+        for port in self.replica_ports:
+            self.wait_replica_of(port, self.primary_port, timeout_s)
         for p in self.sentinel_ports:
             self._start(p, ["redis-sentinel", str(self._sentinel_conf(p))])
 
         def sentinels_ready() -> bool:
             for p in self.sentinel_ports:
                 m = self.client(p).sentinel_master(MASTER)
-                if int(m["num-other-sentinels"]) < 2 or int(m["num-slaves"]) < 1:
+                if int(m["num-other-sentinels"]) < 2 or int(m["num-slaves"]) < len(self.replica_ports):
                     return False
             return True
 

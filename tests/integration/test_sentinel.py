@@ -2,8 +2,9 @@
 real ``oao-worker`` / ``oao-scheduler serve`` processes on a ``redis+sentinel://`` URL.
 
 The primary is SIGKILLed (or demoted by ``SENTINEL FAILOVER``) in the middle of a run;
-the run must finish SUCCEEDED on the promoted replica with every invariant of
-``chaoskit.check_invariants`` intact. Skipped when the ``redis-server`` /
+the run must finish SUCCEEDED on the promoted replica, every node completed once and no
+job left in any list, although the failover may have lost acknowledged writes
+(docs/guarantees.md, "Failover (Sentinel)"). Skipped when the ``redis-server`` /
 ``redis-sentinel`` binaries are missing (Debian packages of the same names).
 """
 
@@ -13,12 +14,13 @@ import asyncio
 import json
 import random
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from chaos.chaoskit import check_invariants
+from chaos.chaoskit import read_ledger
 from proc import start_serve, start_worker, stop
 from sentinelkit import SentinelCluster, missing_binaries
 
@@ -116,13 +118,65 @@ async def stranded(broker: Broker, run_id: str, logs: str) -> list[dict[str, Any
     return [*out, {"pending_on_dependencies": waiting}]
 
 
-async def run_through_failover(tmp_path: Path, prefix: str, how: str) -> dict[str, Any]:
+def _last_error(log: Path) -> str:
+    """The last line of ``log`` that names an exception (a traceback's last line)."""
+    lines = [x for x in log.read_text(errors="replace").splitlines() if "Error" in x or "error" in x]
+    return lines[-1][:300] if lines else "(no error in its log)"
+
+
+async def check_converged(broker: Broker, run_id: str, ledger: Path) -> dict[str, Any]:
+    """What must hold after a failover that lost acknowledged writes (a rewind).
+
+    ``check_invariants`` assumes nothing acknowledged is ever lost; after a rewind a
+    recorded step may legitimately run again (its record was lost), even under the same
+    attempt *number* (only fencing tokens are never reissued). What remains: every node
+    SUCCEEDED with exactly one ``NODE_SUCCEEDED`` in the surviving log, no job in any
+    list, every surviving tool record matches an execution of its idempotency key; the
+    executions repeated by the rewind are counted (all of them idempotent tools here).
+    """
+    run = await broker.get_run(run_id)
+    node_ids = run["node_ids"].split(",")
+    nodes = await broker.get_nodes(run_id, node_ids)
+    bad = [(n["id"], n.get("status"), n.get("error")) for n in nodes if n.get("status") != "SUCCEEDED"]
+    assert not bad, bad[:5]
+    assert run["status"] == "SUCCEEDED"
+    r = broker.redis
+    leftovers: list[str] = []
+    async for k in r.scan_iter(match=f"{broker.keys.prefix}:q:*"):
+        if await r.type(k) == "list":
+            leftovers += await r.lrange(k, 0, -1)
+    async for k in r.scan_iter(match=f"{broker.keys.prefix}:w:*:active"):
+        leftovers += await r.lrange(k, 0, -1)
+    leftovers += await r.zrange(broker.keys.delayed, 0, -1)
+    leftovers += await r.lrange(broker.keys.parked(run_id), 0, -1)
+    assert not leftovers, leftovers[:5]
+    events = await broker.events(run_id)
+    succeeded = Counter(e.node for e in events if e.type == "NODE_SUCCEEDED")
+    assert all(succeeded[n] == 1 for n in node_ids), [n for n in node_ids if succeeded[n] != 1]
+    runs_of = Counter(key for key, _a, _step, _label in read_ledger(ledger))
+    steps = await broker.get_steps(run_id)
+    tools = [rec for k, rec in steps.items() if not k.endswith(":started") and rec["kind"] == "tool"]
+    assert all(runs_of[rec["idempotency_key"]] >= 1 for rec in tools)
+    return {
+        "nodes": len(node_ids),
+        "recorded_tool_steps": len(tools),
+        "tool_calls_repeated": sum(runs_of[rec["idempotency_key"]] - 1 for rec in tools),
+        "requeued_or_handed_back": sum(1 for e in events if e.type in ("NODE_REQUEUED", "NODE_HANDED_BACK")),
+        "stale_rejected": sum(1 for e in events if e.type == "STALE_ATTEMPT_REJECTED"),
+    }
+
+
+async def run_through_failover(
+    tmp_path: Path, prefix: str, how: str, min_replicas_to_write: int = 0, replicas: int = 1
+) -> dict[str, Any]:
     """Start the cluster and the fleet, submit the run, fail the primary over mid-run
     (``kill``: SIGKILL; ``demote``: ``SENTINEL FAILOVER``, the old primary stays up as
     a replica), wait for the run, check the invariants; returns figures."""
     ledger = tmp_path / "ledger.txt"
     env = {"OAO_TEST_LEDGER": str(ledger)}
-    with SentinelCluster(tmp_path / "redis") as cluster:
+    with SentinelCluster(
+        tmp_path / "redis", min_replicas_to_write=min_replicas_to_write, replicas=replicas
+    ) as cluster:
         url = cluster.url
         serve = start_serve(url, prefix, "--reaper-interval", "0.2", log=tmp_path / "serve.log")
         workers = [
@@ -131,6 +185,7 @@ async def run_through_failover(tmp_path: Path, prefix: str, how: str) -> dict[st
         ]
         r = connect(url)
         broker = Broker(r, prefix)
+        closers = [r]
         try:
             deadline = time.monotonic() + 20
             while sum(1 for w in await broker.workers() if w["alive"]) < 3:
@@ -151,18 +206,21 @@ async def run_through_failover(tmp_path: Path, prefix: str, how: str) -> dict[st
                 cluster.client(cluster.sentinel_ports[0]).sentinel_failover("oao")
             new = await asyncio.to_thread(cluster.wait_failover, old, 20.0)
             promoted_s = time.monotonic() - t0
-            converted_s = None
-            if how == "demote":
-                # Until Sentinel turns the old primary into a replica (seconds later),
-                # clients still connected to it keep writing there; those writes are
-                # discarded when it resyncs from the new primary.
-                await asyncio.to_thread(cluster.wait_replica_of, old, new, 30.0)
-                converted_s = time.monotonic() - t0
+            # Read the promoted replica itself: until Sentinel demotes the old primary, a
+            # client still connected to it would see a state that is about to be discarded.
+            primary = connect(f"redis://127.0.0.1:{new}/{cluster.db}")
+            direct = Broker(primary, prefix)
             try:
-                status = await wait_for_run(broker, s.run_id, interval_s=0.1, timeout_s=30)
+                status = await wait_for_run(direct, s.run_id, interval_s=0.1, timeout_s=30)
             except TimeoutError:
                 logs = "".join(p.read_text() for p in tmp_path.glob("w*.log"))
-                left = await stranded(broker, s.run_id, logs)
+                died = [
+                    f"{name} exited {p.returncode}: " + _last_error(tmp_path / f"{name}.log")
+                    for name, p in [("serve", serve), *((f"w{i}", w) for i, w in enumerate(workers))]
+                    if p.poll() is not None
+                ]
+                assert not died, f"processes died during the failover: {died}"
+                left = await stranded(direct, s.run_id, logs)
                 pytest.fail(
                     "the run did not finish within 30 s of the failover. Writes the old primary "
                     "acknowledged were lost with it: a node its worker completed there is RUNNING "
@@ -170,14 +228,15 @@ async def run_through_failover(tmp_path: Path, prefix: str, how: str) -> dict[st
                     "its active list hands it back. Nodes left behind: "
                     f"{json.dumps(left, indent=1)}"
                 )
+            finally:
+                closers.append(primary)
             took_s = time.monotonic() - t0
             assert status == "SUCCEEDED"
-            # the run really finished on the promoted replica
-            direct = cluster.client(new)
-            assert direct.info("replication")["role"] == "master"
-            assert direct.hget(run_key, "status") == "SUCCEEDED"
+            assert (await primary.info("replication"))["role"] == "master"
             assert done_before < NODES, "the failover happened after the run"
-            figures = await check_invariants(broker, s.run_id, ledger)
+            # Not chaoskit.check_invariants: a failover may lose acknowledged writes (the
+            # demotion window always does; a SIGKILL only the last unreplicated ones).
+            figures = await check_converged(direct, s.run_id, ledger)
             logs = "".join(p.read_text() for p in tmp_path.glob("*.log"))
             assert all(w.poll() is None for w in workers), "a worker died during the failover"
             assert serve.poll() is None, "serve died during the failover"
@@ -185,13 +244,14 @@ async def run_through_failover(tmp_path: Path, prefix: str, how: str) -> dict[st
                 **figures,
                 "nodes_done_at_failover": done_before,
                 "promoted_after_s": round(promoted_s, 2),
-                "old_primary_demoted_after_s": converted_s and round(converted_s, 2),
                 "run_done_after_s": round(took_s, 2),
                 "workers_saw_errors": logs.count("redis.write_retrying") + logs.count("redis_unavailable"),
+                "refused_writes_logged": logs.count("NOREPLICAS"),
             }
         finally:
             stop(serve, *workers)
-            await r.aclose()
+            for c in closers:
+                await c.aclose()
 
 
 async def test_primary_sigkill_mid_run(tmp_path: Path, prefix: str) -> None:
@@ -202,11 +262,22 @@ async def test_primary_sigkill_mid_run(tmp_path: Path, prefix: str) -> None:
 
 
 async def test_primary_demoted_mid_run(tmp_path: Path, prefix: str) -> None:
-    """``SENTINEL FAILOVER`` mid-run: the old primary stays up as a replica, so
-    connections to it see READONLY (or are killed by Sentinel) and must move to the
-    new primary; the run completes SUCCEEDED."""
+    """``SENTINEL FAILOVER`` mid-run: the old primary stays up and accepts writes until
+    Sentinel demotes it, so the writes of that window (completions among them) are lost;
+    workers move to the new primary, reconcile their active lists, and the run
+    completes SUCCEEDED."""
     figures = await run_through_failover(tmp_path, prefix, "demote")
     print("sentinel demote figures:", json.dumps(figures))
+
+
+async def test_primary_demoted_mid_run_with_min_replicas_to_write(tmp_path: Path, prefix: str) -> None:
+    """``min-replicas-to-write 1`` with one replica: the old primary refuses writes
+    (``NOREPLICAS``) as soon as the promoted replica leaves it, and so does the new one
+    until the old primary rejoins as its replica. Writes wait instead of being lost; the
+    run completes SUCCEEDED once Sentinel has reconfigured the old primary."""
+    figures = await run_through_failover(tmp_path, prefix, "demote", min_replicas_to_write=1)
+    print("sentinel demote (min-replicas-to-write 1) figures:", json.dumps(figures))
+    assert figures["refused_writes_logged"] > 0, "no process saw a NOREPLICAS refusal"
 
 
 async def test_pool_leaves_a_demoted_primary_that_is_still_up(tmp_path: Path) -> None:
