@@ -11,3 +11,18 @@ async def wait_once(ctx: Any) -> str:
     the node spends ~1 s waiting, like an agent waiting on a model API."""
     reply = await ctx.llm("Say ok.")
     return str(reply.content)
+
+
+async def three_steps(ctx: Any) -> str:
+    """Three recorded steps: a model call, a tool call (``echo``, so a begin-step marker
+    and a record), another model call. With a scripted model of no delay the node's
+    cost is the runtime's own: what ``bench/capacity.py`` measures per step."""
+    first = await ctx.llm("Plan.")
+    echoed = await ctx.tool("echo", text=str(first.content))
+    final = await ctx.llm(f"Finish {echoed}.")
+    return str(final.content)
+
+
+def echo(text: str) -> str:
+    """A tool that returns its argument (no side effect)."""
+    return text

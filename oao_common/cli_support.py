@@ -16,6 +16,7 @@ from redis import exceptions as redis_exc
 from .connection import ENV_PREFIX, ENV_URL, redact
 from .errors import LoopDied, RedisUnavailable, SpecError, WaitTimeout
 from .retry import describe
+from .sentinel import ENV_MASTER, ENV_SENTINELS, is_sentinel_url, parse_sentinel_url, resolve_url
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # the run failed or was cancelled
@@ -26,12 +27,28 @@ EXIT_INTERNAL = 5  # a long-lived loop of the process died; a supervisor should 
 
 T = TypeVar("T")
 
+
+def _sentinel_url(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--redis-url`` callback: apply ``OAO_REDIS_SENTINELS`` / ``OAO_SENTINEL_MASTER``
+    (the URL, if any, keeps providing db and credentials) and check a sentinel URL."""
+    try:
+        url = resolve_url(value)
+        if is_sentinel_url(url):
+            parse_sentinel_url(str(url))
+    except ValueError as e:
+        raise click.BadParameter(str(e), ctx=ctx, param=param) from None
+    return url
+
+
 redis_url_option = click.option(
     "--redis-url",
     envvar=ENV_URL,
     default=None,
     metavar="URL",
-    help=f"Redis / Valkey URL, e.g. redis://127.0.0.1:6379/0 (env {ENV_URL}).",
+    callback=_sentinel_url,
+    help=f"Redis / Valkey URL, e.g. redis://127.0.0.1:6379/0 (env {ENV_URL}), or "
+    "redis+sentinel://host1:26379,host2:26379/<master-name>/<db> to find the primary "
+    f"through Sentinel (or env {ENV_SENTINELS} + {ENV_MASTER}).",
 )
 prefix_option = click.option(
     "--prefix",

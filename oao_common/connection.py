@@ -18,6 +18,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import EqualJitterBackoff
 
 from .errors import RedisUnavailable
+from .sentinel import is_sentinel_url, sentinel_client
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 ENV_URL = "OAO_REDIS_URL"
@@ -33,8 +34,8 @@ _SECRET_PARAM = re.compile(r"(?i)([?&](?:password|sentinel_password)=)[^&#]*")
 
 
 def redact(url: str) -> str:
-    """``redis://user:secret@host/0?password=x`` → ``redis://user:***@host/0?password=***``:
-    secrets are never printed or logged."""
+    """``redis://user:secret@host/0?password=x`` → ``redis://user:***@host/0?password=***``
+    (also for ``redis+sentinel://`` URLs): secrets are never printed or logged."""
     url = _SECRET_PARAM.sub(r"\1***", url)
     if "@" not in url or "://" not in url:
         return url
@@ -78,8 +79,11 @@ def connect(url: str, max_connections: int = DEFAULT_MAX_CONNECTIONS, **kwargs: 
         "retry_on_error": [redis_exc.ConnectionError, redis_exc.TimeoutError],
     }
     opts.update(kwargs)
-    pool = BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=None, **opts)
-    client = Redis(connection_pool=pool)
+    if is_sentinel_url(url):  # the same options, primary found via Sentinel
+        client = sentinel_client(url, max_connections, **opts)
+    else:
+        pool = BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=None, **opts)
+        client = Redis(connection_pool=pool)
     _made[client] = (url, max_connections, kwargs)
     return client
 
