@@ -58,7 +58,7 @@ from oao_common.events import EventType, pending_event
 from oao_common.log import get_logger
 from oao_common.policy import DEFAULT_RETRY, backoff_delay_s
 from oao_common.ratelimit import RateLimiter
-from oao_common.retry import LOOP_ERRORS, Backoff, describe
+from oao_common.retry import LOOP_ERRORS, Backoff, describe, retry_transient
 from oao_common.templating import render_off_loop
 from oao_common.trust import DEFAULT_TRUST, TrustPolicy
 
@@ -473,7 +473,14 @@ class Worker:
         metrics.ACTIVE_AGENTS.inc()
         try:
             log.debug("node.started")
-            rt = await self.runtimes.get(job.run_id)
+            # A read, but idempotent: ride out a Redis blip like a fenced write would,
+            # instead of spending one of the node's retries before its agent ran.
+            rt = await retry_transient(
+                lambda: self.runtimes.get(job.run_id),
+                log=log,
+                what="load_run",
+                for_s=self.broker.write_retry_s,
+            )
             node = rt.spec.node(job.node_id)
             agent_spec = rt.spec.agents[node.agent]
             agent_type = agent_spec.kind

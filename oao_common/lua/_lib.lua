@@ -144,12 +144,20 @@ local function fence_or_reject(active, job, wid, token, what)
   return rid, nid, nk, s[4]
 end
 
--- A retried complete / fail (what: 'complete' or 'fail') of an attempt that already
--- closed that way gets the first answer. closed_by is "<worker>#<fence>#<what>".
-local function closed_result(job, wid, token, what)
+-- A re-sent complete / fail (what: 'complete' or 'fail') of an attempt that already
+-- closed that way gets the first answer, even after later attempts closed too: the
+-- node hash keeps one field per closed attempt, 'closed:<fence>' = '<what> <answer>'
+-- (fencing tokens are never reused, so the field names the call).
+local function close_attempt(nk, token, what, result)
+  redis.call('HSET', nk, 'closed:' .. token, what .. ' ' .. result)
+end
+
+local function closed_result(job, token, what)
   local rid, nid = split_job(job)
-  local c = redis.call('HMGET', node_key(rid, nid), 'closed_by', 'closed_result')
-  if c[1] == wid .. '#' .. token .. '#' .. what then return tonumber(c[2]) end
+  local c = redis.call('HGET', node_key(rid, nid), 'closed:' .. token)
+  if not c then return nil end
+  local w, r = string.match(c, '^(%S+) (%S+)$')
+  if w == what then return tonumber(r) end
   return nil
 end
 

@@ -7,13 +7,13 @@
 -- STALE_ATTEMPT_REJECTED event). Idempotent: a retried call of the same attempt (after
 -- a lost reply) gets the first call's answer and writes nothing.
 local wid, job, token = ARGV[2], ARGV[3], ARGV[4]
-local closed = closed_result(job, wid, token, 'complete')
+local closed = closed_result(job, token, 'complete')
 if closed then return closed end
 local rid, nid, nk, attempt = fence_or_reject(KEYS[1], job, wid, token, 'complete')
 if not rid then return 0 end
 flush(rid, nid, attempt, ARGV[7])
-hset_fields(nk, cjson.decode(ARGV[6]), 'status', 'SUCCEEDED', 'output', ARGV[5],
-  'finished_at', NOW, 'closed_by', wid .. '#' .. token .. '#complete', 'closed_result', 1)
+hset_fields(nk, cjson.decode(ARGV[6]), 'status', 'SUCCEEDED', 'output', ARGV[5], 'finished_at', NOW)
+close_attempt(nk, token, 'complete', 1)
 redis.call('HDEL', nk, 'lease', 'fence', 'error', 'retry_at')
 emit(rid, 'NODE_SUCCEEDED', nid, attempt, '{}')
 redis.call('LREM', KEYS[1], 1, job)

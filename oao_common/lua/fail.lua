@@ -9,7 +9,7 @@
 -- 0 when stale.
 -- Idempotent: a retried call of the same attempt gets the first call's answer.
 local wid, job, token = ARGV[2], ARGV[3], ARGV[4]
-local closed = closed_result(job, wid, token, 'fail')
+local closed = closed_result(job, token, 'fail')
 if closed then return closed end
 local rid, nid, nk, attempt = fence_or_reject(KEYS[1], job, wid, token, 'fail')
 if not rid then return 0 end
@@ -18,9 +18,8 @@ hset_fields(nk, cjson.decode(ARGV[7]))
 redis.call('LREM', KEYS[1], 1, job)
 leave_running(rid)
 local delay = tonumber(ARGV[6])
-local closed_by = wid .. '#' .. token .. '#fail'
 if delay >= 0 then
-  redis.call('HSET', nk, 'closed_by', closed_by, 'closed_result', 2)
+  close_attempt(nk, token, 'fail', 2)
   local due = NOW + delay
   local n = redis.call('HINCRBY', nk, 'retries', 1)
   redis.call('HSET', nk, 'status', 'PENDING', 'retry_at', due, 'error', ARGV[5])
@@ -31,5 +30,5 @@ if delay >= 0 then
   return 2
 end
 local result = fail_node(rid, nid, attempt, ARGV[5]) and 3 or 1
-redis.call('HSET', nk, 'closed_by', closed_by, 'closed_result', result)
+close_attempt(nk, token, 'fail', result)
 return result
