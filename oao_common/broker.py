@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from .events import Event
 from .keys import Keys, job_id, parse_job
 from .log import get_logger
-from .retry import MAX_DELAY_S, retry_transient
+from .retry import LOOP_ERRORS, MAX_DELAY_S, Backoff, retry_transient
 from .scripts import Scripts
 from .states import NodeState, RunState
 from .stored_spec import SPEC_TEXTS, join_spec
@@ -501,11 +501,19 @@ class Broker:
     async def follow_events(
         self, run_id: str, after: str = "0-0", block_ms: int = 1000
     ) -> AsyncIterator[Event]:
-        """Yield events as they are appended (``XREAD BLOCK``); runs until cancelled."""
+        """Yield events as they are appended (``XREAD BLOCK``); runs until cancelled.
+        Redis errors (a dropped connection, ``UNBLOCKED`` from a demoted primary) are
+        logged and waited out with backoff; the stream resumes after the last event."""
         last = after
         key = self.keys.events(run_id)
+        backoff = Backoff(get_logger(component="events", run_id=run_id), "follow_events")
         while True:
-            res = await self.redis.xread({key: last}, block=block_ms, count=500)
+            try:
+                res = await self.redis.xread({key: last}, block=block_ms, count=500)
+                backoff.ok()
+            except LOOP_ERRORS as e:
+                await backoff.sleep_after(e)
+                continue
             for _key, entries in res or []:
                 for eid, f in entries:
                     last = eid
