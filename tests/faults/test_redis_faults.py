@@ -74,6 +74,19 @@ def sleepers(n: int, seconds: float, agent: str = "sleeper") -> list[dict[str, A
     return [{"id": f"n{i}", "agent": agent, "task": str(seconds)} for i in range(n)]
 
 
+async def wait_port_closed(port: int, timeout_s: float) -> None:
+    """Wait until nothing accepts connections on 127.0.0.1:``port`` (the server is gone)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            _, w = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            return
+        w.close()
+        assert time.monotonic() < deadline, f"the server on port {port} did not stop"
+        await asyncio.sleep(0.05)
+
+
 @contextlib.asynccontextmanager
 async def client(url: str, prefix: str) -> AsyncIterator[Broker]:
     r = connect(url)
@@ -405,12 +418,15 @@ async def test_redis_rewind_to_an_older_snapshot(tmp_path: Path, prefix: str) ->
                 lambda: nodes_done(broker, rid), lambda n: n >= done_at_save + 3, 30, "3 more nodes done"
             )
             done_at_crash = await nodes_done(broker, rid)
+            old_server_id = (await r.info("server"))["run_id"]
             with contextlib.suppress(redis_exc.ConnectionError):
                 await r.shutdown(nosave=True)  # a crash: nothing after the snapshot survives
+        await wait_port_closed(port, 10)
         t_restart = time.time()
         server = EmbeddedServer(data_dir=str(data), port=port).start()
         assert server.url == url
         async with client(url, prefix) as broker:
+            assert (await broker.redis.info("server"))["run_id"] != old_server_id, "not restarted"
             assert await nodes_done(broker, rid) == done_at_save  # the rewind happened
             assert await wait_run_end(broker, rid, 60, logs) == "SUCCEEDED"
             await check_run_succeeded(broker, rid)
