@@ -24,7 +24,7 @@ from oao_common.trust import DEFAULT_TRUST, TrustPolicy
 from .agents import Agent, build_agent
 from .guards import Guard
 from .providers import Provider, make_provider
-from .tools import RunSync, Tool, load_entrypoint, load_tools
+from .tools import RunSync, Tool, load_entrypoint, load_tools, runs_no_code
 
 
 @dataclass(slots=True)
@@ -44,7 +44,11 @@ class RunRuntime:
         entrypoint); raises :class:`PermanentError` if that fails."""
         a = self.agents.get(name)
         if a is None:
-            a = await run_sync(build_agent, name, self.spec.agents[name], self.trust)
+            spec = self.spec.agents[name]
+            if spec.kind == "llm" or runs_no_code(spec.entrypoint):  # nothing to import or run
+                a = build_agent(name, spec, self.trust)
+            else:
+                a = await run_sync(build_agent, name, spec, self.trust)
             a = self.agents.setdefault(name, a)
         return a
 
@@ -152,7 +156,10 @@ class RuntimeCache:
             spec = Spec.from_stored_json(spec_json)
         except ValueError as e:
             raise PermanentError(f"run {run_id}: stored spec no longer validates: {e}") from None
-        tools = await self.run_sync(load_tools, spec.tools, self.trust)
+        if all(runs_no_code(t.entrypoint) for t in spec.tools.values()):
+            tools = load_tools(spec.tools, self.trust)  # imported already: no code runs
+        else:
+            tools = await self.run_sync(load_tools, spec.tools, self.trust)
         return RunRuntime(
             spec=spec,
             inputs=json.loads(inputs_json or "{}"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import inspect
+import sys
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -72,6 +73,21 @@ def load_entrypoint(entrypoint: str, trust: TrustPolicy = DEFAULT_TRUST) -> Any:
             raise PermanentError(f"{entrypoint!r}: {module_name} has no attribute {attr_path!r}") from None
     trust.check_target(entrypoint, obj)
     return obj
+
+
+def runs_no_code(entrypoint: str) -> bool:
+    """True if resolving ``entrypoint`` runs none of its code: its module is imported
+    already and the target is not a class (whose constructor a worker would call).
+    Such entrypoints are loaded on the event loop; the others through the executor."""
+    module_name, _, attr_path = entrypoint.partition(":")
+    obj: Any = sys.modules.get(module_name)
+    if obj is None:
+        return False
+    for part in attr_path.split("."):
+        obj = inspect.getattr_static(obj, part, None)
+        if obj is None:
+            return False
+    return not inspect.isclass(obj)
 
 
 @dataclass(slots=True)
