@@ -384,19 +384,26 @@ class Broker:
             await p.execute()
 
     async def handback(
-        self, worker_id: str, keep: list[str] | None = None, recover: bool = False, max_requeues: int = -1
+        self,
+        worker_id: str,
+        keep: list[str] | None = None,
+        recover: bool = False,
+        max_requeues: int = -1,
+        only: list[str] | None = None,
     ) -> int:
-        """Return the jobs of the worker's active list, except ``keep``, to the front of
-        their ready lists (``handback.lua``); returns how many were requeued.
+        """Return the jobs of the worker's active list, except ``keep`` (or, with
+        ``only``, just those), to the front of their ready lists (``handback.lua``);
+        a job whose node ended (cancelled) just leaves the list. Returns how many were
+        requeued.
 
         ``recover=True`` is for a worker starting under an id that ran before: the jobs
         died with the previous process, so they count toward ``max_requeues`` like a
         reaped worker's (poisoned ones are dead-lettered).
         """
+        mode = "release" if only is not None else "recover" if recover else "handback"
+        listed = only if only is not None else keep or []
         n, _poisoned, ended = await self.scripts.call(
-            "handback",
-            [self.keys.active(worker_id)],
-            [worker_id, _json(keep or []), "recover" if recover else "handback", max_requeues],
+            "handback", [self.keys.active(worker_id)], [worker_id, _json(listed), mode, max_requeues]
         )
         if ended:
             await self.notify_cancelled([str(x) for x in ended])

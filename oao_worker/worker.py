@@ -387,7 +387,7 @@ class Worker:
 
     async def _cancel_run(self, run_id: str) -> None:
         """Stop this worker's in-flight nodes of a cancelled (or failed) run at once."""
-        victims = [t for t, j in self._inflight.items() if j.run_id == run_id]
+        victims = {t: j for t, j in self._inflight.items() if j.run_id == run_id}
         if not victims:
             return
         self._cancelled.update(victims)
@@ -395,7 +395,10 @@ class Worker:
             t.cancel()
         await asyncio.gather(*victims, return_exceptions=True)
         self.log.info("run.cancelled_nodes_stopped", run_id=run_id, nodes=len(victims))
-        self._reconcile_needed = True  # their jobs leave the active list
+        try:  # their jobs leave the active list now (only theirs: a claim may be in flight)
+            await self.broker.handback(self.id, only=[j.job for j in victims.values()])
+        except LOOP_ERRORS:
+            self._reconcile_needed = True
 
     # ------------------------------------------------------------------ claiming
 
