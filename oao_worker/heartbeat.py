@@ -9,8 +9,9 @@ a daemon thread with its own event loop and its own Redis connection.
 The same thread watches the worker's loop: every ``check_s`` it posts a callback to the
 loop and measures how long ago the previous one ran (the lag). A lag over
 ``block_warn_s`` is a *blocked loop*: it is logged at once, naming the task that holds
-the loop (a node's task is named ``<run>/<node>#<attempt>``), and when the loop runs
-again the episode is logged with its length and written to the node's event log
+the loop (a node's task is named ``<run>/<node>#<fence>``, the fence starting with the
+attempt number), and when the loop runs again the episode is logged with its length
+and written to the node's event log
 (``LOOP_BLOCKED``). A node whose blocking outlasts its time limit by a heartbeat TTL is
 failed from this thread (``PolicyViolation`` ``timeout_s``, never retried), and a loop
 still blocked a TTL after that ends the process (exit status 5) so a supervisor

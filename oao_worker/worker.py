@@ -422,7 +422,7 @@ class Worker:
                     next_reconcile = time.monotonic() + self.reconcile_every_s
                 claimed = await self.broker.claim(self.id, self.queues, taken)
                 for cj in claimed:
-                    t = asyncio.create_task(self._execute(cj), name=f"{cj.job}#{cj.attempt}")
+                    t = asyncio.create_task(self._execute(cj), name=f"{cj.job}#{cj.fence}")
                     self._inflight[t] = cj
                     t.add_done_callback(self._inflight.pop)
                 taken -= len(claimed)
