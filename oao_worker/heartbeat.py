@@ -21,6 +21,7 @@ replaces it; the reaper then requeues its other nodes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 import time
@@ -125,11 +126,26 @@ class HeartbeatThread:
         finally:
             self._first_beat.set()
 
+    async def _beat(self, broker: Broker, backoff: Backoff) -> float:
+        """One heartbeat; returns when the next is due (monotonic seconds)."""
+        try:
+            alive = await broker.heartbeat(self.worker_id, self.ttl_s)
+        except LOOP_ERRORS as e:
+            return time.monotonic() + backoff.failed(e)
+        finally:
+            self._first_beat.set()
+        backoff.ok()
+        self.beats += 1
+        if not alive:
+            self._call_loop(self.on_lapse)
+        return time.monotonic() + self.ttl_s / 3
+
     async def _run(self) -> None:
         broker = self.make_broker()
         backoff = Backoff(self.log, "worker.heartbeat", base_s=0.1, cap_s=self.ttl_s / 3)
-        interval = self.ttl_s / 3
+        beat: asyncio.Task[float] | None = None
         next_beat = 0.0
+        ping_sent: float | None = None  # when the unanswered ping was posted to the loop
         blocked_since: float | None = None
         culprit = ""
         record: Running | None = None
@@ -137,22 +153,18 @@ class HeartbeatThread:
         try:
             while not self._stop.is_set():
                 now = time.monotonic()
-                if now >= next_beat:
-                    try:
-                        alive = await broker.heartbeat(self.worker_id, self.ttl_s)
-                        backoff.ok()
-                        self.beats += 1
-                        next_beat = now + interval
-                        if not alive:
-                            self._call_loop(self.on_lapse)
-                    except LOOP_ERRORS as e:
-                        next_beat = now + backoff.failed(e)
-                    self._first_beat.set()
-                # --- watchdog
-                lag = now - self._last_pong
+                # heartbeats run beside the watchdog: a slow Redis call never delays a ping
+                if beat is not None and beat.done():
+                    next_beat, beat = beat.result(), None
+                if beat is None and now >= next_beat:
+                    beat = asyncio.create_task(self._beat(broker, backoff))
+                # --- watchdog: how long has the posted ping waited for the loop?
+                if ping_sent is not None and self._last_pong >= ping_sent:
+                    ping_sent = None
+                lag = now - ping_sent if ping_sent is not None else 0.0
                 if lag > self.block_warn_s:
                     if blocked_since is None:
-                        blocked_since = self._last_pong
+                        blocked_since = ping_sent
                         culprit = self._current_task_name()
                         record = self.running.get(culprit)
                         self.log.warning("worker.loop_blocked", task=culprit, blocked_s=round(lag, 3))
@@ -167,13 +179,19 @@ class HeartbeatThread:
                             note="exiting so that a supervisor replaces this worker",
                         )
                         os._exit(EXIT_LOOP_WEDGED)
-                elif blocked_since is not None:
+                elif blocked_since is not None and ping_sent is None:
                     total = self._last_pong - blocked_since
                     await self._report_blocked(broker, culprit, record, total)
                     blocked_since, culprit, record, failed_culprit = None, "", None, False
-                self._call_loop(self._pong)
+                if ping_sent is None:
+                    ping_sent = time.monotonic()
+                    self._call_loop(self._pong)
                 await asyncio.sleep(self.check_s)
         finally:
+            if beat is not None:
+                beat.cancel()
+                with contextlib.suppress(BaseException):
+                    await beat
             await broker.redis.aclose()
 
     def _call_loop(self, fn: Callable[..., Any], *args: Any) -> None:
