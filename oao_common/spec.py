@@ -261,6 +261,24 @@ class Spec(_Strict):
         the cross-reference pass (and its template parsing) is not repeated."""
         return cls.model_validate_json(text, context={"trusted": True})
 
+    @classmethod
+    def from_graph(
+        cls,
+        graph: Any,
+        name: str = "graph",
+        inputs: dict[str, Any] | None = None,
+        defaults_policy: dict[str, Any] | None = None,
+        entrypoint_of: Any = None,
+    ) -> Spec:
+        """The spec of a Python-built graph (``oao.runtime.dag.TaskGraph`` or any object of
+        the shape :mod:`oao_common.graph_spec` describes): the same object a YAML spec loads
+        to. ``entrypoint_of(agent) -> "module:attr"`` names agent objects (default: they
+        must be importable). Raises :class:`SpecError` (unimportable agent, bad graph)."""
+        from .graph_spec import graph_doc
+
+        doc = graph_doc(graph, name, inputs, defaults_policy, entrypoint_of)
+        return parse_spec(yaml.safe_dump(doc, sort_keys=False), f"graph {name!r}")
+
     def node(self, nid: str) -> NodeSpec:
         """The node ``nid`` (O(1) after the first call); raises ``KeyError``."""
         if self._node_index is None:

@@ -21,6 +21,7 @@ naming the place: a template does not get better by retrying.
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
 import time
@@ -76,7 +77,17 @@ class _BoundedSandbox(SandboxedEnvironment):
         return super().call_binop(context, operator, left, right)
 
 
-_env = _BoundedSandbox(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
+def _finalize(value: Any) -> Any:
+    """A dict or list printed by ``{{ ... }}`` renders as compact JSON, never as a Python
+    repr (so an agent's structured output reads the same in every language)."""
+    if isinstance(value, dict | list):
+        return json.dumps(value, ensure_ascii=False, default=str)
+    return value
+
+
+_env = _BoundedSandbox(
+    undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True, finalize=_finalize
+)
 
 
 @lru_cache(maxsize=512)

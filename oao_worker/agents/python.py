@@ -8,7 +8,8 @@ The entrypoint (``module:attr``) may be:
 * an object with ``invoke(task)``, a class of such objects (instantiated with the
   agent's ``config`` as keyword arguments), or a plain callable ``f(task)``, sync or
   async: the call is one recorded step (kind ``invoke``), so a resumed node does not
-  run it again once it has finished.
+  run it again once it has finished. A returned ``{"output": X, ...}`` makes X the
+  node's output (:func:`node_output`).
 
 Sync code runs in the worker's bounded executor (``ctx.run_sync``), so it cannot stall
 the worker's event loop, and its time limit counts from when its thread starts.
@@ -76,4 +77,18 @@ class PythonAgent:
         result = await ctx.invoke(self.name, invoke)
         lc.enter(AgentState.REVIEW)
         lc.terminate()
-        return result
+        return node_output(result)
+
+
+def node_output(result: Any) -> Any:
+    """The node output of an ``invoke(task)`` / callable agent's return value.
+
+    The rule (the seeds' and LangChain executors' contract): a ``dict`` that has an
+    ``"output"`` key is unwrapped, the node's output being ``result["output"]`` (its other
+    keys, e.g. LangChain's ``"input"``, are dropped); anything else is the output as is.
+    The step ledger keeps the whole return value, so a replay unwraps the same way.
+    ``async def run(ctx)`` agents are not unwrapped: what they return is the output.
+    """
+    if isinstance(result, dict) and "output" in result:
+        return result["output"]
+    return result
