@@ -18,6 +18,7 @@ from oao_common.broker import Broker
 from oao_common.events import Event, EventType
 from oao_common.log import get_logger
 from oao_common.retry import LOOP_ERRORS, Backoff
+from oao_common.states import RunState
 
 END_TYPES = frozenset(
     {EventType.RUN_SUCCEEDED, EventType.RUN_FAILED, EventType.RUN_CANCELLED, EventType.RUN_PARTIAL}
@@ -34,53 +35,38 @@ def format_event(ev: Event) -> str:
 
 async def event_stream(broker: Broker, run_id: str, after: str, block_ms: int = 1000) -> AsyncIterator[str]:
     """SSE text of ``run_id``'s events after stream id ``after`` (``"0-0"``: from the
-    start) until its end event. Redis errors while following are waited out by
-    :meth:`Broker.follow_events`; the caller checked the run exists."""
-    last = after
-    for _ in range(2):
-        # catch up page by page; if the run has ended by then (the end event and the end
-        # status are written together), catch up once more and stop: a resume after the
-        # end event would otherwise wait for an event that never comes
-        while True:
-            page = await broker.events(run_id, after=last, count=PAGE)
-            for ev in page:
-                yield format_event(ev)
-                last = ev.id
-                if ev.type in END_TYPES:
-                    return
-            if len(page) < PAGE:
-                break
-        if not await broker.run_is_terminal(run_id):
-            break
-    else:
-        return
-    async for got in _follow(broker, run_id, last, block_ms):
-        if got is None:
-            yield ": keep-alive\n\n"
-            continue
-        yield format_event(got)
-        if got.type in END_TYPES:
-            return
-
-
-async def _follow(broker: Broker, run_id: str, after: str, block_ms: int) -> AsyncIterator[Event | None]:
-    """Events after ``after``; ``None`` after each ``block_ms`` without any (and after
-    each Redis error, waited out with backoff: the stream resumes after the last event)."""
+    start) until its end event (or until the run is deleted). Redis errors are waited
+    out with backoff (a comment line is sent meanwhile); the stream then resumes after
+    the last event sent. The caller checked that the run exists."""
     last = after
     backoff = Backoff(get_logger(component="api", run_id=run_id), "sse")
     while True:
         try:
-            res = await broker.redis.xread({broker.keys.events(run_id): last}, block=block_ms, count=PAGE)
+            # the end status and the end event are written together (one script), so a
+            # run seen ended here has its end event in the page read next
+            status = await broker.redis.hget(broker.keys.run(run_id), "status")
+            page = await broker.events(run_id, after=last, count=PAGE)
             backoff.ok()
         except LOOP_ERRORS as e:
+            yield ": redis unavailable, retrying\n\n"
             await backoff.sleep_after(e)
-            yield None
             continue
-        got = False
-        for _key, entries in res or []:
-            for eid, fields in entries:
-                got = True
-                last = eid
-                yield Event.from_stream(eid, fields)
-        if not got:
-            yield None
+        for ev in page:
+            yield format_event(ev)
+            last = ev.id
+            if ev.type in END_TYPES:
+                return
+        if len(page) == PAGE:
+            continue
+        if status is None or (status in RunState.__members__ and RunState(status).terminal):
+            return  # deleted, or a resume after the end event: nothing more comes
+        try:
+            res = await broker.redis.xread({broker.keys.events(run_id): last}, block=block_ms, count=1)
+            backoff.ok()
+        except LOOP_ERRORS as e:
+            yield ": redis unavailable, retrying\n\n"
+            await backoff.sleep_after(e)
+            continue
+        if not res:
+            yield ": keep-alive\n\n"
+        # new events (res) are read by the XRANGE above, with the status first

@@ -113,11 +113,16 @@ async def status_of(c: httpx.AsyncClient, run_id: str) -> str:
 
 
 async def read_sse(
-    c: httpx.AsyncClient, run_id: str, last_event_id: str | None = None, timeout_s: float = 20
+    c: httpx.AsyncClient,
+    run_id: str,
+    last_event_id: str | None = None,
+    timeout_s: float = 20,
+    out: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Every SSE message of the run's event stream until the server closes it."""
+    """Every SSE message of the run's event stream until the server closes it (also
+    appended to ``out`` as they come)."""
     headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
-    out: list[dict[str, Any]] = []
+    out = [] if out is None else out
 
     async def consume() -> None:
         async with c.stream("GET", f"/runs/{run_id}/events", headers=headers) as r:
@@ -414,3 +419,31 @@ def test_schemathesis_finds_no_server_errors(redis_url: str, prefix: str, broker
             fuzz()
         assert calls >= 50
         assert failures == []
+
+
+async def test_sse_rides_out_a_redis_restart(prefix: str, tmp_path: Path) -> None:
+    server = EmbeddedServer(data_dir=str(tmp_path / "valkey"), appendonly=True, port=free_port()).start()
+    redis = connect(server.url)
+    broker = Broker(redis, prefix)
+    try:
+        with LiveAPI(server.url, prefix) as a:
+            async with client(a) as c:
+                rid = (await c.post("/runs", json={"spec": JSON_SPEC})).json()["run_id"]
+                seen: list[dict[str, Any]] = []
+                reader = asyncio.create_task(read_sse(c, rid, timeout_s=60, out=seen))
+                n0 = len(await broker.events(rid))
+                await wait_until(lambda: len(seen), n0, 10, "the events so far")
+                server.stop()
+                await wait_until(
+                    lambda: c.get("/healthz"), lambda r: r.status_code == 503, 10, "Redis to be gone"
+                )
+                server.start()
+                await wait_until(lambda: c.get("/healthz"), lambda r: r.status_code == 200, 20, "Redis back")
+                assert not reader.done()
+                assert await broker.cancel(rid) >= 0
+                got = await asyncio.wait_for(reader, 30)
+        assert got[-1]["event"] == "RUN_CANCELLED"
+        assert [m["id"] for m in got] == [e.id for e in await broker.events(rid)]  # none lost or repeated
+    finally:
+        await redis.aclose()
+        server.stop()
