@@ -91,7 +91,12 @@ def install_handlers(app: FastAPI) -> None:
         log.warning("redis_unavailable", error=f"{type(e).__name__}: {e}")
         return error_response(503, "redis_unavailable", f"Redis is unavailable: {type(e).__name__}")
 
+    async def internal(_: Request, e: Exception) -> JSONResponse:
+        log.error("api_internal_error", error=f"{type(e).__name__}: {e}")
+        return error_response(500, "internal", "internal error (logged by the API server)")
+
     app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(Exception, internal)
     app.add_exception_handler(RequestValidationError, invalid)
     app.add_exception_handler(StarletteHTTPException, http_error)
     for exc in REDIS_ERRORS:
