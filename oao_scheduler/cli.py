@@ -646,5 +646,53 @@ async def prune(
     return EXIT_OK
 
 
+@main.command("api")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port.")
+@click.option(
+    "--tokens-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="File of bearer tokens, one a line (with env OAO_API_TOKENS, comma-separated). "
+    "Required unless --host is loopback.",
+)
+@redis_url_option
+@prefix_option
+@trust_options(submit_time=True)
+def api(
+    host: str, port: int, tokens_file: str | None, redis_url: str | None, prefix: str, trust: TrustPolicy
+) -> None:
+    """Serve the HTTP API (FastAPI on uvicorn; OpenAPI docs at /docs).
+
+    \b
+    Clients send "Authorization: Bearer <token>"; without tokens the API may only be
+    bound to loopback (127.0.0.1, ::1, localhost). Tokens are never logged.
+    """
+    from .api import is_loopback, load_tokens
+    from .api.serve import serve_api
+
+    try:
+        tokens = load_tokens(tokens_file=tokens_file)
+    except (OSError, UnicodeDecodeError) as e:
+        click.echo(f"error: cannot read --tokens-file: {getattr(e, 'strerror', None) or e}", err=True)
+        sys.exit(EXIT_USAGE)
+    if not tokens and not is_loopback(host):
+        click.echo(
+            f"error: binding {host} needs bearer tokens (OAO_API_TOKENS or --tokens-file); "
+            "without tokens bind 127.0.0.1",
+            err=True,
+        )
+        sys.exit(EXIT_USAGE)
+    serve_api(
+        host,
+        port,
+        redis_url,
+        prefix,
+        tokens,
+        trust,
+        log_level="warning" if not _log_level_given() else "info",
+    )
+
+
 if __name__ == "__main__":
     main()
