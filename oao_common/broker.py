@@ -499,6 +499,15 @@ class Broker:
         raw = await self.redis.hgetall(self.keys.steps(run_id))
         return {k: json.loads(v) for k, v in raw.items()}
 
+    async def get_node_steps(self, run_id: str, node_id: str, upto: int) -> list[dict[str, Any]]:
+        """The ledger records of ``node_id``, steps 1..``upto`` in order (missing ones
+        skipped); each record has ``seq`` added. ``upto`` is the node's ``steps_recorded``."""
+        if upto <= 0:
+            return []
+        fields = [f"{node_id}:{seq}" for seq in range(1, upto + 1)]
+        raw = await self.redis.hmget(self.keys.steps(run_id), fields)
+        return [{"seq": seq, **json.loads(v)} for seq, v in enumerate(raw, start=1) if v is not None]
+
     async def events(self, run_id: str, after: str = "-", count: int | None = None) -> list[Event]:
         """Events of a run after stream id ``after`` (exclusive unless ``-``)."""
         start = after if after == "-" else f"({after}"
@@ -533,12 +542,14 @@ class Broker:
             "name",
             "status",
             "created_at",
+            "started_at",
             "finished_at",
             "nodes_total",
             "nodes_done",
             "nodes_failed",
             "tokens_in",
             "tokens_out",
+            "cost_usd",
             "exec_hash",
         ]
         async with self.redis.pipeline(transaction=False) as p:

@@ -61,6 +61,33 @@ def _decode(v: str | None) -> Any:
         return v
 
 
+def node_report(n: dict[str, str], history: list[dict[str, Any]]) -> dict[str, Any]:
+    """One node of the report from its Redis hash ``n`` (with ``id``) and its state
+    history (``[{"state", "t_ms", "attempt"}]``, from the event log)."""
+    return {
+        "id": n["id"],
+        "agent": n.get("agent", ""),
+        "queue": n.get("queue", ""),
+        "status": n.get("status", "?"),
+        "attempt": _int(n.get("attempt")),
+        "retries": _int(n.get("retries")),
+        "requeues": _int(n.get("requeues")),
+        "worker": n.get("lease", ""),
+        "steps": _int(n.get("steps")),
+        "replayed_steps": _int(n.get("replayed_steps")),
+        "tokens_in": _int(n.get("tokens_in")),
+        "tokens_out": _int(n.get("tokens_out")),
+        "tool_calls": _int(n.get("tool_calls")),
+        "cost_usd": float(n.get("cost_usd") or 0),
+        "duration_s": _secs(n.get("started_at"), n.get("finished_at")),
+        "state_history": history,
+        "agent_states": [s for s in n.get("state_history", "").split(",") if s],
+        "output": _decode(n.get("output")),
+        "error": _decode(n.get("error")),
+        "retry_at_ms": _int(n.get("retry_at")) or None,
+    }
+
+
 async def collect(broker: Broker, run_id: str, with_events: bool = True) -> dict[str, Any] | None:
     """The report of ``run_id``, or ``None`` if no such run exists."""
     run = await broker.get_run(run_id)
@@ -75,34 +102,8 @@ async def collect(broker: Broker, run_id: str, with_events: bool = True) -> dict
         state = _NODE_EVENT_STATE.get(EventType(ev.type)) if ev.type in EventType.__members__ else None
         if state and ev.node in history:
             history[ev.node].append({"state": state, "t_ms": ev.ts_ms - created, "attempt": ev.attempt})
-    out_nodes = []
-    replayed = 0
-    for n in nodes:
-        replayed += _int(n.get("replayed_steps"))
-        out_nodes.append(
-            {
-                "id": n["id"],
-                "agent": n.get("agent", ""),
-                "queue": n.get("queue", ""),
-                "status": n.get("status", "?"),
-                "attempt": _int(n.get("attempt")),
-                "retries": _int(n.get("retries")),
-                "requeues": _int(n.get("requeues")),
-                "worker": n.get("lease", ""),
-                "steps": _int(n.get("steps")),
-                "replayed_steps": _int(n.get("replayed_steps")),
-                "tokens_in": _int(n.get("tokens_in")),
-                "tokens_out": _int(n.get("tokens_out")),
-                "tool_calls": _int(n.get("tool_calls")),
-                "cost_usd": float(n.get("cost_usd") or 0),
-                "duration_s": _secs(n.get("started_at"), n.get("finished_at")),
-                "state_history": history.get(n["id"], []),
-                "agent_states": [s for s in n.get("state_history", "").split(",") if s],
-                "output": _decode(n.get("output")),
-                "error": _decode(n.get("error")),
-                "retry_at_ms": _int(n.get("retry_at")) or None,
-            }
-        )
+    out_nodes = [node_report(n, history.get(n["id"], [])) for n in nodes]
+    replayed = sum(n["replayed_steps"] for n in out_nodes)
     return {
         "run_id": run_id,
         "name": run.get("name", ""),
@@ -123,6 +124,33 @@ async def collect(broker: Broker, run_id: str, with_events: bool = True) -> dict
         },
         "events": len(events),
         "nodes": out_nodes,
+    }
+
+
+async def node_detail(broker: Broker, run_id: str, node_id: str) -> dict[str, Any] | None:
+    """One node's report (:func:`node_report`, without state history) plus ``ledger``: its
+    recorded steps in order (``seq``, ``kind``, ``name``, ``usage``, ``duration_ms``,
+    ``result``, ``attempt``). ``None`` if the run has no such node."""
+    (node,) = await broker.get_nodes(run_id, [node_id])
+    if len(node) <= 1:  # only the id we put in: no hash
+        return None
+    out = node_report(node, [])
+    out["ledger"] = await broker.get_node_steps(run_id, node_id, _int(node.get("steps_recorded")))
+    return out
+
+
+async def run_graph(broker: Broker, run_id: str) -> dict[str, Any] | None:
+    """The run's DAG from its stored spec: ``{"nodes": [{"id", "agent", "depends_on"}]}``
+    in spec order; ``None`` if the run (or its stored spec) is gone."""
+    spec_json, _inputs, _started = await broker.get_spec_json(run_id)
+    if spec_json is None:
+        return None
+    doc = json.loads(spec_json)
+    return {
+        "nodes": [
+            {"id": n["id"], "agent": n.get("agent", ""), "depends_on": list(n.get("depends_on") or [])}
+            for n in doc.get("nodes", [])
+        ]
     }
 
 

@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 RUN_ID = r"^[A-Za-z0-9_.:-]{1,128}$"
+NODE_ID = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"  # oao_common.spec.ID_PATTERN, max 128
 
 
 class SubmitBody(BaseModel):
