@@ -21,12 +21,14 @@ from oao_common.errors import SpecError
 from oao_common.spec import Spec, apply_inputs, parse_spec
 from oao_common.states import RunState
 from oao_common.trust import TrustPolicy
-from oao_scheduler.report import collect
+from oao_scheduler.report import collect, node_detail, run_graph
 from oao_scheduler.submit import submit_spec
 
 from .auth import TokenCheck
+from .dashboard import mount_dashboard
 from .errors import ERROR_RESPONSES, NOT_FOUND, APIError, install_handlers
 from .models import (
+    NODE_ID,
     RUN_ID,
     AgentRun,
     AgentRunBody,
@@ -41,6 +43,7 @@ from .models import (
 from .sse import STREAM_ID, event_stream
 
 RunId = Annotated[str, Path(pattern=RUN_ID, description="A run id")]
+NodeId = Annotated[str, Path(pattern=NODE_ID, description="A node id of the run's spec")]
 WAIT_POLL_S = 0.05
 MAX_WAIT_S = 3600.0
 _LINE = re.compile(r" \(line \d+\)")
@@ -205,6 +208,23 @@ def create_app(
             raise APIError(404, "not_found", f"no run {run_id!r}")
         return report
 
+    @app.get("/runs/{run_id}/graph", dependencies=auth, responses=errs_404, tags=["runs"])
+    async def graph(run_id: RunId) -> dict[str, Any]:
+        """The run's DAG: ``{"nodes": [{"id", "agent", "depends_on": [...]}]}``."""
+        g = await run_graph(broker, run_id)
+        if g is None:
+            raise APIError(404, "not_found", f"no run {run_id!r}")
+        return g
+
+    @app.get("/runs/{run_id}/nodes/{node_id}", dependencies=auth, responses=errs_404, tags=["runs"])
+    async def node(run_id: RunId, node_id: NodeId) -> dict[str, Any]:
+        """One node's report with its step ledger (``ledger``: model and tool steps with
+        usage, duration and recorded result)."""
+        n = await node_detail(broker, run_id, node_id)
+        if n is None:
+            raise APIError(404, "not_found", f"run {run_id!r} has no node {node_id!r}")
+        return n
+
     @app.post(
         "/runs/{run_id}/cancel",
         response_model=CancelAnswer,
@@ -257,6 +277,7 @@ def create_app(
         """Length of every ready list."""
         return Queues(queues=await broker.all_queue_lengths())
 
+    mount_dashboard(app)
     return app
 
 
