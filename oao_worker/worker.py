@@ -367,13 +367,16 @@ class Worker:
         next fenced write is rejected anyway.
         """
         backoff = Backoff(self.log, "worker.control")
-        while True:
+        # The loop also ends on its own once the worker stops: a cancellation that lands
+        # as get_message's own timeout fires can be swallowed (asyncio.timeout on 3.11
+        # turns it into the TimeoutError redis-py catches), and shutdown waited forever.
+        while not self._stop.is_set():
             pubsub = self.broker.redis.pubsub()
             try:
                 await pubsub.subscribe(self.broker.keys.control_channel)
                 backoff.ok()
-                while True:
-                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
+                while not self._stop.is_set():
+                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                     if msg is None or msg.get("type") != "message":
                         continue
                     cmd, _, arg = str(msg["data"]).partition(" ")
