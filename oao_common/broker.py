@@ -568,6 +568,7 @@ class Broker:
             "tokens_in",
             "tokens_out",
             "exec_hash",
+            "replay_of",
         ]
         async with self.redis.pipeline(transaction=False) as p:
             for rid in rids:

@@ -437,7 +437,7 @@ async def runs(redis_url: str | None, prefix: str, limit: int, as_json: bool) ->
         print_json(items)
         return EXIT_OK
     t = Table()
-    for c in ("run", "name", "status", "nodes", "failed", "tokens in/out"):
+    for c in ("run", "name", "status", "nodes", "failed", "tokens in/out", "replay of"):
         t.add_column(c)
     for r in items:
         t.add_row(
@@ -447,6 +447,7 @@ async def runs(redis_url: str | None, prefix: str, limit: int, as_json: bool) ->
             f"{r.get('nodes_done', 0)}/{r.get('nodes_total', 0)}",
             r.get("nodes_failed", "0"),
             f"{r.get('tokens_in', 0)}/{r.get('tokens_out', 0)}",
+            r.get("replay_of", ""),
         )
     out.print(t)
     return EXIT_OK
@@ -696,3 +697,13 @@ def api(
 
 if __name__ == "__main__":
     main()
+
+
+def _register_time_travel() -> None:
+    from .cli_replay import COMMANDS
+
+    for command in COMMANDS:
+        main.add_command(command)
+
+
+_register_time_travel()
