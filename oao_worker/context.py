@@ -201,8 +201,12 @@ class AgentContext:
             self.emit(EventType.STEP_REPLAYED, {"seq": seq, "kind": kind, "name": name})
             return rec.get("result")
         if self.strict_replay:
+            now = canonical_json(request)
             raise NonDeterminismError(
-                f"{self.node_id}#{seq} ({kind} {name})", "", req_hash, request_diff(None, request)
+                f"{self.node_id}#{seq} ({kind} {name})",
+                "",
+                req_hash,
+                [f"recorded: nothing -> now: {now if len(now) <= 200 else now[:199] + '…'}"],
             )
 
         step = StepInfo(seq=seq, kind=kind, name=name, input_tokens=input_tokens, price=price)
