@@ -112,6 +112,8 @@ class Broker:
         idempotency_ttl_s: int = 0,
         spec_hash: str | None = None,
         spec_json: str = "",
+        seed_steps: dict[str, str] | None = None,
+        seed_messages: dict[str, str] | None = None,
     ) -> tuple[bool, str]:
         """Write a run atomically (``submit.lua``). Returns ``(created, run_id)``;
         ``created`` is False when the idempotency key already named a run, and
@@ -120,7 +122,9 @@ class Broker:
         client after a lost reply. With ``spec_hash``, ``spec_json`` (the spec without
         inputs, see :mod:`oao_common.stored_spec`) is stored once under that hash and the
         run takes a reference to it. Only keys that exist are declared (an ACL user
-        limited to the prefix can submit)."""
+        limited to the prefix can submit). A replay seeds its step ledger with
+        ``seed_steps`` (``"<node>:<seq>"`` → record JSON) and the messages they refer to
+        (``seed_messages``, ref → JSON) in the same atomic step."""
         keys = [self.keys.run(run_id), self.keys.runs]
         if spec_hash:
             keys.append(self.keys.spec(spec_hash))
@@ -136,6 +140,8 @@ class Broker:
                 _json(event_data),
                 idempotency_ttl_s,
                 spec_json if spec_hash else "",
+                _json(seed_steps) if seed_steps else "",
+                _json(seed_messages) if seed_messages else "",
             ],
         )
         # A fresh run id that already exists is this very call, re-sent by the client
@@ -219,10 +225,14 @@ class Broker:
         is_tool: bool = False,
         events: list[list[Any]] | None = None,
         reservation: str | None = None,
+        messages: dict[str, str] | None = None,
+        counts: bool = True,
     ) -> bool:
         """Append step ``seq`` to the ledger and add its usage to the node and run
         counters, settling budget ``reservation`` in the same atomic step; False if the
-        attempt is stale."""
+        attempt is stale. ``messages`` (ref → canonical JSON) are added to the run's
+        message store (:mod:`oao_common.ledger`); ``counts=False`` leaves the run's step
+        counter alone (``ctx.now()`` and the like)."""
         ok = await self._fenced(
             "record_step",
             [self.keys.active(worker_id), self.keys.reservations(job.run_id)],
@@ -238,9 +248,22 @@ class Broker:
                 1 if is_tool else 0,
                 _json(events or []),
                 reservation or "",
+                _json(messages) if messages else "",
+                1 if counts else 0,
             ],
         )
         return bool(ok)
+
+    async def get_messages(self, run_id: str, refs: list[str]) -> dict[str, str | None]:
+        """Bodies of the run's stored messages ``refs`` (``None`` for a ref not stored)."""
+        if not refs:
+            return {}
+        bodies = await self.redis.hmget(self.keys.messages(run_id), refs)
+        return dict(zip(refs, bodies, strict=True))
+
+    async def all_messages(self, run_id: str) -> dict[str, str]:
+        """The run's whole message store: ref → message JSON (:mod:`oao_common.ledger`)."""
+        return dict(await self.redis.hgetall(self.keys.messages(run_id)))
 
     async def reserve_budget(
         self,
@@ -466,6 +489,11 @@ class Broker:
         """The run hash (empty dict if unknown)."""
         return dict(await self.redis.hgetall(self.keys.run(run_id)))
 
+    async def run_field(self, run_id: str, name: str) -> str | None:
+        """One field of the run hash (``None`` if absent)."""
+        value = await self.redis.hget(self.keys.run(run_id), name)
+        return None if value is None else str(value)
+
     async def get_spec_json(self, run_id: str) -> tuple[str | None, str | None, str | None]:
         """``(spec_json, inputs_json, started_at_ms)`` of a run, for a worker's cache.
 
@@ -551,6 +579,7 @@ class Broker:
             "tokens_out",
             "cost_usd",
             "exec_hash",
+            "replay_of",
         ]
         async with self.redis.pipeline(transaction=False) as p:
             for rid in rids:

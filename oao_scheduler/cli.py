@@ -437,7 +437,7 @@ async def runs(redis_url: str | None, prefix: str, limit: int, as_json: bool) ->
         print_json(items)
         return EXIT_OK
     t = Table()
-    for c in ("run", "name", "status", "nodes", "failed", "tokens in/out"):
+    for c in ("run", "name", "status", "nodes", "failed", "tokens in/out", "replay of"):
         t.add_column(c)
     for r in items:
         t.add_row(
@@ -447,9 +447,143 @@ async def runs(redis_url: str | None, prefix: str, limit: int, as_json: bool) ->
             f"{r.get('nodes_done', 0)}/{r.get('nodes_total', 0)}",
             r.get("nodes_failed", "0"),
             f"{r.get('tokens_in', 0)}/{r.get('tokens_out', 0)}",
+            r.get("replay_of", ""),
         )
     out.print(t)
     return EXIT_OK
+
+
+@main.command("export")
+@click.argument("run_id")
+@redis_url_option
+@prefix_option
+@click.option(
+    "--output", "-o", type=click.Path(dir_okay=False), default=None, help="Write to FILE (default stdout)."
+)
+@run_async
+async def export_cmd(run_id: str, redis_url: str | None, prefix: str, output: str | None) -> int:
+    """Write a finished run as JSON lines: run, spec, nodes, step ledger, model messages
+    and events (format: docs/replay.md, "Export and import").
+
+    Exit 2 if the run is unknown or has not ended.
+    """
+    from .export import ExportError, dumps, export_run
+
+    broker = await _broker(redis_url, prefix)
+    try:
+        text = dumps(await export_run(broker, run_id))
+    except ExportError as e:
+        click.echo(f"error: {e}", err=True)
+        return EXIT_USAGE
+    finally:
+        await broker.redis.aclose()
+    if output is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return EXIT_OK
+    tmp = f"{output}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, output)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        click.echo(f"error: cannot write {output}: {e.strerror or e}", err=True)
+        return EXIT_USAGE
+    return EXIT_OK
+
+
+@main.command("import")
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
+@redis_url_option
+@prefix_option
+@click.option("--keep-id", is_flag=True, help="Keep the run's original id (refused if it exists).")
+@json_option
+@run_async
+async def import_cmd(file: str, redis_url: str | None, prefix: str, keep_id: bool, as_json: bool) -> int:
+    """Load a run exported by `oao-scheduler export` (FILE, or - for stdin) and print
+    its run id: a new one unless --keep-id.
+
+    The whole file is checked before anything is written, then written atomically; an
+    existing run is never overwritten. Exit 2 for an unreadable or invalid file (the
+    line is named) or an existing run.
+    """
+    from .export import ExportError, import_run
+
+    try:
+        if file == "-":
+            lines = sys.stdin.read().splitlines()
+        else:
+            with open(file, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        click.echo(f"error: cannot read {file}: {getattr(e, 'strerror', None) or e}", err=True)
+        return EXIT_USAGE
+    broker = await _broker(redis_url, prefix)
+    try:
+        rid = await import_run(broker, lines, keep_id=keep_id)
+    except ExportError as e:
+        click.echo(f"error: {file}: {e}", err=True)
+        return EXIT_USAGE
+    finally:
+        await broker.redis.aclose()
+    if as_json:
+        print_json({"run_id": rid})
+    else:
+        click.echo(rid)
+    return EXIT_OK
+
+
+@main.command("diff")
+@click.argument("run_a")
+@click.argument("run_b")
+@redis_url_option
+@prefix_option
+@click.option(
+    "--redis-url-b", default=None, metavar="URL", help="RUN_B is on this server (default: --redis-url)."
+)
+@click.option("--prefix-b", default=None, help="RUN_B is under this prefix (default: --prefix).")
+@click.option("--exit-code", is_flag=True, help="Exit 1 if the runs differ (like diff(1)).")
+@json_option
+@run_async
+async def diff_cmd(
+    run_a: str,
+    run_b: str,
+    redis_url: str | None,
+    prefix: str,
+    redis_url_b: str | None,
+    prefix_b: str | None,
+    exit_code: bool,
+    as_json: bool,
+) -> int:
+    """Compare two runs: per node same / differs / only in A / only in B, the first
+    divergent step of each differing node (request, result, usage of both sides), and
+    the totals (tokens, cost, duration, steps) with their differences.
+
+    Exit 2 if a run is unknown; with --exit-code, 1 if the runs differ.
+    """
+    from .diff import diff_runs, render_diff
+    from .export import ExportError
+
+    broker = await _broker(redis_url, prefix)
+    other = None
+    if redis_url_b or (prefix_b and prefix_b != prefix):
+        other = await _broker(redis_url_b or redis_url, prefix_b or prefix)
+    try:
+        d = await diff_runs(broker, run_a, run_b, broker_b=other)
+    except ExportError as e:
+        click.echo(f"error: {e}", err=True)
+        return EXIT_USAGE
+    finally:
+        await broker.redis.aclose()
+        if other is not None:
+            await other.redis.aclose()
+    if as_json:
+        print_json(d)
+    else:
+        render_diff(d, out)
+    return EXIT_FAILED if exit_code and not d["identical"] else EXIT_OK
 
 
 @main.command()
@@ -696,3 +830,13 @@ def api(
 
 if __name__ == "__main__":
     main()
+
+
+def _register_time_travel() -> None:
+    from .cli_replay import COMMANDS
+
+    for command in COMMANDS:
+        main.add_command(command)
+
+
+_register_time_travel()

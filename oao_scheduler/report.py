@@ -109,6 +109,9 @@ async def collect(broker: Broker, run_id: str, with_events: bool = True) -> dict
         "name": run.get("name", ""),
         "status": run.get("status", "?"),
         "exec_hash": run.get("exec_hash", ""),
+        "replay_of": run.get("replay_of") or None,
+        "replay_point": run.get("replay_point") or None,
+        "overrides": _decode(run.get("overrides")) or [],
         "created_at_ms": created,
         "duration_s": _secs(run.get("started_at") or run.get("created_at"), run.get("finished_at")),
         "totals": {
@@ -204,6 +207,10 @@ def _header(report: dict[str, Any], console: Console) -> None:
     dur = "" if report["duration_s"] is None else f" in {report['duration_s']:.2f}s"
     console.print(f"[bold]run {report['run_id']}[/] ({report['name']}): {_styled(report['status'])}{dur}")
     console.print(f"execution hash {report['exec_hash']}")
+    if report.get("replay_of"):
+        point = f" from {report['replay_point']}" if report.get("replay_point") else ""
+        changes = f", changed: {'; '.join(report['overrides'])}" if report.get("overrides") else ""
+        console.print(f"replay of {report['replay_of']}{point}{changes}", highlight=False)
     console.print(
         f"nodes {tot['nodes_done']}/{tot['nodes']} done, {tot['nodes_failed']} failed · "
         f"steps {tot['steps']} (+{tot['replayed_steps']} replayed) · tokens "

@@ -49,6 +49,7 @@ from oao_common.broker import Broker, ClaimedJob
 from oao_common.circuit import CircuitBreaker
 from oao_common.connection import reconnect
 from oao_common.errors import (
+    NonDeterminismError,
     PermanentError,
     PolicyViolation,
     StaleAttemptError,
@@ -79,7 +80,7 @@ def default_worker_id() -> str:
 def error_info(e: BaseException) -> dict[str, Any]:
     """The JSON error record stored on a node and in its events."""
     info: dict[str, Any] = {"type": type(e).__name__, "message": str(e)}
-    if isinstance(e, PolicyViolation):
+    if isinstance(e, PolicyViolation | NonDeterminismError):
         info.update(e.to_dict())
     return info
 
@@ -546,9 +547,11 @@ class Worker:
                             call_guards=self.call_guards,
                             guards=rt.guards,
                             run_sync=self.executor.run,
+                            strict_replay=rt.strict_replay,
                         )
                         agent = await rt.agent(node.agent, self.executor.run)
                         output = await agent.run(ctx)
+                        ctx.check_replay_complete()
             except TimeoutError:
                 raise timed_out() from None
             if (when := deadline.when()) is not None and asyncio.get_running_loop().time() > when:

@@ -21,6 +21,7 @@ from oao_common.errors import SpecError
 from oao_common.spec import Spec, apply_inputs, parse_spec
 from oao_common.states import RunState
 from oao_common.trust import TrustPolicy
+from oao_scheduler.replay import ReplayError, StepRef, replay
 from oao_scheduler.report import collect, node_detail, run_graph
 from oao_scheduler.submit import submit_spec
 
@@ -30,13 +31,16 @@ from .errors import ERROR_RESPONSES, NOT_FOUND, APIError, install_handlers
 from .models import (
     NODE_ID,
     RUN_ID,
+    STEP_POINT,
     AgentRun,
     AgentRunBody,
     CancelAnswer,
+    ForkBody,
     Health,
     MultiRun,
     MultiRunBody,
     Queues,
+    ReplayAnswer,
     SubmitBody,
     Submitted,
 )
@@ -262,6 +266,56 @@ def create_app(
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
+
+    async def start_replay(
+        run_id: str,
+        from_step: str | None,
+        from_node: str | None,
+        live: bool = False,
+        sets: list[str] | None = None,
+        inputs: dict[str, Any] | None = None,
+    ) -> ReplayAnswer:
+        try:
+            if from_step and from_node:
+                raise ReplayError("give from_step or from_node, not both")
+            point = StepRef.parse(from_step) if from_step else None
+            if from_node:
+                point = StepRef(from_node, 1)
+            if sets is not None and point is None:
+                raise ReplayError("a fork needs a point: from_step NODE:SEQ or from_node NODE")
+            if live and point is not None:
+                raise ReplayError("live is for a full replay (a replay from a point is live after it)")
+            r = await replay(broker, run_id, from_step=point, live=live, sets=sets or (), inputs=inputs)
+        except ReplayError as e:
+            if str(e) == f"no run {run_id!r}":
+                raise APIError(404, "not_found", str(e)) from None
+            raise APIError(422, "invalid_replay", str(e)) from None
+        return ReplayAnswer(**r.to_dict())
+
+    @app.post(
+        "/replay/{run_id}",
+        response_model=ReplayAnswer,
+        dependencies=auth,
+        responses=errs_404,
+        tags=["replay"],
+    )
+    async def replay_run(
+        run_id: RunId,
+        from_step: Annotated[str | None, Query(pattern=STEP_POINT, description="NODE:SEQ")] = None,
+        from_node: Annotated[str | None, Query(pattern=NODE_ID)] = None,
+        live: Annotated[bool, Query(description="Full replay: let steps past the record run live")] = False,
+    ) -> ReplayAnswer:
+        """Replay a run as a new run (``replay_of``): without a point every node is
+        re-driven against its record and nothing runs live; from ``NODE:SEQ`` the steps
+        before it are served from the record and execution goes live there."""
+        return await start_replay(run_id, from_step, from_node, live)
+
+    @app.post(
+        "/fork/{run_id}", response_model=ReplayAnswer, dependencies=auth, responses=errs_404, tags=["replay"]
+    )
+    async def fork_run(run_id: RunId, body: ForkBody) -> ReplayAnswer:
+        """Fork a run at a step with changed spec fields, inputs or recorded result."""
+        return await start_replay(run_id, body.from_step, body.from_node, sets=body.sets, inputs=body.inputs)
 
     @app.get("/workers", dependencies=auth, responses=errs, tags=["fleet"])
     async def workers() -> list[dict[str, Any]]:
