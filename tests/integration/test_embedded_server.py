@@ -1,25 +1,24 @@
-"""The embedded Valkey finds another port when the one it picked is taken before it
-binds (parallel test runs on one machine)."""
+"""Embedded Valkey servers started at once by parallel processes or threads each find
+a port of their own (a port taken before the server binds it is replaced)."""
 
 from __future__ import annotations
 
-import socket
-from urllib.parse import urlparse
+from concurrent.futures import ThreadPoolExecutor
 
 import redis
 
 from oao_common.connection import EmbeddedServer
 
 
-def test_a_port_taken_before_start_is_replaced() -> None:
-    server = EmbeddedServer()
-    picked = urlparse(server.url).port
-    assert picked is not None
-    with socket.socket() as taken:
-        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        taken.bind(("127.0.0.1", picked))
-        taken.listen()
-        with server:
-            port = urlparse(server.url).port
-            assert port != picked
-            assert redis.Redis.from_url(server.url).ping() is True
+def test_servers_started_at_once_all_come_up() -> None:
+    servers = [EmbeddedServer() for _ in range(6)]
+    try:
+        with ThreadPoolExecutor(len(servers)) as pool:
+            list(pool.map(lambda s: s.start(), servers))
+        urls = {s.url for s in servers}
+        assert len(urls) == len(servers)
+        for url in urls:
+            assert redis.Redis.from_url(url, socket_timeout=5).ping() is True
+    finally:
+        for s in servers:
+            s.stop()
