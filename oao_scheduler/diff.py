@@ -20,14 +20,12 @@ from rich.console import Console
 from rich.table import Table
 
 from oao_common.broker import Broker
+from oao_common.ledger import VOLATILE_KINDS, message_refs, resolve_request
 
 from .export import STEP_KEY_RE, RunNotFound
 from .report import _styled
 
 VERDICTS = ("same", "differs", "only_in_a", "only_in_b")
-#: Step kinds that record a value of the environment (wall clock, randomness): two runs
-#: differ in them by nature, so only their presence, kind and name are compared.
-VOLATILE_KINDS = frozenset({"clock", "random", "uuid"})
 #: Totals compared between the runs (run hash fields; ``duration_s`` is computed).
 TOTALS = ("nodes", "nodes_failed", "steps", "tool_calls", "tokens_in", "tokens_out", "cost_usd", "duration_s")
 
@@ -131,25 +129,19 @@ def _step_differences(ra: dict[str, Any] | None, rb: dict[str, Any] | None) -> l
     return out
 
 
-async def _step_side(r: _Run, seq: int, rec: dict[str, Any] | None) -> dict[str, Any] | None:
-    """One side of a divergent step, the request's message refs resolved from the run's
-    message store (a ref not stored becomes ``{"missing_message": ref}``)."""
+async def _step_side(r: _Run, nid: str, seq: int, rec: dict[str, Any] | None) -> dict[str, Any] | None:
+    """One side of a divergent step, the request's messages resolved from the run's
+    message store (:func:`oao_common.ledger.resolve_request`; a ref not stored becomes
+    ``{"missing_message": ref}``). Volatile steps' values are compared by presence only
+    (:data:`~oao_common.ledger.VOLATILE_KINDS`)."""
     if rec is None:
         return None
     request = rec.get("request")
-    if isinstance(request, dict) and isinstance(request.get("messages"), list):
-        refs = [x for x in request["messages"] if isinstance(x, str)]
-        bodies = await r.broker.redis.hmget(r.broker.keys.messages(r.id), refs) if refs else []
-        found = dict(zip(refs, bodies, strict=True))
-        request = {
-            **request,
-            "messages": [
-                (_decode(found[x]) if found.get(x) is not None else {"missing_message": x})
-                if isinstance(x, str)
-                else x
-                for x in request["messages"]
-            ],
-        }
+    if isinstance(request, dict):
+        records: dict[int, dict[str, Any] | None] = dict(r.ledger.get(nid, {}))
+        refs = message_refs(request, records) or []
+        bodies = await r.broker.get_messages(r.id, refs)
+        request = resolve_request(request, bodies, records)
     return {
         "seq": seq,
         "kind": rec.get("kind"),
@@ -174,8 +166,8 @@ async def _compare_node(a: _Run, b: _Run, nid: str) -> dict[str, Any]:
                 "seq": seq,
                 "key": f"{nid}:{seq}",
                 "differs_in": what,
-                "a": await _step_side(a, seq, la.get(seq)),
-                "b": await _step_side(b, seq, lb.get(seq)),
+                "a": await _step_side(a, nid, seq, la.get(seq)),
+                "b": await _step_side(b, nid, seq, lb.get(seq)),
             }
             break
     return {

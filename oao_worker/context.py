@@ -35,7 +35,13 @@ from oao_common.errors import (
 )
 from oao_common.events import EventType, pending_event
 from oao_common.hashing import canonical_json, sha256_hex
-from oao_common.ledger import VOLATILE_KINDS, address_request, request_diff, resolve_request
+from oao_common.ledger import (
+    VOLATILE_KINDS,
+    address_request,
+    message_refs,
+    request_diff,
+    resolve_request,
+)
 from oao_common.policy import RetrySpec, RunPolicySpec, backoff_delay_s
 from oao_common.pricing import FREE, Price
 from oao_common.ratelimit import RateLimitTimeout
@@ -134,6 +140,9 @@ class AgentContext:
             for ref in rec["request"].get("messages") or []
             if isinstance(ref, str)
         }
+        # (seq, message refs) of the node's last model step: the next one stores only
+        # the messages it adds (oao_common.ledger)
+        self._last_messages: tuple[int, list[str]] | None = None
         self.replayed_steps = 0
         self.executed_steps = 0
         self._seq = 0
@@ -196,6 +205,8 @@ class AgentContext:
                 self.governor.account(
                     kind, int(u.get("in", 0)), int(u.get("out", 0)), float(u.get("cost_usd", 0.0))
                 )
+            if kind == "llm":
+                self._last_messages = (seq, address_request(request)[2])
             self.replayed_steps += 1
             metrics.STEPS.labels(kind, "replayed").inc()
             self.emit(EventType.STEP_REPLAYED, {"seq": seq, "kind": kind, "name": name})
@@ -228,7 +239,7 @@ class AgentContext:
         if governed:
             self.governor.account(kind, tin, tout, cost)
         self.executed_steps += 1
-        stored_request, bodies = address_request(request)
+        stored_request, bodies, refs = address_request(request, self._last_messages)
         new_bodies = {ref: b for ref, b in bodies.items() if ref not in self._stored_refs}
         record = {
             "kind": kind,
@@ -269,6 +280,8 @@ class AgentContext:
         if not ok:
             raise StaleAttemptError(f"{self.run_id}/{self.node_id} attempt {self.attempt} is stale")
         self._stored_refs.update(new_bodies)
+        if kind == "llm":
+            self._last_messages = (seq, refs)
         metrics.STEPS.labels(kind, "executed").inc()
         if kind == "llm":
             metrics.TOKENS.labels(name, "input").inc(tin)
@@ -289,11 +302,12 @@ class AgentContext:
         stored = rec.get("request")
         diff = None
         if isinstance(stored, dict):
-            refs = [r for r in stored.get("messages") or [] if isinstance(r, str)]
+            records = dict(enumerate(self.job.ledger, start=1))
+            refs = message_refs(stored, records) or []
             bodies: dict[str, str | None] = {}
             with contextlib.suppress(*LOOP_ERRORS):  # the other differences still show
                 bodies = await self.broker.get_messages(self.run_id, refs)
-            diff = request_diff(resolve_request(stored, bodies), request)
+            diff = request_diff(resolve_request(stored, bodies, records), request)
         return NonDeterminismError(
             f"{self.node_id}#{seq} ({kind} {name})", str(rec.get("request_hash")), req_hash, diff
         )

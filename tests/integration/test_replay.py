@@ -14,7 +14,8 @@ import replay_agents
 from oao_testkit import make_spec, run_spec
 
 from oao_common.broker import Broker
-from oao_common.hashing import canonical_json
+from oao_common.hashing import canonical_json, sha256_hex
+from oao_common.ledger import message_refs, resolve_request
 from oao_common.spec import Spec
 from oao_scheduler.replay import ReplayError, StepRef, normalized_trace, replay, verify_replay
 
@@ -180,17 +181,25 @@ async def test_divergent_code_fails_the_replay_with_what_differed(
 async def test_model_messages_are_stored_once_per_run(broker: Broker) -> None:
     rid = await run_spec(broker, spec(), concurrency=4)
     steps = await broker.get_steps(rid)
-    llm = {k: v for k, v in steps.items() if isinstance(v, dict) and v.get("kind") == "llm"}
-    refs = [ref for rec in llm.values() for ref in rec["request"]["messages"]]
-    assert len(refs) == 2 + 4 + 6 + 2 + 4 + 6 + 1  # research, angle (growing), draft
     stored = await broker.all_messages(rid)
-    assert set(stored) == set(refs)
-    assert len(stored) <= 12 < len(refs)  # each distinct message once (the system prompt, ...)
-    for rec in llm.values():  # the record's hash is the hash of the request it resolves to
-        from oao_common.hashing import sha256_hex
-        from oao_common.ledger import resolve_request
-
-        assert sha256_hex(resolve_request(rec["request"], stored)) == rec["request_hash"]
+    full = 0
+    for node in ("research", "angle", "draft"):
+        records = {
+            int(k.split(":")[1]): v
+            for k, v in steps.items()
+            if k.startswith(f"{node}:") and k.count(":") == 1
+        }
+        llm = {seq: rec for seq, rec in records.items() if rec["kind"] == "llm"}
+        for seq, rec in llm.items():
+            # the record's hash is the hash of the request it resolves to
+            assert sha256_hex(resolve_request(rec["request"], stored, records)) == rec["request_hash"]
+            refs = message_refs(rec["request"], records)
+            assert refs is not None and set(refs) <= set(stored)
+            full += len(refs)
+            if seq != min(llm):  # a later call stores only what it adds to the conversation
+                assert rec["request"]["messages_after"] < seq and len(rec["request"]["messages"]) == 2
+    assert full == 2 + 4 + 6 + 2 + 4 + 6 + 1  # research, angle (growing), draft
+    assert len(stored) <= 12 < full  # each distinct message once (the system prompt, ...)
     assert all(canonical_json(json.loads(b)) == b for b in stored.values())
 
 
