@@ -41,12 +41,29 @@ class _Run:
 
 
 async def _load(broker: Broker, run_id: str) -> _Run:
-    """The run hash, node hashes and ledger (records only, by node and seq) of a run."""
+    """The run hash, node hashes and ledger (records only, by node and seq) of a run.
+
+    A node a replay copied without running (``copied_from``) has the ledger of the run
+    it was copied from (when that run is still there), so it compares like the node it
+    is a copy of."""
     run = await broker.get_run(run_id)
     if not run:
         raise RunNotFound(f"no run {run_id!r} under prefix {broker.keys.prefix!r}")
     node_ids = [n for n in run.get("node_ids", "").split(",") if n]
     nodes = await broker.get_nodes(run_id, node_ids)
+    ledger = await _ledger(broker, run_id)
+    sources: dict[str, dict[str, dict[int, dict[str, Any]]]] = {}
+    for n in nodes:
+        src = n.get("copied_from")
+        if src and n["id"] not in ledger:
+            if src not in sources:
+                sources[src] = await _ledger(broker, src)
+            if n["id"] in sources[src]:
+                ledger[n["id"]] = sources[src][n["id"]]
+    return _Run(broker, run_id, run, node_ids, {n["id"]: n for n in nodes}, ledger)
+
+
+async def _ledger(broker: Broker, run_id: str) -> dict[str, dict[int, dict[str, Any]]]:
     raw = await broker.redis.hgetall(broker.keys.steps(run_id))
     ledger: dict[str, dict[int, dict[str, Any]]] = {}
     for key, text in raw.items():
@@ -58,7 +75,7 @@ async def _load(broker: Broker, run_id: str) -> _Run:
         except ValueError:
             rec = {"unreadable": text}
         ledger.setdefault(m[1], {})[int(m[2])] = rec if isinstance(rec, dict) else {"value": rec}
-    return _Run(broker, run_id, run, node_ids, {n["id"]: n for n in nodes}, ledger)
+    return ledger
 
 
 def _decode(text: str | None) -> Any:

@@ -17,6 +17,7 @@ from oao_common.broker import Broker
 from oao_common.hashing import canonical_json, sha256_hex
 from oao_common.ledger import message_refs, resolve_request
 from oao_common.spec import Spec
+from oao_scheduler.diff import diff_runs
 from oao_scheduler.replay import ReplayError, StepRef, normalized_trace, replay, verify_replay
 
 MODELS = {
@@ -135,6 +136,11 @@ async def test_fork_changes_the_spec_or_a_recorded_result(broker: Broker) -> Non
     assert out["research"] == (await outputs(broker, rid))["research"]
     run = await broker.get_run(f.run_id)
     assert json.loads(run["overrides"]) == f.overrides and run["replay_point"] == "draft:1"
+    d = await diff_runs(broker, rid, f.run_id)  # copied nodes compare like their originals
+    verdicts = {n["id"]: n["verdict"] for n in d["nodes"]}
+    assert verdicts == {"research": "same", "angle": "same", "draft": "differs", "summary": "differs"}
+    first = next(n for n in d["nodes"] if n["id"] == "draft")["first_divergent_step"]
+    assert (first["key"], first["differs_in"]) == ("draft:1", ["result"])
 
     g = await replay(
         broker,
