@@ -16,7 +16,7 @@ from oao_common.cli_support import (
 )
 from oao_common.spec import parse_input_pairs
 
-from .replay import Replayed, ReplayError, StepRef, replay
+from .replay import Replayed, ReplayError, StepRef, recorded_step, replay
 
 
 def point_options(fn: click.decorators.FC) -> click.decorators.FC:
@@ -205,4 +205,49 @@ async def fork_command(
     return await _start(redis_url, prefix, run_id, point, False, sets, inputs, wait, timeout_s, as_json)
 
 
-COMMANDS = [replay_command, fork_command]
+@click.command("step")
+@click.argument("run_id")
+@click.argument("step")
+@redis_url_option
+@prefix_option
+@json_option
+@run_async
+async def step_command(run_id: str, step: str, redis_url: str | None, prefix: str, as_json: bool) -> int:
+    """Show the recorded step STEP (NODE:SEQ) of RUN_ID as the model or tool saw it:
+    the request (every message of a model call), the result, usage and timing."""
+    import json
+
+    from rich.text import Text
+
+    from .cli import _broker, out
+
+    try:
+        point = StepRef.parse(step)
+        broker = await _broker(redis_url, prefix)
+        rec = await recorded_step(broker, run_id, point)
+    except ReplayError as e:
+        click.echo(f"error: {e}", err=True)
+        return EXIT_USAGE
+    if as_json:
+        print_json(rec)
+        return EXIT_OK
+    u = rec.get("usage") or {}
+    out.print(
+        f"[bold]{run_id} {point}[/] {rec.get('kind')} {rec.get('name')} · attempt {rec.get('attempt')} · "
+        f"{rec.get('duration_ms')} ms · {u.get('in', 0)} in / {u.get('out', 0)} out · "
+        f"${float(u.get('cost_usd') or 0):.4f}"
+        + (" · overridden by a fork" if rec.get("overridden") else ""),
+        highlight=False,
+    )
+    request = rec.get("request") or {}
+    for m in request.get("messages") or []:  # text, never markup: it is the model's input
+        out.print(Text.assemble((f"{m.get('role', '?')}: ", "dim"), str(m.get("content") or "")))
+        for tc in m.get("tool_calls") or []:
+            out.print(Text.assemble(("  tool call: ", "dim"), json.dumps(tc)))
+    rest = {k: v for k, v in request.items() if k != "messages"}
+    out.print(Text.assemble(("request: ", "dim"), json.dumps(rest)))
+    out.print(Text.assemble(("result: ", "dim"), json.dumps(rec.get("result"), indent=2)))
+    return EXIT_OK
+
+
+COMMANDS = [replay_command, fork_command, step_command]

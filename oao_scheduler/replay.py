@@ -30,6 +30,7 @@ result). The new run's execution hash covers the changed spec and the overridden
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import Sequence
@@ -40,6 +41,7 @@ from oao_common.broker import Broker, new_run_id
 from oao_common.errors import OAOError, SpecError
 from oao_common.events import Event
 from oao_common.hashing import sha256_hex
+from oao_common.ledger import message_refs, resolve_request
 from oao_common.spec import Spec, parse_spec
 from oao_common.spec_yaml import YamlProblem, load_yaml
 from oao_common.states import NodeState
@@ -430,4 +432,87 @@ def _error_text(raw: str | None) -> str:
     return str(err.get("message") if isinstance(err, dict) else err)
 
 
-__all__ = ["ReplayError", "Replayed", "StepRef", "normalized_trace", "replay", "verify_replay"]
+@dataclass(slots=True)
+class CheckResult:
+    """How one exported run replayed against the code installed now: ``problems`` is
+    empty when the replay reproduced it (:func:`verify_replay`)."""
+
+    source: str
+    original: str
+    replay_id: str
+    problems: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "original": self.original,
+            "replay": self.replay_id,
+            "ok": self.ok,
+            "problems": self.problems,
+        }
+
+
+async def check_exported(
+    broker: Broker, sources: Sequence[tuple[str, list[str]]], timeout_s: float = 300.0
+) -> list[CheckResult]:
+    """Import each exported run (``(name, lines)``, lines of an ``oao-scheduler export``
+    file), replay it in full and compare (:func:`verify_replay`). Workers must be running
+    on ``broker`` (the caller's fleet: they run the agent code installed now). Raises
+    :class:`~oao_scheduler.export.ExportError` for a file that cannot be imported and
+    :class:`~oao_common.errors.WaitTimeout` when the replays have not ended after
+    ``timeout_s`` seconds."""
+    from oao_common.errors import WaitTimeout
+
+    from .export import import_run
+
+    started: list[tuple[str, str, Replayed]] = []
+    for name, lines in sources:
+        rid = await import_run(broker, lines)
+        started.append((name, rid, await replay(broker, rid)))
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    pending = {r.run_id for _n, _rid, r in started}
+    while pending:
+        pending = {rid for rid in pending if not await broker.run_is_terminal(rid)}
+        if pending and asyncio.get_running_loop().time() > deadline:
+            raise WaitTimeout(f"{len(pending)} replays had not ended after {timeout_s:g} s")
+        if pending:
+            await asyncio.sleep(0.05)
+    return [
+        CheckResult(name, rid, r.run_id, await verify_replay(broker, rid, r.run_id))
+        for name, rid, r in started
+    ]
+
+
+async def recorded_step(broker: Broker, run_id: str, point: StepRef) -> dict[str, Any]:
+    """One recorded step as the model or tool saw it: the record with its request's
+    messages resolved (:func:`oao_common.ledger.resolve_request`). Raises
+    :class:`ReplayError` if the run or the step has no record."""
+    if not await broker.get_run(run_id):
+        raise ReplayError(f"no run {run_id!r}")
+    upto = int((await broker.get_nodes(run_id, [point.node]))[0].get("steps_recorded") or 0)
+    records = {r["seq"]: r for r in await broker.get_node_steps(run_id, point.node, max(upto, point.seq))}
+    rec = records.get(point.seq)
+    if rec is None:
+        raise ReplayError(f"run {run_id} has no recorded step {point}")
+    request = rec.get("request")
+    if isinstance(request, dict):
+        refs = message_refs(request, records) or []
+        request = resolve_request(request, await broker.get_messages(run_id, refs), records)
+    return {**rec, "request": request}
+
+
+__all__ = [
+    "CheckResult",
+    "ReplayError",
+    "Replayed",
+    "StepRef",
+    "check_exported",
+    "normalized_trace",
+    "recorded_step",
+    "replay",
+    "verify_replay",
+]

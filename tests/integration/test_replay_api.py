@@ -62,7 +62,7 @@ async def test_replay_and_fork_endpoints(api: LiveAPI, broker: Broker) -> None:
 
 
 async def test_replay_and_fork_commands(redis_url: str, prefix: str, broker: Broker) -> None:
-    rid = await run_spec(broker, spec(), concurrency=4)
+    rid = await run_spec(broker, spec("AI governance [/not markup]"), concurrency=4)
     where = ["--redis-url", redis_url, "--prefix", prefix]
     res = cli("replay", rid, "--json", *where)
     assert res.returncode == 0, res.stderr
@@ -75,7 +75,19 @@ async def test_replay_and_fork_commands(redis_url: str, prefix: str, broker: Bro
     assert await run_spec_on(broker, forked) == "SUCCEEDED"
     status = cli("status", forked, *where)
     assert f'replay of {rid} from draft:1, changed: result.content="Hi"' in status.stdout
+    shown = cli("step", rid, "research:6", "--json", *where)
+    assert shown.returncode == 0, shown.stderr
+    rec = json.loads(shown.stdout)
+    assert rec["kind"] == "llm" and [m["role"] for m in rec["request"]["messages"]] == [
+        "system",
+        "user",
+        "assistant",
+        "user",
+    ]
+    text = cli("step", rid, "research:4", *where)
+    assert text.returncode == 0 and "user: Research AI governance [/not markup]" in text.stdout, text.stdout
     for args, want in [
+        (("step", rid, "research:99"), "has no recorded step research:99"),
         (("replay", "nope"), "error: no run 'nope'"),
         (("replay", rid, "--from-step", "draft"), "is not a step"),
         (("replay", rid, "--from-node", "draft", "--live"), "--live is for a full replay"),
