@@ -199,35 +199,23 @@ def create_app(
     @app.get("/runs/{run_id}", dependencies=auth, responses=errs_404, tags=["runs"])
     async def run_status(run_id: RunId) -> dict[str, Any]:
         """The run and its nodes (the report without the event count)."""
-        report = await collect(broker, run_id, with_events=False)
-        if report is None:
-            raise APIError(404, "not_found", f"no run {run_id!r}")
-        return report
+        return found(await collect(broker, run_id, with_events=False), f"no run {run_id!r}")
 
     @app.get("/runs/{run_id}/report", dependencies=auth, responses=errs_404, tags=["runs"])
     async def run_report(run_id: RunId) -> dict[str, Any]:
         """The execution report: per node states, steps, tokens, cost, output, error."""
-        report = await collect(broker, run_id)
-        if report is None:
-            raise APIError(404, "not_found", f"no run {run_id!r}")
-        return report
+        return found(await collect(broker, run_id), f"no run {run_id!r}")
 
     @app.get("/runs/{run_id}/graph", dependencies=auth, responses=errs_404, tags=["runs"])
     async def graph(run_id: RunId) -> dict[str, Any]:
         """The run's DAG: ``{"nodes": [{"id", "agent", "depends_on": [...]}]}``."""
-        g = await run_graph(broker, run_id)
-        if g is None:
-            raise APIError(404, "not_found", f"no run {run_id!r}")
-        return g
+        return found(await run_graph(broker, run_id), f"no run {run_id!r}")
 
     @app.get("/runs/{run_id}/nodes/{node_id}", dependencies=auth, responses=errs_404, tags=["runs"])
     async def node(run_id: RunId, node_id: NodeId) -> dict[str, Any]:
         """One node's report with its step ledger (``ledger``: model and tool steps with
         usage, duration and recorded result)."""
-        n = await node_detail(broker, run_id, node_id)
-        if n is None:
-            raise APIError(404, "not_found", f"run {run_id!r} has no node {node_id!r}")
-        return n
+        return found(await node_detail(broker, run_id, node_id), f"run {run_id!r} has no node {node_id!r}")
 
     @app.post(
         "/runs/{run_id}/cancel",
@@ -333,6 +321,13 @@ def create_app(
 
     mount_dashboard(app)
     return app
+
+
+def found(value: dict[str, Any] | None, message: str) -> dict[str, Any]:
+    """``value``, or a 404 ``not_found`` error with ``message`` when it is ``None``."""
+    if value is None:
+        raise APIError(404, "not_found", message)
+    return value
 
 
 def _stream_id(text: str) -> str:
