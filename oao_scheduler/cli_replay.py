@@ -6,6 +6,7 @@ from __future__ import annotations
 import click
 
 from oao_common.cli_support import (
+    EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
     json_option,
@@ -113,7 +114,15 @@ async def _start(
 
 
 @click.command("replay")
-@click.argument("run_id")
+@click.argument("targets", nargs=-1, required=True, metavar="RUN_ID | --check FILE...")
+@click.option(
+    "--check",
+    is_flag=True,
+    help="The arguments are exported runs (oao-scheduler export): import each into a private "
+    "embedded Valkey (or --redis-url, under a fresh prefix deleted afterwards), replay it in "
+    "full with in-process workers running the agent code installed here, and compare. Exit 1 "
+    "if any replay diverges.",
+)
 @point_options
 @click.option(
     "--live",
@@ -127,7 +136,8 @@ async def _start(
 @json_option
 @run_async
 async def replay_command(
-    run_id: str,
+    targets: tuple[str, ...],
+    check: bool,
     from_step: str | None,
     from_node: str | None,
     live: bool,
@@ -144,7 +154,20 @@ async def replay_command(
     and what differed. With --from-step NODE:SEQ (or --from-node NODE): the steps
     before the point are served from the record, execution goes live from there.
     Workers (oao-worker, or run's fleet) execute the new run; --wait follows it.
+
+    \b
+    With --check FILE...: the replay check to run in CI before deploying agent code
+    (docs/replay.md): exported runs replayed against the code installed here.
     """
+    if check:
+        if from_step or from_node or live or wait:
+            click.echo("error: --check replays whole runs: no --from-*, --live or --wait", err=True)
+            return EXIT_USAGE
+        return await _check(targets, redis_url, timeout_s, as_json)
+    if len(targets) != 1:
+        click.echo("error: replay takes one RUN_ID (or --check FILE...)", err=True)
+        return EXIT_USAGE
+    run_id = targets[0]
     try:
         point = _point(from_step, from_node)
     except ReplayError as e:
@@ -248,6 +271,63 @@ async def step_command(run_id: str, step: str, redis_url: str | None, prefix: st
     out.print(Text.assemble(("request: ", "dim"), json.dumps(rest)))
     out.print(Text.assemble(("result: ", "dim"), json.dumps(rec.get("result"), indent=2)))
     return EXIT_OK
+
+
+async def _check(
+    files: tuple[str, ...], redis_url: str | None, timeout_s: float | None, as_json: bool
+) -> int:
+    """``replay --check``: see :func:`.replay.check_exported`."""
+    import uuid
+    from pathlib import Path
+
+    from rich.text import Text
+
+    from .cli import err, out
+    from .export import ExportError
+    from .fleet import LocalFleet
+    from .replay import check_exported
+
+    sources = []
+    for f in files:
+        try:
+            sources.append((f, Path(f).read_text(encoding="utf-8").splitlines()))
+        except (OSError, UnicodeDecodeError) as e:
+            click.echo(f"error: {f}: cannot read: {e}", err=True)
+            return EXIT_USAGE
+    prefix = f"oao-check-{uuid.uuid4().hex[:10]}" if redis_url else "oao"
+    fleet = LocalFleet(redis_url, prefix=prefix, workers=1, concurrency=16, grace_period_s=1.0)
+    try:
+        async with fleet:
+            results = await check_exported(fleet.broker, sources, timeout_s or 300.0)
+    except ExportError as e:
+        click.echo(f"error: {e}", err=True)
+        return EXIT_USAGE
+    finally:
+        if redis_url:  # the fleet has stopped: nothing writes under the prefix any more
+            await _delete_prefix(redis_url, prefix)
+    if as_json:
+        print_json({"ok": all(r.ok for r in results), "runs": [r.to_dict() for r in results]})
+    else:
+        for r in results:
+            verdict = ("ok", "green") if r.ok else ("DIVERGED", "red bold")
+            out.print(Text.assemble(verdict, f"  {r.source} (run {r.original})"))
+            for p in r.problems:
+                out.print(Text("    " + p))
+        bad = sum(1 for r in results if not r.ok)
+        err.print(f"{len(results) - bad} of {len(results)} runs replayed identically", highlight=False)
+    return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
+
+
+async def _delete_prefix(redis_url: str, prefix: str) -> None:
+    from oao_common.connection import connect
+
+    r = connect(redis_url)
+    try:
+        batch = [k async for k in r.scan_iter(match=f"{prefix}:*", count=1000)]
+        for i in range(0, len(batch), 500):
+            await r.delete(*batch[i : i + 500])
+    finally:
+        await r.aclose()
 
 
 COMMANDS = [replay_command, fork_command, step_command]

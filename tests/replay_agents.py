@@ -2,7 +2,8 @@
 
 ``VARIANT`` stands for the agent code a team deploys next: the tests set it to
 ``"edited"`` to play a code change that sends different tool arguments, ``"fewer"``
-(one turn less) and ``"extra"`` (one more step).
+(one turn less) and ``"extra"`` (one more step); a process started by a test gets
+it from ``OAO_TEST_AGENT_VARIANT``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import hashlib
 import os
 from typing import Any
 
-VARIANT = "original"
+VARIANT = os.environ.get("OAO_TEST_AGENT_VARIANT", "original")
 
 
 def words(text: str) -> dict[str, Any]:
