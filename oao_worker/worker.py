@@ -119,6 +119,15 @@ class _Slots:
                 n -= 1
 
 
+def _reraise_swallowed_cancel() -> None:
+    """Raise ``CancelledError`` if this task was cancelled but the call it was in returned
+    anyway: redis-py's pub/sub ``subscribe()`` can swallow a cancellation, after which
+    its timed reads misbehave and a stopping worker waited forever on its control loop."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class Worker:
     """One worker process' engine (``oao-worker`` runs one; ``run`` may run several).
 
@@ -371,9 +380,11 @@ class Worker:
             pubsub = self.broker.redis.pubsub()
             try:
                 await pubsub.subscribe(self.broker.keys.control_channel)
+                _reraise_swallowed_cancel()
                 backoff.ok()
                 while True:
                     msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
+                    _reraise_swallowed_cancel()
                     if msg is None or msg.get("type") != "message":
                         continue
                     cmd, _, arg = str(msg["data"]).partition(" ")
