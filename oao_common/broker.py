@@ -494,6 +494,11 @@ class Broker:
         value = await self.redis.hget(self.keys.run(run_id), name)
         return None if value is None else str(value)
 
+    async def run_status(self, run_id: str) -> str | None:
+        """The run's ``status`` (``None`` if the run is unknown, e.g. pruned)."""
+        st = await self.redis.hget(self.keys.run(run_id), "status")
+        return None if st is None else str(st)
+
     async def get_spec_json(self, run_id: str) -> tuple[str | None, str | None, str | None]:
         """``(spec_json, inputs_json, started_at_ms)`` of a run, for a worker's cache.
 
@@ -541,6 +546,40 @@ class Broker:
         start = after if after == "-" else f"({after}"
         entries = await self.redis.xrange(self.keys.events(run_id), start, "+", count=count)
         return [Event.from_stream(eid, f) for eid, f in entries]
+
+    async def last_event_id(self, run_id: str) -> str:
+        """The id of the run's newest event (``"0-0"`` if it has none): reading after
+        it misses nothing that happens from now on."""
+        newest = await self.redis.xrevrange(self.keys.events(run_id), "+", "-", count=1)
+        return str(newest[0][0]) if newest else "0-0"
+
+    async def next_events(
+        self, run_id: str, after: str, block_ms: int, count: int = 1000, with_data: bool = True
+    ) -> list[Event]:
+        """One ``XREAD BLOCK``: the run's events after stream id ``after`` (at most
+        ``count``), waiting up to ``block_ms`` (>= 1) for the first; ``[]`` if none came.
+        Without ``with_data`` each event's ``data`` is left empty (not decoded). Redis
+        errors go to the caller."""
+        res = await self.redis.xread({self.keys.events(run_id): after}, block=max(1, block_ms), count=count)
+        entries = [e for _key, es in res or [] for e in es]
+        if with_data:
+            return [Event.from_stream(eid, f) for eid, f in entries]
+        return [
+            Event(
+                eid, f.get("type", "?"), f.get("node", ""), int(f.get("attempt") or 0), int(f.get("ts") or 0)
+            )
+            for eid, f in entries
+        ]
+
+    async def node_statuses(self, run_id: str, node_ids: list[str], chunk: int = 5000) -> list[str | None]:
+        """The ``status`` of each node, in the order of ``node_ids`` (pipelined HGETs)."""
+        out: list[str | None] = []
+        for i in range(0, len(node_ids), chunk):
+            async with self.redis.pipeline(transaction=False) as p:
+                for nid in node_ids[i : i + chunk]:
+                    p.hget(self.keys.node(run_id, nid), "status")
+                out.extend(await p.execute())
+        return out
 
     async def follow_events(
         self, run_id: str, after: str = "0-0", block_ms: int = 1000

@@ -31,8 +31,8 @@ from oao_common.cli_support import (
     run_async,
     trust_options,
 )
-from oao_common.connection import DEFAULT_URL, EmbeddedServer, connect, ping, redact
-from oao_common.errors import SpecError
+from oao_common.connection import DEFAULT_URL, connect, ping, redact
+from oao_common.errors import RedisUnavailable, SpecError
 from oao_common.log import configure_logging, get_logger
 from oao_common.metrics import serve_metrics
 from oao_common.spec import Spec, apply_inputs, load_spec, parse_input_pairs
@@ -44,7 +44,7 @@ from .durations import parse_duration
 from .escalation import Escalator
 from .progress import wait_for_run
 from .reaper import Reaper
-from .report import collect, render_report, render_status
+from .report import REPORT_NODE_LIMIT, collect, render_report, render_status
 from .retention import Retention
 from .submit import submit_spec
 
@@ -209,53 +209,43 @@ async def run(
     (and discarded at exit). The reaper and WORKERS workers run in-process, on the
     same protocol as a distributed fleet. Exit 0 if the run SUCCEEDED, 1 otherwise.
     """
-    from oao_worker.worker import Worker
+    from .fleet import LocalFleet
 
     if not os.environ.get("OAO_LOG_LEVEL") and not _log_level_given():
         configure_logging("warning")  # the progress view and the report say it all
     spec = _load(spec_file, inputs, check_imports, trust)
-    server: EmbeddedServer | None = None
-    if not redis_url:
-        server = EmbeddedServer().start()
-        redis_url = server.url
-    try:
-        broker = await _broker(redis_url, prefix)
-        fleet = [
-            Worker(broker, concurrency=concurrency, heartbeat_ttl_s=5.0, grace_period_s=5.0, trust=trust)
-            for _ in range(workers)
-        ]
-        reaper = Reaper(broker, interval_s=0.5, heartbeat_ttl_s=5.0)
-        stop = asyncio.Event()
-        tasks = [asyncio.create_task(w.run()) for w in fleet]
-        tasks.append(asyncio.create_task(reaper.run(stop)))
-        escalator = Escalator(broker, trust=trust)
-        tasks.append(asyncio.create_task(escalator.run(stop)))
-        try:
-            submitted = await submit_spec(broker, spec)
-            where = "embedded Valkey" if server else redact(redis_url)
-            err.print(
-                f"run {submitted.run_id} ({spec.name}, {len(spec.nodes)} nodes) on {where}", highlight=False
-            )
-            status = await wait_for_run(
-                broker, submitted.run_id, err if progress and not as_json else None, timeout_s=timeout_s
-            )
-            await escalator.poll()  # the run's ending, if it must be escalated, before we exit
-        finally:
-            for w in fleet:
-                w.request_stop()
-            stop.set()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        report = await collect(broker, submitted.run_id)
-        assert report is not None
-        if as_json:
-            print_json(report)
-        else:
-            render_report(report, out)
-        await broker.redis.aclose()
-        return _exit_for(status)
-    finally:
-        if server:
-            server.stop()
+    fleet = LocalFleet(
+        redis_url or None,
+        prefix=prefix,
+        workers=workers,
+        concurrency=concurrency,
+        heartbeat_ttl_s=5.0,
+        grace_period_s=5.0,
+        trust=trust,
+        reaper=True,
+        escalator=True,
+    )
+    async with fleet:
+        submitted = await fleet.submit(spec)
+        where = "embedded Valkey" if fleet.embedded else redact(fleet.url or "")
+        err.print(
+            f"run {submitted.run_id} ({spec.name}, {len(spec.nodes)} nodes) on {where}", highlight=False
+        )
+        # the escalator handles the run's ending, if it must be escalated, before we exit
+        status = await fleet.wait(
+            submitted.run_id, err if progress and not as_json else None, timeout_s=timeout_s
+        )
+        # a summarised report (large runs) needs no state histories: skip reading the events
+        report = await fleet.report(
+            submitted.run_id, with_events=as_json or len(spec.nodes) <= REPORT_NODE_LIMIT
+        )
+    if report is None:
+        raise RedisUnavailable(f"run {submitted.run_id} is no longer in Redis (pruned?)")
+    if as_json:
+        print_json(report)
+    else:
+        render_report(report, out, max_nodes=REPORT_NODE_LIMIT)
+    return _exit_for(status)
 
 
 @main.command()
@@ -305,11 +295,11 @@ async def submit(
     if not as_json:
         click.echo(s.run_id)
     status = await wait_for_run(broker, s.run_id, None if as_json else err, timeout_s=timeout_s)
-    report = await collect(broker, s.run_id)
+    report = await collect(broker, s.run_id, with_events=as_json or len(spec.nodes) <= REPORT_NODE_LIMIT)
     if as_json:
         print_json(report)
     elif report:
-        render_report(report, out)
+        render_report(report, out, max_nodes=REPORT_NODE_LIMIT)
     return _exit_for(status)
 
 

@@ -7,6 +7,7 @@ and :func:`render_status` print it with rich.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from typing import Any
 
 from rich.console import Console
@@ -26,6 +27,9 @@ _NODE_EVENT_STATE = {
     EventType.NODE_REQUEUED: "READY(requeued)",
     EventType.NODE_HANDED_BACK: "READY(handed back)",
 }
+
+#: ``run`` and ``submit --wait`` summarise the report of a run with more nodes than this.
+REPORT_NODE_LIMIT = 100
 
 STATUS_STYLE = {
     "SUCCEEDED": "green",
@@ -224,12 +228,36 @@ def render_status(report: dict[str, Any], console: Console) -> None:
     console.print(node_table(report))
 
 
-def render_report(report: dict[str, Any], console: Console, output_chars: int = 600) -> None:
+def render_report(
+    report: dict[str, Any], console: Console, output_chars: int = 600, max_nodes: int | None = None
+) -> None:
     """The full execution report: header, node table, then per node its state history,
-    agent lifecycle, output and error."""
+    agent lifecycle, output and error.
+
+    With ``max_nodes`` (``run``, ``submit --wait``), a run of more nodes than that is
+    summarised: the counts by status, and the table and details of only the nodes that
+    did not succeed (at most ``max_nodes`` of them); ``--json`` has every node."""
     console.rule("[bold]Execution report")
-    render_status(report, console)
-    for n in report["nodes"]:
+    nodes = report["nodes"]
+    shown = nodes
+    if max_nodes is not None and len(nodes) > max_nodes:
+        _header(report, console)
+        counts = Counter(n["status"] for n in nodes)
+        console.print("by status: " + " · ".join(f"{_styled(k)} {v}" for k, v in sorted(counts.items())))
+        unsuccessful = [n for n in nodes if n["status"] != "SUCCEEDED"]
+        shown = unsuccessful[:max_nodes]
+        if shown:
+            console.print(node_table({**report, "nodes": shown}))
+        if not unsuccessful:
+            what = "all SUCCEEDED"
+        elif len(shown) < len(unsuccessful):
+            what = f"shown are the first {len(shown)} of the {len(unsuccessful)} that did not succeed"
+        else:
+            what = f"shown are the {len(shown)} that did not succeed"
+        console.print(f"[dim]{len(nodes)} nodes: {what}; --json has every node[/]", highlight=False)
+    else:
+        render_status(report, console)
+    for n in shown:
         console.print(f"\n[bold]{n['id']}[/] [{n['agent']}] {_styled(n['status'])}")
         hist = " → ".join(f"{h['state']}@{h['t_ms'] / 1000:.3f}s" for h in n["state_history"])
         if hist:

@@ -120,6 +120,15 @@ class _Slots:
                 n -= 1
 
 
+def _reraise_swallowed_cancel() -> None:
+    """Raise ``CancelledError`` if this task was cancelled but the call it was in returned
+    anyway: redis-py's pub/sub ``subscribe()`` can swallow a cancellation, after which
+    its timed reads misbehave and a stopping worker waited forever on its control loop."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class Worker:
     """One worker process' engine (``oao-worker`` runs one; ``run`` may run several).
 
@@ -368,16 +377,19 @@ class Worker:
         next fenced write is rejected anyway.
         """
         backoff = Backoff(self.log, "worker.control")
-        # The loop also ends on its own once the worker stops: a cancellation that lands
-        # as get_message's own timeout fires can be swallowed (asyncio.timeout on 3.11
-        # turns it into the TimeoutError redis-py catches), and shutdown waited forever.
+        # redis-py's pub/sub calls can swallow a cancellation (subscribe(), or a cancel
+        # that lands as get_message's own timeout fires), and shutdown then waited
+        # forever: a swallowed cancel is re-raised, and the loop also ends on its own
+        # once the worker stops.
         while not self._stop.is_set():
             pubsub = self.broker.redis.pubsub()
             try:
                 await pubsub.subscribe(self.broker.keys.control_channel)
+                _reraise_swallowed_cancel()
                 backoff.ok()
                 while not self._stop.is_set():
                     msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    _reraise_swallowed_cancel()
                     if msg is None or msg.get("type") != "message":
                         continue
                     cmd, _, arg = str(msg["data"]).partition(" ")
