@@ -277,23 +277,33 @@ async def _check(
     files: tuple[str, ...], redis_url: str | None, timeout_s: float | None, as_json: bool
 ) -> int:
     """``replay --check``: see :func:`.replay.check_exported`."""
+    import os
     import uuid
     from pathlib import Path
 
     from rich.text import Text
 
-    from .cli import err, out
-    from .export import ExportError
+    from oao_common.log import configure_logging
+
+    from .cli import _log_level_given, err, out
+    from .export import ExportError, parse_lines
     from .fleet import LocalFleet
     from .replay import check_exported
 
     sources = []
-    for f in files:
+    for f in files:  # every file is read and checked before anything starts
         try:
-            sources.append((f, Path(f).read_text(encoding="utf-8").splitlines()))
+            lines = Path(f).read_text(encoding="utf-8").splitlines()
+            parse_lines(lines)
         except (OSError, UnicodeDecodeError) as e:
             click.echo(f"error: {f}: cannot read: {e}", err=True)
             return EXIT_USAGE
+        except ExportError as e:
+            click.echo(f"error: {f}: {e}", err=True)
+            return EXIT_USAGE
+        sources.append((f, lines))
+    if not os.environ.get("OAO_LOG_LEVEL") and not _log_level_given():
+        configure_logging("warning")  # the workers' info lines would bury the verdicts
     prefix = f"oao-check-{uuid.uuid4().hex[:10]}" if redis_url else "oao"
     fleet = LocalFleet(redis_url, prefix=prefix, workers=1, concurrency=16, grace_period_s=1.0)
     try:
