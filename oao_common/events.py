@@ -42,6 +42,10 @@ class EventType(StrEnum):
     POLICY_VIOLATION = "POLICY_VIOLATION"
     RATE_LIMIT_WAIT = "RATE_LIMIT_WAIT"
     LOOP_BLOCKED = "LOOP_BLOCKED"  # the node's code held the worker's event loop (seconds)
+    # inside a framework agent (kind langgraph / langchain; docs/frameworks.md)
+    GRAPH_NODE_COMPLETED = "GRAPH_NODE_COMPLETED"  # a LangGraph node returned its update
+    GRAPH_INTERRUPTED = "GRAPH_INTERRUPTED"  # the graph called interrupt(value)
+    GRAPH_RESUMED = "GRAPH_RESUMED"  # OAO answered an interrupt with the agent's next resume value
     # protocol
     STALE_ATTEMPT_REJECTED = "STALE_ATTEMPT_REJECTED"
 

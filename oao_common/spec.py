@@ -182,7 +182,57 @@ class LLMAgentSpec(_Strict):
     temperature: Temperature | None = None
 
 
-AgentSpec = Annotated[PythonAgentSpec | LLMAgentSpec, Field(discriminator="kind")]
+class _FrameworkAgentSpec(_Strict):
+    """Fields shared by the framework adapters (docs/frameworks.md): ``entrypoint`` names
+    a compiled graph / Runnable, or a function returning one (called once per run with
+    ``model=`` OAO's chat model and ``tools=`` the spec tools as LangChain tools, if it
+    takes them, and ``config`` as keyword arguments). ``tools`` is the allow-list of tool
+    names the agent may call (``None``: every tool it was given); ``deny_tools`` are
+    refused. ``deps_key`` / ``inputs_key`` name the input keys that receive the
+    dependency outputs and the run's inputs."""
+
+    entrypoint: str = Field(pattern=ENTRYPOINT_PATTERN)
+    model: str | None = Field(default=None, description="the model of OAO's chat model")
+    tools: list[str] | None = None
+    deny_tools: list[str] = Field(default_factory=list)
+    config: dict[str, PlainData] = Field(default_factory=dict)
+    deps_key: str | None = None
+    inputs_key: str | None = None
+
+
+class LangGraphAgentSpec(_FrameworkAgentSpec):
+    """A LangGraph graph (``oao_worker/agents/langgraph_agent.py``). ``input_key`` gets
+    the task (``messages``: as a user message; default: ``messages``, ``task``, ``input``
+    or ``question``, the first the input schema has); ``output_key`` picks the final
+    state's key that is the node's output (default: the whole state). ``resume`` answers
+    ``interrupt()`` calls in order; an interrupt with no answer left fails the node
+    (``on_interrupt: fail``) or ends it with ``{"interrupted": [...], "state": ...}``
+    (``output``). ``recursion_limit``: LangGraph's super-step limit."""
+
+    kind: Literal["langgraph"]
+    input_key: str | None = None
+    output_key: str | None = None
+    recursion_limit: PositiveCount = 25
+    resume: list[PlainData] = Field(default_factory=list)
+    on_interrupt: Literal["fail", "output"] = "fail"
+
+
+class LangChainAgentSpec(_FrameworkAgentSpec):
+    """A LangChain Runnable or agent executor (``oao_worker/agents/langchain_agent.py``),
+    invoked with ``{input_key: task}`` (``input_key: null``: the task text itself); a
+    result ``{"output": X, ...}`` makes X the node's output."""
+
+    kind: Literal["langchain"]
+    input_key: str | None = "input"
+
+
+#: Agent kinds whose ``tools`` / ``deny_tools`` may name the framework's own tools, not
+#: only tools of the spec.
+FRAMEWORK_KINDS = frozenset({"langgraph", "langchain"})
+
+AgentSpec = Annotated[
+    PythonAgentSpec | LLMAgentSpec | LangGraphAgentSpec | LangChainAgentSpec, Field(discriminator="kind")
+]
 
 
 class ToolSpec(_Strict):
@@ -397,8 +447,8 @@ def cross_reference_problems(spec: Spec) -> list[str]:
                 f"agents.{aname}.model: unknown model {agent.model!r}"
                 f" (known: {', '.join(sorted(spec.models)) or 'none'})"
             )
-        for t in [*agent.tools, *agent.deny_tools]:
-            if t not in spec.tools:
+        for t in [*(agent.tools or []), *agent.deny_tools]:
+            if t not in spec.tools and agent.kind not in FRAMEWORK_KINDS:
                 problems.append(
                     f"agents.{aname}.tools: unknown tool {t!r}"
                     f" (known: {', '.join(sorted(spec.tools)) or 'none'})"
@@ -484,6 +534,8 @@ def _loc_name(raw: Any, loc: tuple[Any, ...]) -> str:
 _UNION_TAGS = {
     "python",
     "llm",
+    "langgraph",
+    "langchain",
     "scripted",
     "openai",
     "<reply>",

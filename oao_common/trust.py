@@ -323,7 +323,7 @@ class TrustPolicy:
     def spec_problems(self, spec: Spec) -> list[str]:
         """Every refusal this policy would make for ``spec``, one line each, without
         importing or connecting (entrypoints by name, API-key names, URLs statically)."""
-        from .spec import OpenAIModelSpec, PythonAgentSpec
+        from .spec import OpenAIModelSpec
 
         problems: list[str] = []
 
@@ -335,8 +335,9 @@ class TrustPolicy:
                 problems.append(msg if msg.startswith(where) else f"{where}: {msg}")
 
         for name, agent in spec.agents.items():
-            if isinstance(agent, PythonAgentSpec):
-                check(f"agents.{name}.entrypoint", self.check_entrypoint, agent.entrypoint)
+            entrypoint = getattr(agent, "entrypoint", None)  # python and framework kinds
+            if entrypoint:
+                check(f"agents.{name}.entrypoint", self.check_entrypoint, entrypoint)
         for name, tool in spec.tools.items():
             check(f"tools.{name}.entrypoint", self.check_entrypoint, tool.entrypoint)
         for name, model in spec.models.items():

@@ -47,10 +47,10 @@ class RunRuntime:
         a = self.agents.get(name)
         if a is None:
             spec = self.spec.agents[name]
-            if spec.kind == "llm" or runs_no_code(spec.entrypoint):  # nothing to import or run
-                a = build_agent(name, spec, self.trust)
-            else:
-                a = await run_sync(build_agent, name, spec, self.trust)
+            if spec.kind == "llm" or (spec.kind == "python" and runs_no_code(spec.entrypoint)):
+                a = build_agent(name, spec, self.trust)  # nothing to import or run
+            else:  # framework kinds call their graph factory: off the loop too
+                a = await run_sync(build_agent, name, spec, self.trust, self.tools)
             a = self.agents.setdefault(name, a)
         return a
 
@@ -80,7 +80,7 @@ def import_problems(spec: Spec, trust: TrustPolicy | None = None) -> list[str]:
     """Import every entrypoint of ``spec`` (agents and tools) as a worker would; one
     line per entrypoint that fails, naming its place (``agents.writer.entrypoint``).
     Blocking: for the command line (``validate/submit --check-imports``, ``run``)."""
-    places = [(f"agents.{n}.entrypoint", a.entrypoint) for n, a in spec.agents.items() if a.kind == "python"]
+    places = [(f"agents.{n}.entrypoint", a.entrypoint) for n, a in spec.agents.items() if a.kind != "llm"]
     places += [(f"tools.{n}.entrypoint", t.entrypoint) for n, t in spec.tools.items()]
     problems = []
     for where, entrypoint in places:

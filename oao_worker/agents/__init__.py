@@ -1,14 +1,18 @@
-"""Agent kinds: ``python`` (callables, ``invoke(task)`` objects, ``async def run(ctx)``)
-and ``llm`` (the built-in tool-calling loop)."""
+"""Agent kinds: ``python`` (callables, ``invoke(task)`` objects, ``async def run(ctx)``),
+``llm`` (the built-in tool-calling loop), and the framework adapters ``langgraph`` and
+``langchain`` (docs/frameworks.md; they need the ``frameworks`` extra)."""
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from oao_common.spec import AgentSpec, LLMAgentSpec
+from oao_common.spec import AgentSpec, LangChainAgentSpec, LangGraphAgentSpec, LLMAgentSpec
 from oao_common.trust import DEFAULT_TRUST, TrustPolicy
 
 from ..context import AgentContext
+
+if TYPE_CHECKING:
+    from ..tools import Tool
 
 
 class Agent(Protocol):
@@ -17,13 +21,20 @@ class Agent(Protocol):
         ...
 
 
-def build_agent(name: str, spec: AgentSpec, trust: TrustPolicy = DEFAULT_TRUST) -> Agent:
+def build_agent(
+    name: str, spec: AgentSpec, trust: TrustPolicy = DEFAULT_TRUST, tools: dict[str, Tool] | None = None
+) -> Agent:
     """The runnable agent for agent ``name`` of a spec; raises ``PermanentError`` if its
-    entrypoint cannot be imported (``TrustError`` if ``trust`` does not allow it)."""
+    entrypoint cannot be imported (``TrustError`` if ``trust`` does not allow it).
+    ``tools`` are the run's spec tools, handed to a framework agent's graph factory."""
     if isinstance(spec, LLMAgentSpec):
         from .llm import LLMAgent
 
         return LLMAgent(name, spec)
+    if isinstance(spec, LangGraphAgentSpec | LangChainAgentSpec):
+        from .frameworks import build_framework_agent
+
+        return build_framework_agent(name, spec, trust, tools or {})
     from .python import PythonAgent
 
     return PythonAgent(name, spec, trust)
