@@ -18,6 +18,7 @@ pytest.importorskip("langgraph")
 pytest.importorskip("langchain_core")
 
 from oao_testkit import fleet, make_spec, of_type, run_spec, wait_until
+from proc import cli
 
 from oao_common.broker import Broker
 from oao_scheduler.replay import normalized_trace, replay, verify_replay
@@ -412,3 +413,14 @@ async def test_full_replay_of_a_langgraph_run_reproduces_it_with_nothing_live(
     assert trace["fan"].count("GRAPH_NODE_COMPLETED") == 5
     assert "GRAPH_INTERRUPTED" in trace["ok"] and "GRAPH_RESUMED" in trace["ok"]
     assert (await node(broker, r.run_id, "ok"))["output"]["result"] == "approved: ship it, done"
+
+
+def test_the_example_spec_runs() -> None:
+    r = cli("run", "examples/langgraph_research.yaml", "--json", timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads(r.stdout)
+    assert report["status"] == "SUCCEEDED"
+    nodes = {n["id"]: n for n in report["nodes"]}
+    assert nodes["research"]["output"].startswith("AI governance in the notes (")
+    assert nodes["write"]["output"].count("\n\n") == 3  # the title and three sections
+    assert nodes["review"]["output"].startswith("Published (The editor said approved")
