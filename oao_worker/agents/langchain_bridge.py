@@ -1,4 +1,4 @@
-"""The bridge between LangChain / LangGraph and OAO's step machinery (ADR 010).
+"""The bridge between LangChain / LangGraph and OAO's step machinery (ADR 011).
 
 A framework agent reaches the world through LangChain objects, so OAO governs it by
 giving it LangChain objects of its own, the way LangChain expects to be extended:

@@ -24,7 +24,7 @@ if it declares them, and the agent's ``config``). Each node attempt:
 4. returns the final state as JSON (``output_key``: one key of it; a message list gives
    its last message's content).
 
-The graph's own checkpointer and node cache are not used (ADR 010): a resumed node
+The graph's own checkpointer and node cache are not used (ADR 011): a resumed node
 re-drives the graph from its input with the recorded replies and tool results served from
 the step ledger.
 """
