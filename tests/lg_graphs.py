@@ -102,6 +102,7 @@ def streaming_react(model: Any, tools: list[Any]) -> Any:
     bound = model.bind_tools([*tools, governed(word_count)])
 
     async def agent(state: MessagesState) -> dict[str, Any]:
+        effect("agent")
         reply = None
         async for chunk in bound.astream(state["messages"]):
             reply = chunk if reply is None else reply + chunk

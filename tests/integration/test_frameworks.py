@@ -184,8 +184,9 @@ async def test_token_budget_stops_a_streaming_graph_mid_stream_and_is_not_retrie
     lines = effects(ledger_file)
     chunks = [ln for ln in lines if ln.startswith("chunk ") and ln != "chunk 0"]
     assert 0 < len(chunks) < 100, "the graph saw some of the stream, not all of it"
-    # the graph's own RetryPolicy ran the node again: the latched violation stopped it
-    # before any new model call
+    # the graph's own RetryPolicy ran the node again (3 attempts of its second run): the
+    # latched violation stopped each retry before any new model call
+    assert lines.count("agent") == 1 + 3
     assert await steps(broker, rid) == [("llm", "m"), ("tool", "lookup")]
     assert lines.count("lookup governance") == 1
 
