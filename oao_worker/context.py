@@ -38,6 +38,7 @@ from oao_common.ratelimit import RateLimitTimeout
 from oao_common.spec import Spec
 
 from .budget import RESERVE_CHUNK, RunBudget
+from .deltas import DeltaPublisher
 from .governance import Governor, StepInfo
 from .guards import CallGuards, Guard
 from .lifecycle import AgentState, Lifecycle
@@ -93,6 +94,7 @@ class AgentContext:
         call_guards: CallGuards | None = None,
         guards: dict[str, Guard] | None = None,
         run_sync: RunSync | None = None,
+        deltas: DeltaPublisher | None = None,
     ) -> None:
         self.broker = broker
         self.worker_id = worker_id
@@ -116,6 +118,8 @@ class AgentContext:
         #: ``await ctx.run_sync(fn, *args)``: run blocking code in the worker's bounded
         #: executor (its time counts from when its thread starts; see executor.py).
         self.run_sync: RunSync = run_sync or asyncio.to_thread
+        #: Publishes streamed model text live (``oao_worker/deltas.py``); None: not at all.
+        self.deltas = deltas
         self.idempotency_key: str | None = None
         self.replayed_steps = 0
         self.executed_steps = 0
@@ -375,13 +379,30 @@ class AgentContext:
                     await budget.reserve(reservation, 0, RESERVE_CHUNK, price.cost(0, RESERVE_CHUNK))
                     reserved_out += RESERVE_CHUNK
 
+            async def call_model() -> ModelReply:
+                """One try of the call; its streamed text also goes out live (not stored)."""
+                if self.deltas is None:
+                    return await provider.complete(request, on_chunk)
+                live = self.deltas.stream(self.run_id, self.node_id, self.attempt, step.seq)
+
+                async def on_chunk_live(delta: str, out: int) -> None:
+                    await on_chunk(delta, out)  # a budget stop raises before the text goes out
+                    live.add(delta)
+
+                try:
+                    reply = await provider.complete(request, on_chunk_live)
+                finally:
+                    live.close()
+                await live.flushed()  # subscribers get the text before the step's record
+                return reply
+
             try:
                 reply = await self._retrying(
                     step,
                     lambda: self._guarded(
                         f"model:{name}",
                         step.input_tokens + reserved_out,
-                        lambda: provider.complete(request, on_chunk),
+                        call_model,
                         lambda r: r.usage.total,
                     ),
                     _transient,
