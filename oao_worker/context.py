@@ -38,7 +38,7 @@ from oao_common.ratelimit import RateLimitTimeout
 from oao_common.spec import Spec
 
 from .budget import RESERVE_CHUNK, RunBudget
-from .deltas import DeltaPublisher
+from .deltas import DeltaPublisher, DeltaStream
 from .governance import Governor, StepInfo
 from .guards import CallGuards, Guard
 from .lifecycle import AgentState, Lifecycle
@@ -372,28 +372,28 @@ class AgentContext:
                     reservation, step.input_tokens, reserved_out, price.cost(step.input_tokens, reserved_out)
                 )
 
-            async def on_chunk(_delta: str, out: int) -> None:
+            live: DeltaStream | None = None  # this try's text, published as it comes
+
+            async def on_chunk(delta: str, out: int) -> None:
                 nonlocal reserved_out
-                self.governor.on_chunk(step, out)
+                self.governor.on_chunk(step, out)  # a budget stop raises before the text goes out
                 while reservation and out > reserved_out:  # the stream outgrew its reservation
                     await budget.reserve(reservation, 0, RESERVE_CHUNK, price.cost(0, RESERVE_CHUNK))
                     reserved_out += RESERVE_CHUNK
+                if live is not None:
+                    live.add(delta)
 
             async def call_model() -> ModelReply:
                 """One try of the call; its streamed text also goes out live (not stored)."""
+                nonlocal live
                 if self.deltas is None:
                     return await provider.complete(request, on_chunk)
-                live = self.deltas.stream(self.run_id, self.node_id, self.attempt, step.seq)
-
-                async def on_chunk_live(delta: str, out: int) -> None:
-                    await on_chunk(delta, out)  # a budget stop raises before the text goes out
-                    live.add(delta)
-
+                live = stream = self.deltas.stream(self.run_id, self.node_id, self.attempt, step.seq)
                 try:
-                    reply = await provider.complete(request, on_chunk_live)
+                    reply = await provider.complete(request, on_chunk)
                 finally:
-                    live.close()
-                await live.flushed()  # subscribers get the text before the step's record
+                    stream.close()
+                await stream.flushed()  # subscribers get the text before the step's record
                 return reply
 
             try:
