@@ -52,6 +52,7 @@ class DeltaSubscription:
 
     def __init__(self, hub: DeltaHub, channel: str) -> None:
         self.hub = hub
+        self.hub_loop = asyncio.get_running_loop()
         self.channel = channel
         self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(QUEUE_SIZE)
         self.dropped = 0
@@ -77,12 +78,17 @@ class DeltaSubscription:
 class DeltaHub:
     """Subscribes to the delta channels of the runs being watched (see the module doc).
 
-    Use from one event loop (the API server's).
+    Its state belongs to the event loop that used it last: an app served again from
+    another loop (a test client per test) starts afresh there.
     """
 
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
         self.log = get_logger(component="api")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reset()
+
+    def _reset(self) -> None:
         self._subs: dict[str, set[DeltaSubscription]] = {}  # channel -> its subscriptions
         self._confirmed: dict[str, asyncio.Event] = {}  # channel -> SUBSCRIBE confirmed
         self._pubsub: PubSub | None = None
@@ -100,6 +106,9 @@ class DeltaHub:
         """Watch ``run_id``'s deltas. Returns once Redis confirmed the subscription, or
         after ``confirm_s`` seconds (Redis unavailable: the reader subscribes when it is
         back). Never raises a Redis error."""
+        if self._loop is not asyncio.get_running_loop():
+            self._loop = asyncio.get_running_loop()
+            self._reset()
         channel = self.broker.keys.deltas_channel(run_id)
         sub = DeltaSubscription(self, channel)
         first = channel not in self._subs
@@ -122,7 +131,7 @@ class DeltaHub:
     def release(self, sub: DeltaSubscription) -> None:
         """Forget ``sub``; unsubscribe its channel if it was the last one watching."""
         subs = self._subs.get(sub.channel)
-        if subs is None or sub not in subs:
+        if subs is None or sub not in subs or sub.hub_loop is not self._loop:
             return
         subs.discard(sub)
         if subs:

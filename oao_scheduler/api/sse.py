@@ -111,8 +111,8 @@ async def _stream(
                 continue
             if status is None or (status in RunState.__members__ and RunState(status).terminal):
                 return  # deleted, or a resume after the end event: nothing more comes
-            # live: new events straight from XREAD (in the order they came with the
-            # deltas), until it times out; then the status is checked again
+            # live: new events straight from XREAD, in the order they came with the
+            # deltas; when it times out, only the status is checked
             while True:
                 xread = asyncio.create_task(broker.redis.xread({key: last}, block=block_ms, count=PAGE))
                 while sub is not None and not xread.done():
@@ -133,7 +133,16 @@ async def _stream(
                 entries = [e for _key, es in res or [] for e in es]
                 if not entries:
                     yield ": keep-alive\n\n"
-                    break
+                    try:  # deleted or ended meanwhile (without an end event read here)?
+                        status = await broker.redis.hget(broker.keys.run(run_id), "status")
+                        backoff.ok()
+                    except LOOP_ERRORS as e:
+                        yield ": redis unavailable, retrying\n\n"
+                        await backoff.sleep_after(e)
+                        break
+                    if status is None or (status in RunState.__members__ and RunState(status).terminal):
+                        break  # catch up: what is left, then the end
+                    continue
                 if sub is not None:
                     # a delta read from the other connection in the same loop turn came
                     # first (Redis sent it before this reply): let it be queued

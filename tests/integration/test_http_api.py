@@ -295,13 +295,16 @@ async def test_sse_sends_model_deltas_live_without_storing_them(api: LiveAPI, br
     async with client(api) as c:
         rid = (await c.post("/runs", json={"spec": DELTA_SPEC})).json()["run_id"]
         live: list[dict[str, Any]] = []
+        live2: list[dict[str, Any]] = []
         plain: list[dict[str, Any]] = []
         readers = [
             asyncio.create_task(read_sse(c, rid, out=live, deltas=True)),
+            asyncio.create_task(read_sse(c, rid, out=live2, deltas=True)),
             asyncio.create_task(read_sse(c, rid, out=plain, deltas=True, params={"deltas": "false"})),
         ]
-        # both connected (they got the backlog) before anything ran; one watches deltas
-        await wait_until(lambda: min(len(live), len(plain)), lambda n: n >= 1, 10, "both streams")
+        # all connected (they got the backlog) before anything ran; two watch deltas,
+        # through the API's one subscription
+        await wait_until(lambda: min(map(len, (live, live2, plain))), lambda n: n >= 1, 10, "the streams")
         channel = broker.keys.deltas_channel(rid)
         await wait_until(lambda: broker.redis.pubsub_numsub(channel), [(channel, 1)], 10, "the subscription")
         async with fleet(broker):
@@ -310,6 +313,7 @@ async def test_sse_sends_model_deltas_live_without_storing_them(api: LiveAPI, br
         assert [m.get("id") for m in plain] == [e.id for e in stored]  # no delta with deltas=false
         assert [m["id"] for m in live if "id" in m] == [e.id for e in stored]
         assert live[-1]["event"] == "RUN_SUCCEEDED"
+        assert live2 == live
 
         outputs = {n["id"]: n["output"] for n in (await c.get(f"/runs/{rid}/report")).json()["nodes"]}
         assert set(outputs) == {"draft", "polish"}
