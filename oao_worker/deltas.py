@@ -13,7 +13,8 @@ What it costs, and how that is kept down (figures in docs/benchmarks.md):
 * **Nobody listening.** :class:`DeltaPublisher` knows per run whether the channel has
   subscribers from a ``PUBSUB NUMSUB`` at most once per ``refresh_s`` (1 s), sent in the
   background, one command for every run due. With none, a chunk costs a dict lookup and
-  nothing is sent. A run not checked yet counts as listened to until the first answer.
+  nothing is sent. Until the first answer about a run, its calls hold their text back
+  (then send or drop it), so a subscriber that came first misses nothing.
 * **Someone listening.** Text is coalesced per call: the first piece goes at once, then
   at most one message per ``interval_s`` (50 ms), sooner when ``max_chars`` are waiting,
   and the rest when the call ends. One ``PUBLISH`` at a time per call, so messages keep
@@ -80,6 +81,7 @@ class DeltaPublisher:
         self.errors = 0
         self._listening: dict[str, tuple[float, bool]] = {}  # run -> (checked at, any subscriber)
         self._due: set[str] = set()
+        self._waiting: dict[str, set[DeltaStream]] = {}  # run not asked yet -> streams holding text
         self._refresh: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -87,9 +89,10 @@ class DeltaPublisher:
         """The deltas of one try of one model call (step ``seq`` of a node's attempt)."""
         return DeltaStream(self, run_id, node_id, attempt, seq)
 
-    def listening(self, run_id: str) -> bool:
+    def listening(self, run_id: str) -> bool | None:
         """Whether ``run_id``'s channel had subscribers when last asked (at most
-        ``refresh_s`` ago; an older answer is used while a new one is fetched)."""
+        ``refresh_s`` ago; an older answer is used while a new one is fetched), or
+        ``None`` before the first answer."""
         if not self.check_subscribers:
             return True
         entry = self._listening.get(run_id)
@@ -98,8 +101,12 @@ class DeltaPublisher:
             if self._refresh is None:
                 self._refresh = self.spawn(self._refresh_due())
             if entry is None:
-                return True
+                return None
         return entry[1]
+
+    def on_answer(self, run_id: str, stream: DeltaStream) -> None:
+        """Call ``stream``'s pump when the first answer about ``run_id`` comes."""
+        self._waiting.setdefault(run_id, set()).add(stream)
 
     def spawn(self, coro: Any) -> asyncio.Task[None]:
         """A background task, referenced until it ends."""
@@ -123,6 +130,8 @@ class DeltaPublisher:
                 now = time.monotonic()
                 for rid, yes in zip(runs, answers, strict=False):
                     self._listening[rid] = (now, yes)
+                    for stream in self._waiting.pop(rid, ()):
+                        stream.pump()
                 if len(self._listening) > MAX_RUNS:
                     cutoff = now - 60.0
                     self._listening = {k: v for k, v in self._listening.items() if v[0] >= cutoff}
@@ -150,7 +159,9 @@ class DeltaStream:
     """Coalesces and publishes the text of one model call (see the module doc).
 
     :meth:`add` each streamed piece; at the end :meth:`close` (sends the rest in the
-    background), then, if the call succeeded, ``await`` :meth:`flushed`.
+    background), then, if the call succeeded, ``await`` :meth:`flushed`. Text waits in
+    the buffer while a message is in flight, until ``interval_s`` has passed, or until
+    the publisher knows whether anyone listens.
     """
 
     __slots__ = (
@@ -158,6 +169,7 @@ class DeltaStream:
         "_channel",
         "_closed",
         "_head",
+        "_idle",
         "_last",
         "_offset",
         "_pub",
@@ -179,36 +191,52 @@ class DeltaStream:
         self._sending: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
+        self._idle: asyncio.Future[None] | None = None  # set when nothing is left to send
 
     def add(self, text: str) -> None:
         """One streamed piece of the reply (never blocks)."""
         if not text or self._closed:
             return
-        if not self._buf and not self._pub.listening(self._run_id):
+        if not self._buf and self._pub.listening(self._run_id) is False:
             self._offset += len(text)  # nobody listens: dropped, costs nothing
             return
         self._buf.append(text)
         self._size += len(text)
-        self._pump()
+        self.pump()
 
     def close(self) -> None:
         """The call ended: what is buffered goes now (after a message in flight)."""
         self._closed = True
-        self._pump()
+        self.pump()
 
     async def flushed(self) -> None:
-        """Wait until every message of the call was sent (or failed), at most
-        ``end_wait_s`` seconds. Call after :meth:`close`."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._pub.end_wait_s
-        while (sending := self._sending) is not None and not sending.done():
-            left = deadline - loop.time()
-            if left <= 0:
-                return
-            await asyncio.wait({sending}, timeout=left)
+        """Wait until every message of the call was sent (or failed, or dropped), at
+        most ``end_wait_s`` seconds. Call after :meth:`close`."""
+        if self._sending is None and not self._buf:
+            return
+        self._idle = asyncio.get_running_loop().create_future()
+        await asyncio.wait({self._idle}, timeout=self._pub.end_wait_s)
 
-    def _pump(self) -> None:
-        if self._sending is not None or not self._buf:
+    def pump(self) -> None:
+        """Send what is buffered if it is time, else arrange to be called again."""
+        if self._sending is not None:
+            return
+        if not self._buf:
+            if self._idle is not None and not self._idle.done():
+                self._idle.set_result(None)
+            return
+        state = self._pub.listening(self._run_id)
+        if state is None:  # not known yet: hold the text until the answer
+            self._pub.on_answer(self._run_id, self)
+            return
+        if state is False:  # nobody listens (any more): drop what is held
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._offset += self._size
+            self._buf.clear()
+            self._size = 0
+            self.pump()
             return
         loop = asyncio.get_running_loop()
         wait = self._last + self._pub.interval_s - loop.time()
@@ -228,9 +256,9 @@ class DeltaStream:
 
     def _on_timer(self) -> None:
         self._timer = None
-        self._pump()
+        self.pump()
 
     async def _send(self, message: str) -> None:
         await self._pub.publish(self._channel, message)  # raises nothing but cancellation
         self._sending = None
-        self._pump()
+        self.pump()
