@@ -17,10 +17,12 @@ What it costs, and how that is kept down (figures in docs/benchmarks.md):
   (then send or drop it), so a subscriber that came first misses nothing.
 * **Someone listening.** Text is coalesced per call: the first piece goes at once, then
   at most one message per ``interval_s`` (50 ms), sooner when ``max_chars`` are waiting,
-  and the rest when the call ends. One ``PUBLISH`` at a time per call, so messages keep
-  their order, each from a background task: the step does not wait for them, except that
-  a call that succeeded waits up to ``end_wait_s`` for its last one, so that subscribers
-  get a reply's text before the step's record (and the node's end) reach the event log.
+  and the rest when the call ends. One message in flight at a time per call, so they
+  keep their order. One background task per worker sends them: whatever all calls
+  queued meanwhile goes in one pipeline of ``PUBLISH`` commands. The step does not wait
+  for it, except that a call that succeeded waits up to ``end_wait_s`` for its last
+  message, so that subscribers get a reply's text before the step's record (and the
+  node's end) reach the event log.
 * **Failures.** A Redis error on publish (or on the ``NUMSUB``) is logged at debug level
   and the text dropped; it never fails or holds up the step.
 """
@@ -82,6 +84,8 @@ class DeltaPublisher:
         self._listening: dict[str, tuple[float, bool]] = {}  # run -> (checked at, any subscriber)
         self._due: set[str] = set()
         self._waiting: dict[str, set[DeltaStream]] = {}  # run not asked yet -> streams holding text
+        self._outbox: list[tuple[str, str, DeltaStream]] = []  # (channel, message, its stream)
+        self._sender: asyncio.Task[None] | None = None
         self._refresh: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -145,14 +149,34 @@ class DeltaPublisher:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def publish(self, channel: str, message: str) -> None:
-        """``PUBLISH``; a failure is logged at debug level and dropped."""
+    def send(self, channel: str, message: str, stream: DeltaStream) -> None:
+        """Queue a message; ``stream.sent()`` is called once it went out (or failed)."""
+        self._outbox.append((channel, message, stream))
+        if self._sender is None:
+            self._sender = self.spawn(self._send_all())
+
+    async def _send_all(self) -> None:
+        """Send what is queued, one pipeline per batch; a failure is logged at debug
+        level and the batch dropped."""
         try:
-            await self.redis.publish(channel, message)
-            self.published += 1
-        except Exception as e:
-            self.errors += 1
-            _log.debug("deltas.publish_failed", channel=channel, error=describe(e))
+            while self._outbox:
+                batch, self._outbox = self._outbox, []
+                try:
+                    if len(batch) == 1:
+                        await self.redis.publish(batch[0][0], batch[0][1])
+                    else:
+                        async with self.redis.pipeline(transaction=False) as pipe:
+                            for channel, message, _ in batch:
+                                pipe.publish(channel, message)
+                            await pipe.execute()
+                    self.published += len(batch)
+                except Exception as e:
+                    self.errors += len(batch)
+                    _log.debug("deltas.publish_failed", messages=len(batch), error=describe(e))
+                for _, _, stream in batch:
+                    stream.sent()
+        finally:
+            self._sender = None
 
 
 class DeltaStream:
@@ -170,11 +194,11 @@ class DeltaStream:
         "_closed",
         "_head",
         "_idle",
+        "_in_flight",
         "_last",
         "_offset",
         "_pub",
         "_run_id",
-        "_sending",
         "_size",
         "_timer",
     )
@@ -188,7 +212,7 @@ class DeltaStream:
         self._size = 0  # characters in _buf
         self._offset = 0  # characters of the reply before _buf
         self._last = float("-inf")  # loop time of the last message sent
-        self._sending: asyncio.Task[None] | None = None
+        self._in_flight = False  # a message of this call is queued or being sent
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
         self._idle: asyncio.Future[None] | None = None  # set when nothing is left to send
@@ -212,14 +236,14 @@ class DeltaStream:
     async def flushed(self) -> None:
         """Wait until every message of the call was sent (or failed, or dropped), at
         most ``end_wait_s`` seconds. Call after :meth:`close`."""
-        if self._sending is None and not self._buf:
+        if not self._in_flight and not self._buf:
             return
         self._idle = asyncio.get_running_loop().create_future()
         await asyncio.wait({self._idle}, timeout=self._pub.end_wait_s)
 
     def pump(self) -> None:
         """Send what is buffered if it is time, else arrange to be called again."""
-        if self._sending is not None:
+        if self._in_flight:
             return
         if not self._buf:
             if self._idle is not None and not self._idle.done():
@@ -250,7 +274,8 @@ class DeltaStream:
             message = json.dumps({**self._head, "offset": self._offset, "text": text}, separators=(",", ":"))
             self._offset += len(text)
             self._last = loop.time()
-            self._sending = self._pub.spawn(self._send(message))
+            self._in_flight = True
+            self._pub.send(self._channel, message, self)
         elif self._timer is None:
             self._timer = loop.call_later(wait, self._on_timer)
 
@@ -258,7 +283,7 @@ class DeltaStream:
         self._timer = None
         self.pump()
 
-    async def _send(self, message: str) -> None:
-        await self._pub.publish(self._channel, message)  # raises nothing but cancellation
-        self._sending = None
+    def sent(self) -> None:
+        """The message in flight went out (or failed): on to the next."""
+        self._in_flight = False
         self.pump()
