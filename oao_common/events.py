@@ -3,6 +3,8 @@
 Each stream entry has the fields ``type``, ``node`` (empty for run events),
 ``attempt``, ``ts`` (server time, ms since the epoch) and ``data`` (JSON). The Lua
 scripts emit most of them; a unit test checks that every type they use is listed here.
+``MODEL_DELTA`` is the exception: an event type of the HTTP API's event streams only,
+never written to the log.
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ class EventType(StrEnum):
     GRAPH_RESUMED = "GRAPH_RESUMED"  # OAO answered an interrupt with the agent's next resume value
     # protocol
     STALE_ATTEMPT_REJECTED = "STALE_ATTEMPT_REJECTED"
+    # live only, never stored: a model's text deltas, sent to SSE subscribers from the
+    # run's pub/sub channel (``Keys.deltas_channel``), with no stream id
+    MODEL_DELTA = "MODEL_DELTA"
 
 
 @dataclass(slots=True)

@@ -127,6 +127,13 @@ class Keys:
         spec without ``inputs``) and ``refs`` (runs that use it; deleted at 0)."""
         return f"{self.prefix}:spec:{spec_hash}"
 
+    def deltas_channel(self, rid: str) -> str:
+        """Pub/sub channel of a run's live model text deltas (JSON messages
+        ``{node, attempt, seq, offset, text}``, ``oao_worker/deltas.py``), read by the
+        API's event streams. Not durable: a message nobody is subscribed to is lost, and
+        nothing of it is stored."""
+        return f"{self.prefix}:run:{{{rid}}}:deltas"
+
     @property
     def control_channel(self) -> str:
         """Pub/sub channel of fleet control messages (``cancel <rid>``)."""

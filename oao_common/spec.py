@@ -115,7 +115,7 @@ class ScriptedModelSpec(_Strict):
     cycle: StrictBool = False
     stream_delay_s: DelayS = Field(default=0.0, description="sleep before each chunk")
     reply_delay_s: DelayS = Field(default=0.0, description="sleep before the reply")
-    chunk_tokens: PositiveCount = 8
+    chunk_tokens: PositiveCount = Field(default=8, description="tokens (4 chars each) per streamed chunk")
     pricing: PricingSpec | None = None
     rate_limit: RateLimitSpec | None = None
     circuit_breaker: CircuitBreakerSpec | None = None

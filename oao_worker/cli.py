@@ -70,6 +70,13 @@ from .worker import Worker
     show_default=True,
     help="As serve's: requeues after worker deaths before a node is dead-lettered.",
 )
+@click.option(
+    "--model-deltas/--no-model-deltas",
+    default=True,
+    show_default=True,
+    help="Publish streamed model text live for the HTTP API's event streams (not stored; "
+    "nothing is sent for a run nobody watches).",
+)
 @click.option("--app-dir", default=None, help="Directory put on sys.path for entrypoints (default: cwd).")
 @metrics_port_option
 @click.option("--log-level", default=None, help="debug, info, warning, error (env OAO_LOG_LEVEL).")
@@ -85,6 +92,7 @@ async def main(
     worker_id: str | None,
     sync_threads: int | None,
     max_requeues: int,
+    model_deltas: bool,
     app_dir: str | None,
     metrics_port: int | None,
     log_level: str | None,
@@ -124,6 +132,7 @@ async def main(
         sync_threads=sync_threads,
         max_requeues=max_requeues,
         trust=trust,
+        model_deltas=model_deltas,
     )
     loop = asyncio.get_running_loop()
 

@@ -49,6 +49,7 @@ from oao_common.retry import LOOP_ERRORS
 from oao_common.spec import Spec
 
 from .budget import RESERVE_CHUNK, RunBudget
+from .deltas import DeltaPublisher, DeltaStream
 from .governance import Governor, StepInfo
 from .guards import CallGuards, Guard
 from .lifecycle import AgentState, Lifecycle
@@ -105,6 +106,7 @@ class AgentContext:
         guards: dict[str, Guard] | None = None,
         run_sync: RunSync | None = None,
         strict_replay: bool = False,
+        deltas: DeltaPublisher | None = None,
     ) -> None:
         self.broker = broker
         self.worker_id = worker_id
@@ -128,6 +130,8 @@ class AgentContext:
         #: ``await ctx.run_sync(fn, *args)``: run blocking code in the worker's bounded
         #: executor (its time counts from when its thread starts; see executor.py).
         self.run_sync: RunSync = run_sync or asyncio.to_thread
+        #: Publishes streamed model text live (``oao_worker/deltas.py``); None: not at all.
+        self.deltas = deltas
         self.idempotency_key: str | None = None
         #: A strict replay (docs/replay.md) serves every step from the record and
         #: executes nothing: a step with no record is a NonDeterminismError.
@@ -476,12 +480,29 @@ class AgentContext:
                     reservation, step.input_tokens, reserved_out, price.cost(step.input_tokens, reserved_out)
                 )
 
-            async def on_chunk(_delta: str, out: int) -> None:
+            live: DeltaStream | None = None  # this try's text, published as it comes
+
+            async def on_chunk(delta: str, out: int) -> None:
                 nonlocal reserved_out
-                self.governor.on_chunk(step, out)
+                self.governor.on_chunk(step, out)  # a budget stop raises before the text goes out
                 while reservation and out > reserved_out:  # the stream outgrew its reservation
                     await budget.reserve(reservation, 0, RESERVE_CHUNK, price.cost(0, RESERVE_CHUNK))
                     reserved_out += RESERVE_CHUNK
+                if live is not None:
+                    live.add(delta)
+
+            async def call_model() -> ModelReply:
+                """One try of the call; its streamed text also goes out live (not stored)."""
+                nonlocal live
+                if self.deltas is None:
+                    return await provider.complete(request, on_chunk)
+                live = stream = self.deltas.stream(self.run_id, self.node_id, self.attempt, step.seq)
+                try:
+                    reply = await provider.complete(request, on_chunk)
+                finally:
+                    stream.close()
+                await stream.flushed()  # subscribers get the text before the step's record
+                return reply
 
             try:
                 reply = await self._retrying(
@@ -489,7 +510,7 @@ class AgentContext:
                     lambda: self._guarded(
                         f"model:{name}",
                         step.input_tokens + reserved_out,
-                        lambda: provider.complete(request, on_chunk),
+                        call_model,
                         lambda r: r.usage.total,
                     ),
                     _transient,

@@ -65,6 +65,7 @@ from oao_common.trust import DEFAULT_TRUST, TrustPolicy
 
 from .budget import RunBudget
 from .context import AgentContext
+from .deltas import DeltaPublisher
 from .executor import SyncExecutor, node_deadline
 from .governance import Governor, StrictPolicy
 from .guards import CallGuards
@@ -139,7 +140,9 @@ class Worker:
     reconciliations of the active list. ``block_warn_s``: event-loop lag (seconds)
     reported as a blocked loop. ``max_requeues``: as the reaper's, for the jobs a
     previous process under the same id left behind. ``trust``: what specs may import,
-    read as API keys and connect to (docs/security.md).
+    read as API keys and connect to (docs/security.md). ``model_deltas``: publish
+    streamed model text live on the runs' delta channels for the HTTP API's event
+    streams (``oao_worker/deltas.py``; nothing is sent for a run nobody watches).
     """
 
     def __init__(
@@ -157,6 +160,7 @@ class Worker:
         block_warn_s: float = 1.0,
         max_requeues: int = 5,
         trust: TrustPolicy = DEFAULT_TRUST,
+        model_deltas: bool = True,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
@@ -177,6 +181,8 @@ class Worker:
         self.call_guards = CallGuards(
             RateLimiter(broker.redis, broker.keys), CircuitBreaker(broker.redis, broker.keys)
         )
+        #: Publishes streamed model text on the runs' delta channels (None: off).
+        self.deltas = DeltaPublisher(broker.redis, broker.keys) if model_deltas else None
         self.log = get_logger(worker_id=self.id)
         #: Why the worker stopped on its own (a loop died, executor saturated), else None.
         self.fatal: str | None = None
@@ -248,6 +254,8 @@ class Worker:
             if self._heartbeat is not None:
                 await asyncio.to_thread(self._heartbeat.stop)
             await self.runtimes.aclose()
+            if self.deltas is not None:
+                await self.deltas.aclose()
             self.executor.shutdown()
 
     async def _start(self, info: dict[str, str]) -> bool:
@@ -560,6 +568,7 @@ class Worker:
                             guards=rt.guards,
                             run_sync=self.executor.run,
                             strict_replay=rt.strict_replay,
+                            deltas=self.deltas,
                         )
                         agent = await rt.agent(node.agent, self.executor.run)
                         output = await agent.run(ctx)

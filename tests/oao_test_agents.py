@@ -128,3 +128,12 @@ async def many_calls(ctx: Any) -> str:
     for _ in range(int(ctx.task or 1)):
         await ctx.llm("again")
     return "done"
+
+
+async def stream_then_fail_once(ctx: Any) -> str:
+    """One model call, then a transient failure on the first attempt only: the node's
+    retry replays the recorded call."""
+    reply = await ctx.llm("write")
+    if ctx.attempt == 1:
+        raise ConnectionError("transient failure after the model call")
+    return str(reply.content)

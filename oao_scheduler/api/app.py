@@ -27,6 +27,7 @@ from oao_scheduler.submit import submit_spec
 
 from .auth import TokenCheck
 from .dashboard import mount_dashboard
+from .deltas import DeltaHub
 from .errors import ERROR_RESPONSES, NOT_FOUND, APIError, install_handlers
 from .models import (
     NODE_ID,
@@ -105,6 +106,7 @@ def create_app(
     )
     install_handlers(app)
     auth = [Depends(TokenCheck(list(tokens or [])))]
+    delta_hub = DeltaHub(broker)  # one pub/sub connection for every event stream's deltas
 
     def check(spec: Spec, inputs: dict[str, Any] | None = None) -> Spec:
         try:
@@ -235,22 +237,41 @@ def create_app(
     @app.get(
         "/runs/{run_id}/events",
         dependencies=auth,
-        responses={**errs_404, 200: {"content": {"text/event-stream": {}}, "description": "SSE"}},
+        responses={
+            **errs_404,
+            200: {
+                "content": {"text/event-stream": {}},
+                "description": "Server-Sent Events: the run's stored events (with id) and, "
+                "unless deltas=false, live MODEL_DELTA messages (without id)",
+            },
+        },
         response_class=StreamingResponse,
         tags=["runs"],
     )
     async def run_events(
-        run_id: RunId, last_event_id: Annotated[str | None, Header(max_length=64)] = None
+        run_id: RunId,
+        last_event_id: Annotated[str | None, Header(max_length=64)] = None,
+        deltas: Annotated[
+            bool, Query(description="Also send the live text of streaming models (MODEL_DELTA)")
+        ] = True,
     ) -> StreamingResponse:
-        """The run's events as Server-Sent Events (``id:`` = stream id), from the start or
-        after ``Last-Event-ID``, until the run's end event."""
+        """The run's events as Server-Sent Events, from the start or after
+        ``Last-Event-ID``, until the run's end event: ``id:`` is the event's stream id,
+        ``event:`` its type, ``data:`` the event as JSON.
+
+        Interleaved (unless ``deltas=false``): the text of streaming model calls as it
+        comes, ``event: MODEL_DELTA`` with ``data: {"node", "attempt", "seq", "offset",
+        "text"}`` (``seq``: the step; ``offset``: characters of the reply before
+        ``text``, 0 again when a call is retried) and **no** ``id:``: deltas are live
+        only, never stored, so they do not count for ``Last-Event-ID`` and a resumed
+        stream does not repeat them. Best-effort: a slow client or an outage loses some."""
         after = "0-0"
         if last_event_id:
             after = _stream_id(last_event_id)
         if not await broker.get_run(run_id):
             raise APIError(404, "not_found", f"no run {run_id!r}")
         return StreamingResponse(
-            event_stream(broker, run_id, after, sse_keepalive_ms),
+            event_stream(broker, run_id, after, sse_keepalive_ms, delta_hub if deltas else None),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )

@@ -235,3 +235,25 @@ async def test_token_is_asked_for_and_sent(redis_url: str, prefix: str, broker: 
             )
     # the console shows the refused requests (HTTP 401): nothing else
     assert [e for e in page.errors if "401" not in e] == []
+
+
+async def test_node_panel_shows_model_text_as_it_streams(api: LiveAPI, broker: Broker, browser: Any) -> None:
+    words = " ".join(f"word{i}" for i in range(40))
+    spec = make_spec(
+        [{"id": "talk", "agent": "caller", "task": "0"}],
+        name="dashboard-stream",
+        models={"m": {"provider": "scripted", "replies": [words], "chunk_tokens": 2, "stream_delay_s": 0.2}},
+        agents={"caller": {"kind": "python", "entrypoint": "oao_test_agents:one_call", "model": "m"}},
+    )
+    page = await new_page(browser)
+    p = page.page
+    run_id = (await submit_spec(broker, spec)).run_id
+    await p.goto(f"{api.url}/#/runs/{run_id}")
+    await expect(p.locator("svg.dag g.node[data-node=talk]")).to_have_count(1, timeout=WAIT_MS)
+    await p.locator("svg.dag g.node[data-node=talk]").click()
+    async with fleet(broker, concurrency=1):
+        live = p.locator("#node-live")
+        await expect(live).to_contain_text("word0 word1", timeout=WAIT_MS)  # while it streams
+        assert "word39" not in await live.inner_text()
+        await expect(p.locator("#node-output")).to_have_text(words, timeout=WAIT_MS)
+    assert page.errors == []

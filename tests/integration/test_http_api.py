@@ -72,20 +72,23 @@ async def read_sse(
     last_event_id: str | None = None,
     timeout_s: float = 20,
     out: list[dict[str, Any]] | None = None,
+    deltas: bool = False,
+    params: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """Every SSE message of the run's event stream until the server closes it (also
-    appended to ``out`` as they come)."""
+    appended to ``out`` as they come): the stored events (with an ``id``), and with
+    ``deltas`` also the messages without one (``MODEL_DELTA``)."""
     headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
     out = [] if out is None else out
 
     async def consume() -> None:
-        async with c.stream("GET", f"/runs/{run_id}/events", headers=headers) as r:
+        async with c.stream("GET", f"/runs/{run_id}/events", headers=headers, params=params) as r:
             assert r.status_code == 200, await r.aread()
             assert r.headers["content-type"].startswith("text/event-stream")
             msg: dict[str, Any] = {}
             async for line in r.aiter_lines():
                 if line == "":
-                    if "id" in msg:
+                    if "id" in msg or (deltas and "event" in msg):
                         out.append(msg)
                     msg = {}
                 elif not line.startswith(":"):
@@ -225,6 +228,73 @@ async def test_sse_resume_mid_run_gets_exactly_the_rest(api: LiveAPI, broker: Br
         rest = await read_sse(c, rid, last_event_id=first[-1].id)
     assert rest and rest[-1]["event"] == "RUN_SUCCEEDED"
     assert [m["id"] for m in rest] == [e.id for e in await broker.events(rid, after=first[-1].id)]
+
+
+REPLY = (
+    "{{ node_id }}: a streaming model sends its reply in small pieces; subscribers see "
+    "them as they come, and only the whole reply is recorded when the call ends."
+)
+DELTA_SPEC: dict[str, Any] = {
+    "name": "api-deltas",
+    "models": {"m": {"provider": "scripted", "chunk_tokens": 2, "stream_delay_s": 0.005, "replies": [REPLY]}},
+    "agents": {"writer": {"kind": "llm", "model": "m"}},
+    "nodes": [
+        {"id": "draft", "agent": "writer", "task": "draft"},
+        {"id": "polish", "agent": "writer", "task": "polish", "depends_on": ["draft"]},
+    ],
+}
+
+
+async def test_sse_sends_model_deltas_live_without_storing_them(api: LiveAPI, broker: Broker) -> None:
+    async with client(api) as c:
+        rid = (await c.post("/runs", json={"spec": DELTA_SPEC})).json()["run_id"]
+        live: list[dict[str, Any]] = []
+        live2: list[dict[str, Any]] = []
+        plain: list[dict[str, Any]] = []
+        readers = [
+            asyncio.create_task(read_sse(c, rid, out=live, deltas=True)),
+            asyncio.create_task(read_sse(c, rid, out=live2, deltas=True)),
+            asyncio.create_task(read_sse(c, rid, out=plain, deltas=True, params={"deltas": "false"})),
+        ]
+        # all connected (they got the backlog) before anything ran; two watch deltas,
+        # through the API's one subscription
+        await wait_until(lambda: min(map(len, (live, live2, plain))), lambda n: n >= 1, 10, "the streams")
+        channel = broker.keys.deltas_channel(rid)
+        await wait_until(lambda: broker.redis.pubsub_numsub(channel), [(channel, 1)], 10, "the subscription")
+        async with fleet(broker):
+            await asyncio.wait_for(asyncio.gather(*readers), 30)
+        stored = await broker.events(rid)
+        assert [m.get("id") for m in plain] == [e.id for e in stored]  # no delta with deltas=false
+        assert [m["id"] for m in live if "id" in m] == [e.id for e in stored]
+        assert live[-1]["event"] == "RUN_SUCCEEDED"
+        assert live2 == live
+
+        outputs = {n["id"]: n["output"] for n in (await c.get(f"/runs/{rid}/report")).json()["nodes"]}
+        assert set(outputs) == {"draft", "polish"}
+        for node, output in outputs.items():
+            at = [i for i, m in enumerate(live) if m["event"] == "MODEL_DELTA" and m["data"]["node"] == node]
+            deltas = [live[i]["data"] for i in at]
+            assert len(deltas) >= 2, deltas  # streamed in several messages
+            assert "".join(d["text"] for d in deltas) == output
+            assert [d["offset"] for d in deltas] == [
+                len("".join(d["text"] for d in deltas[:k])) for k in range(len(deltas))
+            ]
+            assert {(d["attempt"], d["seq"]) for d in deltas} == {(1, 1)}
+            assert all("id" not in live[i] for i in at)
+            step_done, node_done = (
+                next(i for i, m in enumerate(live) if m["event"] == t and m["data"]["node"] == node)
+                for t in ("STEP_COMPLETED", "NODE_SUCCEEDED")
+            )
+            assert at[-1] < step_done < node_done  # the whole reply came before the step's record
+
+        raw = await broker.redis.xrange(broker.keys.events(rid))  # the log holds no delta
+        assert len(raw) == len(stored) and "MODEL_DELTA" not in {f["type"] for _, f in raw}
+        assert not any(outputs["draft"][:30] in json.dumps(f) for _, f in raw)
+
+        for k in (0, len(stored) // 2, len(stored) - 2):  # resuming: exactly the stored events after k
+            resumed = await read_sse(c, rid, last_event_id=stored[k].id, deltas=True)
+            assert [m.get("id") for m in resumed] == [e.id for e in stored[k + 1 :]]
+    await wait_until(lambda: broker.redis.pubsub_numsub(channel), [(channel, 0)], 10, "the unsubscription")
 
 
 async def test_run_one_agent_and_several(api: LiveAPI, broker: Broker) -> None:
@@ -399,12 +469,17 @@ async def test_sse_rides_out_a_redis_restart(prefix: str, tmp_path: Path) -> Non
                 reader = asyncio.create_task(read_sse(c, rid, timeout_s=60, out=seen))
                 n0 = len(await broker.events(rid))
                 await wait_until(lambda: len(seen), n0, 10, "the events so far")
+                channel = broker.keys.deltas_channel(rid)
+                subscribed = [(channel, 1)]
+                await wait_until(lambda: broker.redis.pubsub_numsub(channel), subscribed, 10, "deltas")
                 server.stop()
                 await wait_until(
                     lambda: c.get("/healthz"), lambda r: r.status_code == 503, 10, "Redis to be gone"
                 )
                 server.start()
                 await wait_until(lambda: c.get("/healthz"), lambda r: r.status_code == 200, 20, "Redis back")
+                # the delta subscription came back too
+                await wait_until(lambda: broker.redis.pubsub_numsub(channel), subscribed, 20, "resubscribed")
                 assert not reader.done()
                 assert await broker.cancel(rid) >= 0
                 got = await asyncio.wait_for(reader, 30)

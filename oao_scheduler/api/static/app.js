@@ -457,7 +457,7 @@ function viewRun(root, runId) {
     if (!state.selected) return;
     const nid = state.selected;
     const n = await api.get(`/runs/${enc(runId)}/nodes/${enc(nid)}`);
-    if (state.selected === nid) renderNode(nodePanel, n, state.live.get(nid));
+    if (state.selected === nid) renderNode(nodePanel, n, (state.live.get(nid) || {}).text);
   }, 500);
 
   cancelBtn.addEventListener("click", async () => {
@@ -497,8 +497,11 @@ function viewRun(root, runId) {
     await followEvents(runId, (msg) => {
       if (msg.event === "MODEL_DELTA") {  // live model text, never stored in the log
         const d = msg.data;
-        const text = (state.live.get(d.node) || "") + (d.text || "");
-        state.live.set(d.node, text.slice(-20000));
+        const cur = state.live.get(d.node);
+        // one model call at a time per node: a new step, or offset 0 (a retried call), restarts it
+        const prev = cur && cur.seq === d.seq && d.offset !== 0 ? cur.text : "";
+        const text = prev.slice(0, d.offset === undefined ? prev.length : d.offset) + (d.text || "");
+        state.live.set(d.node, { seq: d.seq, text: text.slice(-20000) });
         if (state.selected === d.node) refreshNode();
         return;
       }
