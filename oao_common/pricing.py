@@ -22,12 +22,33 @@ from .spec import OpenAIModelSpec, PricingSpec, ScriptedModelSpec
 
 @dataclass(frozen=True, slots=True)
 class Price:
+    """USD per million tokens. Prompt-cache reads and writes (Anthropic's
+    ``cache_read_input_tokens`` / ``cache_creation_input_tokens``, OpenAI's
+    ``cached_tokens``) have prices of their own; ``None`` prices them as input."""
+
     input_usd_per_mtok: float
     output_usd_per_mtok: float
+    cache_read_usd_per_mtok: float | None = None
+    cache_write_usd_per_mtok: float | None = None
 
-    def cost(self, tokens_in: int, tokens_out: int) -> float:
-        """USD for ``tokens_in`` input and ``tokens_out`` output tokens."""
-        return (tokens_in * self.input_usd_per_mtok + tokens_out * self.output_usd_per_mtok) / 1e6
+    def cost(self, tokens_in: int, tokens_out: int, cache_read: int = 0, cache_write: int = 0) -> float:
+        """USD for ``tokens_in`` input tokens (of which ``cache_read`` were read from and
+        ``cache_write`` written to the prompt cache) and ``tokens_out`` output tokens."""
+        read_price = (
+            self.input_usd_per_mtok if self.cache_read_usd_per_mtok is None else self.cache_read_usd_per_mtok
+        )
+        write_price = (
+            self.input_usd_per_mtok
+            if self.cache_write_usd_per_mtok is None
+            else self.cache_write_usd_per_mtok
+        )
+        plain = max(0, tokens_in - cache_read - cache_write)
+        return (
+            plain * self.input_usd_per_mtok
+            + cache_read * read_price
+            + cache_write * write_price
+            + tokens_out * self.output_usd_per_mtok
+        ) / 1e6
 
 
 FREE = Price(0.0, 0.0)

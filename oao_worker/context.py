@@ -53,7 +53,7 @@ from .governance import Governor, StepInfo
 from .guards import CallGuards, Guard
 from .lifecycle import AgentState, Lifecycle
 from .providers import ModelReply, ModelRequest, Provider
-from .providers.base import estimate_message_tokens
+from .providers.base import consumed_usage
 from .tools import RunSync, Tool, ToolCallInfo
 
 T = TypeVar("T")
@@ -403,6 +403,43 @@ class AgentContext:
                 )
                 await asyncio.sleep(delay)
 
+    async def _record_consumed(self, step: StepInfo, exc: BaseException, price: Price, n: int) -> None:
+        """A model call failed after it consumed tokens (the provider says how many,
+        :func:`~oao_worker.providers.base.attach_usage`): count them in the node's
+        budgets and add them to the node's and run's usage and cost in Redis, with a
+        ``STEP_FAILED`` event. Best effort: a Redis failure here leaves ``exc`` to go on."""
+        u = consumed_usage(exc)
+        if u is None or not u.total:
+            return
+        cost = price.cost(u.input_tokens, u.output_tokens, u.cache_read_tokens, u.cache_write_tokens)
+        usage = self.governor.usage
+        usage.tokens_in += u.input_tokens
+        usage.tokens_out += u.output_tokens
+        usage.cost_usd += cost
+        self.emit(
+            EventType.STEP_FAILED,
+            {
+                "seq": step.seq,
+                "kind": step.kind,
+                "name": step.name,
+                "try": n,
+                "tokens_in": u.input_tokens,
+                "tokens_out": u.output_tokens,
+                "cost_usd": cost,
+                "error": f"{type(exc).__name__}: {exc}"[:500],
+            },
+        )
+        with contextlib.suppress(*LOOP_ERRORS):
+            await self.broker.record_usage(
+                self.worker_id,
+                self.job,
+                f"{step.seq}.{n}",
+                u.input_tokens,
+                u.output_tokens,
+                cost,
+                self.drain_events(),
+            )
+
     async def _begin_tool_step(self, seq: int, name: str, req_hash: str) -> None:
         """Guard a side effect: refuse to repeat an unrecorded non-idempotent call, and
         write a fenced "started" marker before executing (docs/guarantees.md, ADR 003)."""
@@ -483,13 +520,24 @@ class AgentContext:
                     await budget.reserve(reservation, 0, RESERVE_CHUNK, price.cost(0, RESERVE_CHUNK))
                     reserved_out += RESERVE_CHUNK
 
+            tries = 0
+
+            async def complete() -> ModelReply:
+                nonlocal tries
+                tries += 1
+                try:
+                    return await provider.complete(request, on_chunk)
+                except Exception as e:  # what a cut-off or stopped stream consumed is spent
+                    await self._record_consumed(step, e, price, tries)
+                    raise
+
             try:
                 reply = await self._retrying(
                     step,
                     lambda: self._guarded(
                         f"model:{name}",
                         step.input_tokens + reserved_out,
-                        lambda: provider.complete(request, on_chunk),
+                        complete,
                         lambda r: r.usage.total,
                     ),
                     _transient,
@@ -503,7 +551,7 @@ class AgentContext:
                 reply.to_dict(),
                 u.input_tokens,
                 u.output_tokens,
-                price.cost(u.input_tokens, u.output_tokens),
+                price.cost(u.input_tokens, u.output_tokens, u.cache_read_tokens, u.cache_write_tokens),
             )
 
         result = await self._step(
@@ -511,7 +559,7 @@ class AgentContext:
             name,
             {"kind": "llm", **request.hash_view()},
             execute,
-            input_tokens=estimate_message_tokens(msgs),
+            input_tokens=await provider.count_input_tokens(request),
             price=price,
             reservation=reservation,
         )
