@@ -98,10 +98,13 @@ Reply = Annotated[
 
 
 class PricingSpec(_Strict):
-    """USD per million tokens, input and output."""
+    """USD per million tokens: input, output, and prompt-cache reads and writes (priced as
+    input when unset)."""
 
     input_usd_per_mtok: Usd
     output_usd_per_mtok: Usd
+    cache_read_usd_per_mtok: Usd | None = None
+    cache_write_usd_per_mtok: Usd | None = None
 
 
 class ScriptedModelSpec(_Strict):
@@ -144,17 +147,55 @@ class OpenAIModelSpec(_Strict):
     @field_validator("api_key_env")
     @classmethod
     def _not_an_oao_setting(cls, name: str) -> str:
-        """``OAO_*`` names OAO's own settings (``OAO_REDIS_URL`` holds the Redis password):
-        never an API key to send to a model server (docs/security.md)."""
-        if name.upper().startswith("OAO_"):
-            raise ValueError(
-                f"{name!r} is refused: OAO's own settings (OAO_*, e.g. the Redis URL and its "
-                "password) are never sent to a model server"
-            )
-        return name
+        return _not_an_oao_setting(name)
 
 
-ModelSpec = Annotated[ScriptedModelSpec | OpenAIModelSpec, Field(discriminator="provider")]
+def _not_an_oao_setting(name: str) -> str:
+    """``OAO_*`` names OAO's own settings (``OAO_REDIS_URL`` holds the Redis password):
+    never an API key to send to a model server (docs/security.md)."""
+    if name.upper().startswith("OAO_"):
+        raise ValueError(
+            f"{name!r} is refused: OAO's own settings (OAO_*, e.g. the Redis URL and its "
+            "password) are never sent to a model server"
+        )
+    return name
+
+
+class AnthropicModelSpec(_Strict):
+    """Anthropic's Messages API (or a server speaking it) through the official SDK.
+
+    ``max_tokens`` bounds each reply when the agent sets no bound of its own (the API
+    requires one); ``cache_prompt`` marks the system prompt and the tool definitions as
+    a prompt-cache breakpoint (``cache_control: ephemeral``), so repeated calls read
+    them from the cache at the cache-read price."""
+
+    provider: Literal["anthropic"]
+    model: str
+    base_url: str | None = None
+    api_key_env: str = "ANTHROPIC_API_KEY"
+    temperature: Temperature | None = None
+    timeout_s: TimeoutS = 60.0
+    stream: StrictBool = True
+    max_tokens: PositiveCount = Field(
+        default=4096, description="output tokens per call, unless the agent sets one"
+    )
+    cache_prompt: StrictBool = False
+    pricing: PricingSpec | None = None
+    rate_limit: RateLimitSpec | None = None
+    circuit_breaker: CircuitBreakerSpec | None = None
+    limit_key: str | None = Field(
+        default=None, description="limiter / breaker name shared by several models (e.g. a provider)"
+    )
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _not_an_oao_setting(cls, name: str) -> str:
+        return _not_an_oao_setting(name)
+
+
+ModelSpec = Annotated[
+    ScriptedModelSpec | OpenAIModelSpec | AnthropicModelSpec, Field(discriminator="provider")
+]
 
 
 class PythonAgentSpec(_Strict):
@@ -486,6 +527,7 @@ _UNION_TAGS = {
     "llm",
     "scripted",
     "openai",
+    "anthropic",
     "<reply>",
     "<text>",
     "function-after[_cross_references()]",

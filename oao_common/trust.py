@@ -1,8 +1,8 @@
 """The trust policy of a worker fleet: what a spec may make workers do (docs/security.md).
 
 A spec is code. Its ``python`` agents and tools are imported and called on the workers,
-an ``openai`` model sends the environment variable named by ``api_key_env`` to its
-``base_url``, and ``serve`` POSTs run reports to the escalation ``webhook``. A
+an ``openai`` or ``anthropic`` model sends the environment variable named by
+``api_key_env`` to its ``base_url``, and ``serve`` POSTs run reports to the escalation ``webhook``. A
 :class:`TrustPolicy`, built from command-line options or the environment, bounds each:
 
 * ``entrypoints``: fnmatch patterns an entrypoint must match, as ``module:attr`` or by
@@ -323,7 +323,7 @@ class TrustPolicy:
     def spec_problems(self, spec: Spec) -> list[str]:
         """Every refusal this policy would make for ``spec``, one line each, without
         importing or connecting (entrypoints by name, API-key names, URLs statically)."""
-        from .spec import OpenAIModelSpec, PythonAgentSpec
+        from .spec import AnthropicModelSpec, OpenAIModelSpec, PythonAgentSpec
 
         problems: list[str] = []
 
@@ -340,7 +340,7 @@ class TrustPolicy:
         for name, tool in spec.tools.items():
             check(f"tools.{name}.entrypoint", self.check_entrypoint, tool.entrypoint)
         for name, model in spec.models.items():
-            if isinstance(model, OpenAIModelSpec):
+            if isinstance(model, OpenAIModelSpec | AnthropicModelSpec):
                 key_at, url_at = f"models.{name}.api_key_env", f"models.{name}.base_url"
                 check(key_at, self.check_api_key_env, model.api_key_env, key_at)
                 if model.base_url:
