@@ -138,7 +138,7 @@ async def test_the_server_gets_a_minimal_environment(tmp_path: Path, monkeypatch
     tools, conns = await connect_mcp_tools(
         {
             "calc": ToolSpec.model_validate(
-                mcp_tools(tmp_path / "log", env={"EXTRA": "1", "MCP_LOG": "x"})["calc"]
+                mcp_tools(tmp_path / "log", env={"EXTRA": "1", "MCP_LOG": str(tmp_path / "env-log")})["calc"]
             )
         }
     )
