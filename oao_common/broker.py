@@ -265,6 +265,35 @@ class Broker:
         """The run's whole message store: ref → message JSON (:mod:`oao_common.ledger`)."""
         return dict(await self.redis.hgetall(self.keys.messages(run_id)))
 
+    async def record_usage(
+        self,
+        worker_id: str,
+        job: ClaimedJob,
+        call_id: str,
+        tokens_in: int,
+        tokens_out: int,
+        cost_usd: float,
+        events: list[list[Any]] | None = None,
+    ) -> bool:
+        """Add what a failed model call consumed (tokens, USD) to the node's and run's
+        usage (``record_usage.lua``, fenced; ``call_id`` makes a re-sent call count
+        once); False if the attempt is stale."""
+        ok = await self._fenced(
+            "record_usage",
+            [self.keys.active(worker_id)],
+            [
+                worker_id,
+                job.job,
+                job.fence,
+                call_id,
+                int(tokens_in),
+                int(tokens_out),
+                repr(float(cost_usd)),
+                _json(events or []),
+            ],
+        )
+        return bool(ok)
+
     async def reserve_budget(
         self,
         run_id: str,

@@ -123,7 +123,8 @@ def trust_options(
     """Add the trust-policy options (docs/security.md) to a command and pass the policy
     they describe as the keyword argument ``trust`` (a :class:`TrustPolicy`).
 
-    ``entrypoints``: ``--allow-entrypoints`` and ``--allow-api-key-env``; ``network``:
+    ``entrypoints``: ``--allow-entrypoints``, ``--allow-api-key-env`` and
+    ``--allow-mcp-commands``; ``network``:
     ``--deny-private-networks`` and ``--allow-hosts``; each also read from its ``OAO_*``
     variable. ``submit_time``: an API-key allow-list is checked only when given (the
     fleet's own may differ). Place it right above ``run_async``. A malformed value is a
@@ -134,6 +135,7 @@ def trust_options(
         ENV_ALLOW_API_KEY_ENV,
         ENV_ALLOW_ENTRYPOINTS,
         ENV_ALLOW_HOSTS,
+        ENV_ALLOW_MCP_COMMANDS,
         ENV_DENY_PRIVATE_NETWORKS,
         TrustPolicy,
     )
@@ -158,6 +160,16 @@ def trust_options(
                 help="Comma-separated patterns of the variables a model's api_key_env may name "
                 f"(default {','.join(DEFAULT_API_KEY_ENVS)}; names with REDIS, PASSWORD, SECRET only "
                 f"by exact name; OAO_* never). Env {ENV_ALLOW_API_KEY_ENV}.",
+            ),
+            click.option(
+                "--allow-mcp-commands",
+                envvar=ENV_ALLOW_MCP_COMMANDS,
+                default=None,
+                metavar="PATTERNS",
+                help="Comma-separated fnmatch patterns of the command lines of MCP stdio tool servers "
+                "specs may start (e.g. 'npx -y @modelcontextprotocol/server-filesystem *'). Default: any "
+                "while --allow-entrypoints is not set, none when it is. Env "
+                f"{ENV_ALLOW_MCP_COMMANDS}.",
             ),
         ]
     if network:
@@ -192,6 +204,7 @@ def trust_options(
                     bool(kwargs.pop("deny_private_networks", False)),
                     kwargs.pop("allow_hosts", None),
                     api_key_default=None if submit_time else DEFAULT_API_KEY_ENVS,
+                    allow_mcp_commands=kwargs.pop("allow_mcp_commands", None),
                 )
             except ValueError as e:
                 raise click.UsageError(str(e)) from None

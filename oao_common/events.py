@@ -41,6 +41,7 @@ class EventType(StrEnum):
     STEP_COMPLETED = "STEP_COMPLETED"
     STEP_REPLAYED = "STEP_REPLAYED"
     STEP_RETRIED = "STEP_RETRIED"
+    STEP_FAILED = "STEP_FAILED"  # a model call failed after consuming tokens (its usage)
     POLICY_VIOLATION = "POLICY_VIOLATION"
     RATE_LIMIT_WAIT = "RATE_LIMIT_WAIT"
     LOOP_BLOCKED = "LOOP_BLOCKED"  # the node's code held the worker's event loop (seconds)

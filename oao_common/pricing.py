@@ -17,32 +17,68 @@ from pathlib import Path
 
 import yaml
 
-from .spec import OpenAIModelSpec, PricingSpec, ScriptedModelSpec
+from .spec import AnthropicModelSpec, OpenAIModelSpec, PricingSpec, ScriptedModelSpec
 
 
 @dataclass(frozen=True, slots=True)
 class Price:
+    """USD per million tokens. Prompt-cache reads and writes (Anthropic's
+    ``cache_read_input_tokens`` / ``cache_creation_input_tokens``, OpenAI's
+    ``cached_tokens``) have prices of their own; ``None`` prices them as input."""
+
     input_usd_per_mtok: float
     output_usd_per_mtok: float
+    cache_read_usd_per_mtok: float | None = None
+    cache_write_usd_per_mtok: float | None = None
 
-    def cost(self, tokens_in: int, tokens_out: int) -> float:
-        """USD for ``tokens_in`` input and ``tokens_out`` output tokens."""
-        return (tokens_in * self.input_usd_per_mtok + tokens_out * self.output_usd_per_mtok) / 1e6
+    def cost(self, tokens_in: int, tokens_out: int, cache_read: int = 0, cache_write: int = 0) -> float:
+        """USD for ``tokens_in`` input tokens (of which ``cache_read`` were read from and
+        ``cache_write`` written to the prompt cache) and ``tokens_out`` output tokens."""
+        read_price = (
+            self.input_usd_per_mtok if self.cache_read_usd_per_mtok is None else self.cache_read_usd_per_mtok
+        )
+        write_price = (
+            self.input_usd_per_mtok
+            if self.cache_write_usd_per_mtok is None
+            else self.cache_write_usd_per_mtok
+        )
+        plain = max(0, tokens_in - cache_read - cache_write)
+        return (
+            plain * self.input_usd_per_mtok
+            + cache_read * read_price
+            + cache_write * write_price
+            + tokens_out * self.output_usd_per_mtok
+        ) / 1e6
 
 
 FREE = Price(0.0, 0.0)
 
+
+def _claude(inp: float, out: float) -> Price:
+    """Anthropic list prices: cache writes (5-minute) 1.25x input, cache reads 0.1x."""
+    return Price(inp, out, round(inp * 0.1, 6), round(inp * 1.25, 6))
+
+
 DEFAULT_PRICES: dict[str, Price] = {
-    "gpt-4o": Price(2.50, 10.00),
-    "gpt-4o-mini": Price(0.15, 0.60),
-    "gpt-4.1": Price(2.00, 8.00),
-    "gpt-4.1-mini": Price(0.40, 1.60),
-    "gpt-4.1-nano": Price(0.10, 0.40),
-    "o3": Price(2.00, 8.00),
-    "o4-mini": Price(1.10, 4.40),
-    "claude-3-5-haiku": Price(0.80, 4.00),
-    "claude-sonnet-4": Price(3.00, 15.00),
-    "claude-opus-4": Price(15.00, 75.00),
+    # OpenAI; cached input (prompt_tokens_details.cached_tokens) at its own price
+    "gpt-4o": Price(2.50, 10.00, 1.25),
+    "gpt-4o-mini": Price(0.15, 0.60, 0.075),
+    "gpt-4.1": Price(2.00, 8.00, 0.50),
+    "gpt-4.1-mini": Price(0.40, 1.60, 0.10),
+    "gpt-4.1-nano": Price(0.10, 0.40, 0.025),
+    "o3": Price(2.00, 8.00, 0.50),
+    "o4-mini": Price(1.10, 4.40, 0.275),
+    # Anthropic (model ids and their dated versions match by prefix)
+    "claude-3-haiku": _claude(0.25, 1.25),
+    "claude-3-5-haiku": _claude(0.80, 4.00),
+    "claude-haiku-4-5": _claude(1.00, 5.00),
+    "claude-3-5-sonnet": _claude(3.00, 15.00),
+    "claude-3-7-sonnet": _claude(3.00, 15.00),
+    "claude-sonnet-4": _claude(3.00, 15.00),
+    "claude-sonnet-4-5": _claude(3.00, 15.00),
+    "claude-opus-4": _claude(15.00, 75.00),
+    "claude-opus-4-1": _claude(15.00, 75.00),
+    "claude-opus-4-5": _claude(5.00, 25.00),
 }
 
 
@@ -64,7 +100,7 @@ def file_prices(path: str) -> dict[str, Price]:
             ps = PricingSpec.model_validate(p)
         except ValueError as e:
             raise ValueError(f"{PRICES_FILE_ENV}={path}: {name}: {e}") from None
-        out[str(name)] = Price(ps.input_usd_per_mtok, ps.output_usd_per_mtok)
+        out[str(name)] = _price(ps)
     return out
 
 
@@ -75,10 +111,16 @@ def _lookup(table: dict[str, Price], name: str) -> Price | None:
     return table[best] if best else None
 
 
-def price_of(spec: ScriptedModelSpec | OpenAIModelSpec) -> Price:
+def _price(p: PricingSpec) -> Price:
+    return Price(
+        p.input_usd_per_mtok, p.output_usd_per_mtok, p.cache_read_usd_per_mtok, p.cache_write_usd_per_mtok
+    )
+
+
+def price_of(spec: ScriptedModelSpec | OpenAIModelSpec | AnthropicModelSpec) -> Price:
     """The price of a model of a spec (see the module docstring for the lookup order)."""
     if spec.pricing is not None:
-        return Price(spec.pricing.input_usd_per_mtok, spec.pricing.output_usd_per_mtok)
+        return _price(spec.pricing)
     if isinstance(spec, ScriptedModelSpec):
         return FREE
     path = os.environ.get(PRICES_FILE_ENV)

@@ -365,6 +365,10 @@ _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
+PROXIED_HEADER_PREFIXES = ("llm_provider-",)
+"""Prefixes under which proxies pass on the upstream provider's response headers."""
+
+
 def _duration_s(v: str) -> float | None:
     """``"6m0s"``, ``"1.5s"``, ``"20ms"``, ``"12"`` -> seconds."""
     v = v.strip()
@@ -385,9 +389,15 @@ def retry_after_from_headers(headers: Mapping[str, str]) -> float | None:
     date taken relative to the response's ``date`` header, else to this clock);
     the longest ``x-ratelimit-reset-*`` duration (OpenAI style ``"6m0s"``, ``"20ms"``)
     among the tiers whose ``x-ratelimit-remaining-*`` is 0, or among all of them if
-    none says 0. Header names are matched case-insensitively.
+    none says 0. Header names are matched case-insensitively. A proxy's copy of the
+    upstream provider's headers (LiteLLM's ``llm_provider-retry-after``, any
+    :data:`PROXIED_HEADER_PREFIXES`) counts when the unprefixed header is absent.
     """
     h = {k.lower(): v for k, v in headers.items()}
+    for k, v in list(h.items()):
+        for prefix in PROXIED_HEADER_PREFIXES:
+            if k.startswith(prefix):
+                h.setdefault(k[len(prefix) :], v)
     if "retry-after-ms" in h:
         try:
             return max(0.0, float(h["retry-after-ms"]) / 1000)

@@ -13,6 +13,11 @@ between check and connect (DNS rebinding) cannot slip through.
 Limits: environment proxies (``HTTP(S)_PROXY``) are not used, since a proxy would
 resolve the name itself; addresses are tried in ``getaddrinfo`` order, one after the
 other on connection errors (no parallel "happy eyeballs").
+
+The SDKs OAO uses sit on two HTTP libraries: ``httpx`` (the ``openai`` SDK accepts its
+clients) and its successor fork ``httpx2`` (the ``anthropic`` and ``mcp`` SDKs accept
+nothing else). :func:`guarded_client` and :func:`guarded_client2` build the same
+guard for each.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import socket
 from typing import Any
 
 import httpx
+import httpx2
 
 from .errors import TrustError
 from .trust import TrustPolicy, parse_ip
@@ -45,7 +51,29 @@ async def resolve(host: str, port: int) -> list[str]:
     return out
 
 
-class GuardedTransport(httpx.AsyncBaseTransport):
+class _AddressGuard:
+    """The checks shared by both transports: ``policy`` and the spec field ``what``."""
+
+    policy: TrustPolicy
+    what: str
+
+    async def checked_addresses(self, host: str, port: int) -> list[str]:
+        """The addresses to connect to for ``host``: the literal itself, or what
+        :meth:`resolve` gives, every one allowed by the policy. Raises
+        :class:`~oao_common.errors.TrustError` (refused) or ``OSError`` (no address)."""
+        self.policy.check_host(host, self.what)
+        literal = parse_ip(host)
+        addresses = [str(literal)] if literal is not None else await self.resolve(host, port)
+        for ip in addresses:
+            self.policy.check_address(ip, self.what, host)
+        return addresses
+
+    async def resolve(self, host: str, port: int) -> list[str]:
+        """The addresses to check and connect to for ``host`` (:func:`resolve`)."""
+        return await resolve(host, port)
+
+
+class GuardedTransport(_AddressGuard, httpx.AsyncBaseTransport):
     """An ``httpx`` transport that checks and pins the address of every connection.
 
     ``what`` names the spec field in refusals (``models.gpt.base_url``); other keyword
@@ -62,11 +90,7 @@ class GuardedTransport(httpx.AsyncBaseTransport):
         host = url.host
         port = url.port or (443 if url.scheme == "https" else 80)
         try:
-            self.policy.check_host(host, self.what)
-            literal = parse_ip(host)
-            addresses = [str(literal)] if literal is not None else await self.resolve(host, port)
-            for ip in addresses:
-                self.policy.check_address(ip, self.what, host)
+            addresses = await self.checked_addresses(host, port)
         except TrustError as e:
             raise BlockedDestination(str(e), request=request) from None
         except OSError as e:
@@ -89,10 +113,6 @@ class GuardedTransport(httpx.AsyncBaseTransport):
         assert last is not None
         raise last
 
-    async def resolve(self, host: str, port: int) -> list[str]:
-        """The addresses to check and connect to for ``host`` (:func:`resolve`)."""
-        return await resolve(host, port)
-
     async def aclose(self) -> None:
         await self._inner.aclose()
 
@@ -105,3 +125,56 @@ def guarded_client(
     ``follow_redirects``: off unless given, as in httpx), ``transport_kw`` to the
     transport (``verify``, ``limits``)."""
     return httpx.AsyncClient(transport=GuardedTransport(policy, what, **(transport_kw or {})), **client_kw)
+
+
+class BlockedDestination2(httpx2.ConnectError):
+    """:class:`BlockedDestination` for ``httpx2`` clients."""
+
+
+class GuardedTransport2(_AddressGuard, httpx2.AsyncBaseTransport):
+    """:class:`GuardedTransport` for ``httpx2`` (the ``anthropic`` and ``mcp`` SDKs):
+    the same checks, the same pinning of the checked address."""
+
+    def __init__(self, policy: TrustPolicy, what: str = "url", **transport_kw: Any) -> None:
+        self.policy = policy
+        self.what = what
+        self._inner = httpx2.AsyncHTTPTransport(**transport_kw)
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        url = request.url
+        host = url.host
+        port = url.port or (443 if url.scheme == "https" else 80)
+        try:
+            addresses = await self.checked_addresses(host, port)
+        except TrustError as e:
+            raise BlockedDestination2(str(e), request=request) from None
+        except OSError as e:
+            raise httpx2.ConnectError(f"cannot resolve {host!r}: {e}", request=request) from None
+        last: httpx2.ConnectError | None = None
+        for ip in addresses:
+            pinned = httpx2.Request(
+                request.method,
+                url.copy_with(host=ip),
+                headers=request.headers,  # keeps Host: <name>
+                stream=request.stream,
+                extensions={**request.extensions, "sni_hostname": host}
+                if url.scheme == "https"
+                else request.extensions,
+            )
+            try:
+                return await self._inner.handle_async_request(pinned)
+            except httpx2.ConnectError as e:
+                last = e
+        assert last is not None
+        raise last
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+def guarded_client2(
+    policy: TrustPolicy, what: str = "url", transport_kw: dict[str, Any] | None = None, **client_kw: Any
+) -> httpx2.AsyncClient:
+    """:func:`guarded_client` for ``httpx2``: an ``httpx2.AsyncClient`` whose every
+    connection goes through :class:`GuardedTransport2`."""
+    return httpx2.AsyncClient(transport=GuardedTransport2(policy, what, **(transport_kw or {})), **client_kw)

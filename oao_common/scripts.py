@@ -24,6 +24,7 @@ SCRIPT_NAMES = (
     "begin_step",
     "budget",
     "record_step",
+    "record_usage",
     "complete",
     "fail",
     "promote",

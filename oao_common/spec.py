@@ -98,10 +98,13 @@ Reply = Annotated[
 
 
 class PricingSpec(_Strict):
-    """USD per million tokens, input and output."""
+    """USD per million tokens: input, output, and prompt-cache reads and writes (priced as
+    input when unset)."""
 
     input_usd_per_mtok: Usd
     output_usd_per_mtok: Usd
+    cache_read_usd_per_mtok: Usd | None = None
+    cache_write_usd_per_mtok: Usd | None = None
 
 
 class ScriptedModelSpec(_Strict):
@@ -144,17 +147,55 @@ class OpenAIModelSpec(_Strict):
     @field_validator("api_key_env")
     @classmethod
     def _not_an_oao_setting(cls, name: str) -> str:
-        """``OAO_*`` names OAO's own settings (``OAO_REDIS_URL`` holds the Redis password):
-        never an API key to send to a model server (docs/security.md)."""
-        if name.upper().startswith("OAO_"):
-            raise ValueError(
-                f"{name!r} is refused: OAO's own settings (OAO_*, e.g. the Redis URL and its "
-                "password) are never sent to a model server"
-            )
-        return name
+        return _not_an_oao_setting(name)
 
 
-ModelSpec = Annotated[ScriptedModelSpec | OpenAIModelSpec, Field(discriminator="provider")]
+def _not_an_oao_setting(name: str) -> str:
+    """``OAO_*`` names OAO's own settings (``OAO_REDIS_URL`` holds the Redis password):
+    never an API key to send to a model server (docs/security.md)."""
+    if name.upper().startswith("OAO_"):
+        raise ValueError(
+            f"{name!r} is refused: OAO's own settings (OAO_*, e.g. the Redis URL and its "
+            "password) are never sent to a model server"
+        )
+    return name
+
+
+class AnthropicModelSpec(_Strict):
+    """Anthropic's Messages API (or a server speaking it) through the official SDK.
+
+    ``max_tokens`` bounds each reply when the agent sets no bound of its own (the API
+    requires one); ``cache_prompt`` marks the system prompt and the tool definitions as
+    a prompt-cache breakpoint (``cache_control: ephemeral``), so repeated calls read
+    them from the cache at the cache-read price."""
+
+    provider: Literal["anthropic"]
+    model: str
+    base_url: str | None = None
+    api_key_env: str = "ANTHROPIC_API_KEY"
+    temperature: Temperature | None = None
+    timeout_s: TimeoutS = 60.0
+    stream: StrictBool = True
+    max_tokens: PositiveCount = Field(
+        default=4096, description="output tokens per call, unless the agent sets one"
+    )
+    cache_prompt: StrictBool = False
+    pricing: PricingSpec | None = None
+    rate_limit: RateLimitSpec | None = None
+    circuit_breaker: CircuitBreakerSpec | None = None
+    limit_key: str | None = Field(
+        default=None, description="limiter / breaker name shared by several models (e.g. a provider)"
+    )
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _not_an_oao_setting(cls, name: str) -> str:
+        return _not_an_oao_setting(name)
+
+
+ModelSpec = Annotated[
+    ScriptedModelSpec | OpenAIModelSpec | AnthropicModelSpec, Field(discriminator="provider")
+]
 
 
 class PythonAgentSpec(_Strict):
@@ -235,14 +276,63 @@ AgentSpec = Annotated[
 ]
 
 
-class ToolSpec(_Strict):
-    """A Python function the agents may call: ``entrypoint`` is ``module:function``."""
+class MCPServerSpec(_Strict):
+    """A Model Context Protocol server whose tools become OAO tools named
+    ``<tool entry>.<server tool>``: started as a child process speaking stdio
+    (``command``: the program and its arguments) or reached at ``url`` (streamable HTTP).
 
-    entrypoint: str = Field(pattern=ENTRYPOINT_PATTERN)
+    ``env`` adds variables to the child's minimal environment (``PATH``, ``HOME``,
+    ``USER``...; the worker's own environment is not passed on); ``cwd`` is its working
+    directory. ``headers`` go with every HTTP request, and ``api_key_env`` names a
+    variable sent as ``Authorization: Bearer``. ``tools`` limits the server's tools
+    exposed (default: all it lists). ``timeout_s`` bounds the start (seconds) and each
+    call."""
+
+    command: list[str] | None = Field(default=None, min_length=1)
+    url: str | None = Field(default=None, pattern=r"^https?://")
+    env: dict[str, str] = Field(default_factory=dict)
+    cwd: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    api_key_env: str | None = None
+    tools: list[str] | None = None
+    timeout_s: TimeoutS = 60.0
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _not_an_oao_setting(cls, name: str | None) -> str | None:
+        return None if name is None else _not_an_oao_setting(name)
+
+    @model_validator(mode="after")
+    def _one_transport(self) -> MCPServerSpec:
+        if (self.command is None) == (self.url is None):
+            raise ValueError("give exactly one of command (stdio) and url (streamable HTTP)")
+        if self.url is not None and (self.env or self.cwd is not None):
+            raise ValueError("env and cwd are for a stdio server (command)")
+        if self.command is not None and (self.headers or self.api_key_env is not None):
+            raise ValueError("headers and api_key_env are for an HTTP server (url)")
+        if self.command is not None and not self.command[0]:
+            raise ValueError("command[0] (the program) is empty")
+        return self
+
+
+class ToolSpec(_Strict):
+    """A tool the agents may call: a Python function (``entrypoint``:
+    ``module:function``) or the tools of an MCP server (``mcp``), one of the two.
+    ``idempotent`` declares that calling it again is safe (for every tool of an MCP
+    server)."""
+
+    entrypoint: str | None = Field(default=None, pattern=ENTRYPOINT_PATTERN)
+    mcp: MCPServerSpec | None = None
     description: str = ""
     idempotent: StrictBool = False
     rate_limit: RateLimitSpec | None = None
     circuit_breaker: CircuitBreakerSpec | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ToolSpec:
+        if (self.entrypoint is None) == (self.mcp is None):
+            raise ValueError("give exactly one of entrypoint (a Python function) and mcp (an MCP server)")
+        return self
 
 
 class NodeSpec(_Strict):
@@ -448,7 +538,12 @@ def cross_reference_problems(spec: Spec) -> list[str]:
                 f" (known: {', '.join(sorted(spec.models)) or 'none'})"
             )
         for t in [*(agent.tools or []), *agent.deny_tools]:
-            if t not in spec.tools and agent.kind not in FRAMEWORK_KINDS:
+            if agent.kind in FRAMEWORK_KINDS and t not in spec.tools:
+                continue  # may name one of the framework's own tools
+            server = spec.tools.get(t.partition(".")[0])
+            if t in spec.tools and spec.tools[t].mcp is not None:
+                problems.append(f"agents.{aname}.tools: {t!r} is an MCP server: list its tools as {t}.<tool>")
+            elif t not in spec.tools and not (server is not None and server.mcp is not None and "." in t):
                 problems.append(
                     f"agents.{aname}.tools: unknown tool {t!r}"
                     f" (known: {', '.join(sorted(spec.tools)) or 'none'})"
@@ -479,6 +574,11 @@ def cross_reference_problems(spec: Spec) -> list[str]:
             problems.append(
                 f"{w}.task: reads nodes.{r} but {r!r} is not in depends_on (its output would not exist yet)"
             )
+    servers = sorted(n for n, t in spec.tools.items() if t.mcp is not None)
+    for tname in spec.tools:
+        clash = next((sv for sv in servers if tname.startswith(sv + ".")), None)
+        if clash is not None:
+            problems.append(f"tools.{tname}: the name is taken by the tools of MCP server {clash!r}")
     for mname, m in spec.models.items():
         if isinstance(m, ScriptedModelSpec):
             for nid in m.by_node:
@@ -538,6 +638,7 @@ _UNION_TAGS = {
     "langchain",
     "scripted",
     "openai",
+    "anthropic",
     "<reply>",
     "<text>",
     "function-after[_cross_references()]",

@@ -1,8 +1,8 @@
 """The trust policy of a worker fleet: what a spec may make workers do (docs/security.md).
 
 A spec is code. Its ``python`` agents and tools are imported and called on the workers,
-an ``openai`` model sends the environment variable named by ``api_key_env`` to its
-``base_url``, and ``serve`` POSTs run reports to the escalation ``webhook``. A
+an ``openai`` or ``anthropic`` model sends the environment variable named by
+``api_key_env`` to its ``base_url``, and ``serve`` POSTs run reports to the escalation ``webhook``. A
 :class:`TrustPolicy`, built from command-line options or the environment, bounds each:
 
 * ``entrypoints``: fnmatch patterns an entrypoint must match, as ``module:attr`` or by
@@ -12,6 +12,11 @@ an ``openai`` model sends the environment variable named by ``api_key_env`` to i
   ``*_API_KEY``, ``*_API_TOKEN``); a name containing REDIS, PASSWORD, PASSWD or
   SECRET must be listed by its exact name; ``OAO_*`` (OAO's own settings, such as
   ``OAO_REDIS_URL``) is never allowed. ``None`` checks only the ``OAO_*`` rule.
+* ``mcp_commands``: fnmatch patterns the command line of an MCP stdio tool server
+  (``tools.<name>.mcp.command``, joined as a shell would quote it) must match. Starting
+  such a server runs a program on the worker, so it is code execution like an
+  entrypoint: ``None`` allows any command only while ``entrypoints`` is ``None`` too; a
+  fleet that restricts entrypoints refuses every MCP command it does not list.
 * network: link-local (169.254.0.0/16, fe80::/10) and cloud-metadata addresses are
   always refused; ``deny_private_networks`` also refuses every address that is not
   globally routable (loopback, RFC 1918, CGNAT, unique-local ...), except addresses in
@@ -30,6 +35,7 @@ import fnmatch
 import inspect
 import ipaddress
 import re
+import shlex
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -44,6 +50,7 @@ ENV_ALLOW_ENTRYPOINTS = "OAO_ALLOW_ENTRYPOINTS"
 ENV_ALLOW_API_KEY_ENV = "OAO_ALLOW_API_KEY_ENV"
 ENV_DENY_PRIVATE_NETWORKS = "OAO_DENY_PRIVATE_NETWORKS"
 ENV_ALLOW_HOSTS = "OAO_ALLOW_HOSTS"
+ENV_ALLOW_MCP_COMMANDS = "OAO_ALLOW_MCP_COMMANDS"
 
 DEFAULT_API_KEY_ENVS = ("*_API_KEY", "*_API_TOKEN")
 """Names conventionally dedicated to one API's key (``OPENAI_API_KEY``,
@@ -128,14 +135,16 @@ class TrustPolicy:
     ``entrypoints``: patterns, ``None`` = any. ``api_key_envs``: patterns, ``None`` =
     only the ``OAO_*`` rule. ``deny_private_networks``: refuse non-public addresses.
     ``allow_hosts``: host-name globs and IP networks (``10.0.0.0/8``), ``None`` = any
-    host. Raises ``ValueError`` for an ``allow_hosts`` entry with a ``/`` that is not
-    an IP network.
+    host. ``mcp_commands``: patterns of MCP stdio server command lines, ``None`` = any
+    command while ``entrypoints`` is ``None``, none otherwise. Raises ``ValueError`` for
+    an ``allow_hosts`` entry with a ``/`` that is not an IP network.
     """
 
     entrypoints: tuple[str, ...] | None = None
     api_key_envs: tuple[str, ...] | None = DEFAULT_API_KEY_ENVS
     deny_private_networks: bool = False
     allow_hosts: tuple[str, ...] | None = None
+    mcp_commands: tuple[str, ...] | None = None
     _host_globs: tuple[str, ...] = field(init=False, repr=False, compare=False, default=())
     _networks: tuple[IPNetwork, ...] = field(init=False, repr=False, compare=False, default=())
 
@@ -160,6 +169,7 @@ class TrustPolicy:
         deny_private_networks: bool = False,
         allow_hosts: str | None = None,
         api_key_default: tuple[str, ...] | None = DEFAULT_API_KEY_ENVS,
+        allow_mcp_commands: str | None = None,
     ) -> TrustPolicy:
         """A policy from comma-separated option values (``None``: option not given).
         ``api_key_default`` applies when ``allow_api_key_env`` is not given (``None``
@@ -170,6 +180,7 @@ class TrustPolicy:
             api_key_envs=keys if keys is not None else api_key_default,
             deny_private_networks=deny_private_networks,
             allow_hosts=split_list(allow_hosts),
+            mcp_commands=split_list(allow_mcp_commands),
         )
 
     def describe(self) -> dict[str, Any]:
@@ -179,6 +190,9 @@ class TrustPolicy:
             "allow_api_key_env": "*" if self.api_key_envs is None else ",".join(self.api_key_envs),
             "deny_private_networks": self.deny_private_networks,
             "allow_hosts": "*" if self.allow_hosts is None else ",".join(self.allow_hosts),
+            "allow_mcp_commands": ("*" if self.entrypoints is None else "(none)")
+            if self.mcp_commands is None
+            else ",".join(self.mcp_commands),
         }
 
     # ------------------------------------------------------------------ entrypoints
@@ -236,6 +250,27 @@ class TrustPolicy:
             raise TrustError(
                 f"entrypoint {entrypoint!r} resolves to {getattr(obj, '__qualname__', obj)!s} from module "
                 f"{module or '?'}, which --allow-entrypoints ({ENV_ALLOW_ENTRYPOINTS}) does not allow"
+            )
+
+    # ------------------------------------------------------------------ MCP servers
+
+    def check_mcp_command(self, argv: list[str], where: str = "mcp.command") -> None:
+        """An MCP stdio server about to be started with ``argv``: its command line
+        (``shlex.join(argv)``) must match an ``mcp_commands`` pattern, or, with no such
+        list, entrypoints must be unrestricted. Raises :class:`TrustError`."""
+        line = shlex.join(argv)
+        if self.mcp_commands is None:
+            if self.entrypoints is None:
+                return
+            raise TrustError(
+                f"{where}: {line!r} is refused: starting an MCP server runs a program on the worker, "
+                f"and this fleet restricts code (--allow-entrypoints) without listing MCP commands in "
+                f"--allow-mcp-commands ({ENV_ALLOW_MCP_COMMANDS})"
+            )
+        if not any(fnmatch.fnmatchcase(line, p) for p in self.mcp_commands):
+            raise TrustError(
+                f"{where}: {line!r} is not allowed on this fleet: it matches none of --allow-mcp-commands "
+                f"({ENV_ALLOW_MCP_COMMANDS}): {', '.join(self.mcp_commands) or '(none)'}"
             )
 
     # ------------------------------------------------------------------ API keys
@@ -306,9 +341,10 @@ class TrustPolicy:
             )
 
     def check_url(self, url: str, where: str) -> None:
-        """A model ``base_url`` or webhook before any connection: ``http``/``https`` with a
-        host that :meth:`check_host` accepts. Names are resolved and checked again at
-        connect time (:mod:`oao_common.safe_http`). Raises :class:`TrustError`."""
+        """A model ``base_url``, MCP server ``url`` or webhook before any connection:
+        ``http``/``https`` with a host that :meth:`check_host` accepts. Names are resolved
+        and checked again at connect time (:mod:`oao_common.safe_http`). Raises
+        :class:`TrustError`."""
         try:
             parts = urlsplit(url)
             host = parts.hostname
@@ -323,7 +359,7 @@ class TrustPolicy:
     def spec_problems(self, spec: Spec) -> list[str]:
         """Every refusal this policy would make for ``spec``, one line each, without
         importing or connecting (entrypoints by name, API-key names, URLs statically)."""
-        from .spec import OpenAIModelSpec
+        from .spec import AnthropicModelSpec, OpenAIModelSpec
 
         problems: list[str] = []
 
@@ -339,9 +375,19 @@ class TrustPolicy:
             if entrypoint:
                 check(f"agents.{name}.entrypoint", self.check_entrypoint, entrypoint)
         for name, tool in spec.tools.items():
-            check(f"tools.{name}.entrypoint", self.check_entrypoint, tool.entrypoint)
+            if tool.entrypoint is not None:
+                check(f"tools.{name}.entrypoint", self.check_entrypoint, tool.entrypoint)
+            mcp = tool.mcp
+            if mcp is not None and mcp.command is not None:
+                at = f"tools.{name}.mcp.command"
+                check(at, self.check_mcp_command, mcp.command, at)
+            if mcp is not None and mcp.url is not None:
+                check(f"tools.{name}.mcp.url", self.check_url, mcp.url, f"tools.{name}.mcp.url")
+            if mcp is not None and mcp.api_key_env is not None:
+                at = f"tools.{name}.mcp.api_key_env"
+                check(at, self.check_api_key_env, mcp.api_key_env, at)
         for name, model in spec.models.items():
-            if isinstance(model, OpenAIModelSpec):
+            if isinstance(model, OpenAIModelSpec | AnthropicModelSpec):
                 key_at, url_at = f"models.{name}.api_key_env", f"models.{name}.base_url"
                 check(key_at, self.check_api_key_env, model.api_key_env, key_at)
                 if model.base_url:

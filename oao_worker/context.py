@@ -54,7 +54,7 @@ from .governance import Governor, StepInfo
 from .guards import CallGuards, Guard
 from .lifecycle import AgentState, Lifecycle
 from .providers import ModelReply, ModelRequest, Provider
-from .providers.base import estimate_message_tokens
+from .providers.base import consumed_usage
 from .tools import RunSync, Tool, ToolCallInfo
 
 T = TypeVar("T")
@@ -407,6 +407,43 @@ class AgentContext:
                 )
                 await asyncio.sleep(delay)
 
+    async def _record_consumed(self, step: StepInfo, exc: BaseException, price: Price, n: int) -> None:
+        """A model call failed after it consumed tokens (the provider says how many,
+        :func:`~oao_worker.providers.base.attach_usage`): count them in the node's
+        budgets and add them to the node's and run's usage and cost in Redis, with a
+        ``STEP_FAILED`` event. Best effort: a Redis failure here leaves ``exc`` to go on."""
+        u = consumed_usage(exc)
+        if u is None or not u.total:
+            return
+        cost = price.cost(u.input_tokens, u.output_tokens, u.cache_read_tokens, u.cache_write_tokens)
+        usage = self.governor.usage
+        usage.tokens_in += u.input_tokens
+        usage.tokens_out += u.output_tokens
+        usage.cost_usd += cost
+        self.emit(
+            EventType.STEP_FAILED,
+            {
+                "seq": step.seq,
+                "kind": step.kind,
+                "name": step.name,
+                "try": n,
+                "tokens_in": u.input_tokens,
+                "tokens_out": u.output_tokens,
+                "cost_usd": cost,
+                "error": f"{type(exc).__name__}: {exc}"[:500],
+            },
+        )
+        with contextlib.suppress(*LOOP_ERRORS):
+            await self.broker.record_usage(
+                self.worker_id,
+                self.job,
+                f"{step.seq}.{n}",
+                u.input_tokens,
+                u.output_tokens,
+                cost,
+                self.drain_events(),
+            )
+
     async def _begin_tool_step(self, seq: int, name: str, req_hash: str) -> None:
         """Guard a side effect: refuse to repeat an unrecorded non-idempotent call, and
         write a fenced "started" marker before executing (docs/guarantees.md, ADR 003)."""
@@ -504,13 +541,24 @@ class AgentContext:
                 await stream.flushed()  # subscribers get the text before the step's record
                 return reply
 
+            tries = 0
+
+            async def complete() -> ModelReply:
+                nonlocal tries
+                tries += 1
+                try:
+                    return await call_model()
+                except Exception as e:  # what a cut-off or stopped stream consumed is spent
+                    await self._record_consumed(step, e, price, tries)
+                    raise
+
             try:
                 reply = await self._retrying(
                     step,
                     lambda: self._guarded(
                         f"model:{name}",
                         step.input_tokens + reserved_out,
-                        call_model,
+                        complete,
                         lambda r: r.usage.total,
                     ),
                     _transient,
@@ -524,7 +572,7 @@ class AgentContext:
                 reply.to_dict(),
                 u.input_tokens,
                 u.output_tokens,
-                price.cost(u.input_tokens, u.output_tokens),
+                price.cost(u.input_tokens, u.output_tokens, u.cache_read_tokens, u.cache_write_tokens),
             )
 
         result = await self._step(
@@ -532,7 +580,7 @@ class AgentContext:
             name,
             {"kind": "llm", **request.hash_view()},
             execute,
-            input_tokens=estimate_message_tokens(msgs),
+            input_tokens=await provider.count_input_tokens(request),
             price=price,
             reservation=reservation,
         )

@@ -23,6 +23,7 @@ from oao_common.trust import DEFAULT_TRUST, TrustPolicy
 
 from .agents import Agent, build_agent
 from .guards import Guard
+from .mcp_tools import MCPConnection, MCPTool, connect_mcp_tools
 from .providers import Provider, make_provider
 from .tools import RunSync, Tool, load_entrypoint, load_tools, runs_no_code
 
@@ -40,6 +41,8 @@ class RunRuntime:
     trust: TrustPolicy = DEFAULT_TRUST
     #: the run is a strict replay: every step must come from the record (docs/replay.md)
     strict_replay: bool = False
+    #: the run's MCP tool servers (oao_worker/mcp_tools.py), closed with the runtime
+    mcp: list[MCPConnection] = field(default_factory=list)
 
     async def agent(self, name: str, run_sync: RunSync) -> Agent:
         """The agent ``name``, built on first use through ``run_sync`` (it imports the
@@ -55,10 +58,14 @@ class RunRuntime:
         return a
 
     async def aclose(self) -> None:
-        """Close the providers' clients."""
+        """Close the providers' clients and the MCP servers' sessions (stopping their
+        processes)."""
         for p in self.providers.values():
             with contextlib.suppress(Exception):
                 await p.aclose()
+        for c in self.mcp:
+            with contextlib.suppress(Exception):
+                await c.aclose()
 
 
 def guards_of(spec: Spec) -> dict[str, Guard]:
@@ -76,12 +83,24 @@ def guards_of(spec: Spec) -> dict[str, Guard]:
     return out
 
 
+def mcp_guards(guards: dict[str, Guard], tools: dict[str, Tool]) -> dict[str, Guard]:
+    """``guards`` plus, for every tool of an MCP server (``<entry>.<tool>``), the guard
+    of its entry: one limiter and one breaker for all of a server's tools."""
+    out = dict(guards)
+    for name, tool in tools.items():
+        if isinstance(tool, MCPTool) and tool.connection is not None:
+            g = guards.get(f"tool:{tool.connection.name}")
+            if g is not None:
+                out[f"tool:{name}"] = g
+    return out
+
+
 def import_problems(spec: Spec, trust: TrustPolicy | None = None) -> list[str]:
     """Import every entrypoint of ``spec`` (agents and tools) as a worker would; one
     line per entrypoint that fails, naming its place (``agents.writer.entrypoint``).
     Blocking: for the command line (``validate/submit --check-imports``, ``run``)."""
     places = [(f"agents.{n}.entrypoint", a.entrypoint) for n, a in spec.agents.items() if a.kind != "llm"]
-    places += [(f"tools.{n}.entrypoint", t.entrypoint) for n, t in spec.tools.items()]
+    places += [(f"tools.{n}.entrypoint", t.entrypoint) for n, t in spec.tools.items() if t.entrypoint]
     problems = []
     for where, entrypoint in places:
         try:
@@ -158,18 +177,24 @@ class RuntimeCache:
             spec = Spec.from_stored_json(spec_json)
         except ValueError as e:
             raise PermanentError(f"run {run_id}: stored spec no longer validates: {e}") from None
-        if all(runs_no_code(t.entrypoint) for t in spec.tools.values()):
+        if all(runs_no_code(t.entrypoint) for t in spec.tools.values() if t.entrypoint):
             tools = load_tools(spec.tools, self.trust)  # imported already: no code runs
         else:
             tools = await self.run_sync(load_tools, spec.tools, self.trust)
+        # MCP servers are started for a strict replay too: the tools offered to a model
+        # are part of its request (a replay serves the calls from the record)
+        mcp_tools, connections = await connect_mcp_tools(spec.tools, self.trust)
+        tools.update(mcp_tools)
+        strict_replay = await self.broker.run_field(run_id, "replay_strict") == "1"
         return RunRuntime(
             spec=spec,
             inputs=json.loads(inputs_json or "{}"),
             providers={name: make_provider(name, m, self.trust) for name, m in spec.models.items()},
             tools=tools,
             prices={name: price_of(m) for name, m in spec.models.items()},
-            guards=guards_of(spec),
+            guards=mcp_guards(guards_of(spec), tools),
             started_at_ms=int(started_at or 0),
             trust=self.trust,
-            strict_replay=await self.broker.run_field(run_id, "replay_strict") == "1",
+            strict_replay=strict_replay,
+            mcp=connections,
         )

@@ -142,10 +142,13 @@ class Tool:
 
 
 def load_tools(specs: dict[str, ToolSpec], trust: TrustPolicy = DEFAULT_TRUST) -> dict[str, Tool]:
-    """Resolve every tool of a spec; raises :class:`PermanentError` for a bad entrypoint
-    (``TrustError`` for one ``trust`` does not allow)."""
+    """Resolve every Python tool of a spec (MCP servers are started by
+    :func:`oao_worker.mcp_tools.connect_mcp_tools`); raises :class:`PermanentError`
+    for a bad entrypoint (``TrustError`` for one ``trust`` does not allow)."""
     tools = {}
     for name, s in specs.items():
+        if s.entrypoint is None:
+            continue
         func = load_entrypoint(s.entrypoint, trust)
         if not callable(func):
             raise PermanentError(f"tool {name!r}: {s.entrypoint} is not callable")

@@ -54,7 +54,12 @@ class StubReply:
     ``chunks`` splits ``content`` into that many streamed pieces (default: one per
     word); ``chunk_delay_s`` sleeps before each streamed chunk, ``first_delay_s``
     before the response headers; ``drop_after`` cuts the connection (no ``[DONE]``)
-    after that many content chunks; ``usage`` is ``(prompt_tokens,
+    after that many content chunks; ``end_after`` ends the body cleanly after that many
+    content chunks, without a finish reason or ``[DONE]`` (a server that gave up);
+    ``error_after`` sends an error event (``data: {"error": {...}}``, as LiteLLM and
+    llama.cpp do) with ``error_message`` after that many content chunks;
+    ``error_body`` replaces an error reply's JSON body and ``headers`` adds response
+    headers to it; ``usage`` is ``(prompt_tokens,
     completion_tokens)``, computed roughly when ``None``; ``omit_usage`` leaves usage
     out (as servers without ``stream_options`` support do).
     """
@@ -65,6 +70,10 @@ class StubReply:
     chunk_delay_s: float = 0.0
     first_delay_s: float = 0.0
     drop_after: int | None = None
+    end_after: int | None = None
+    error_after: int | None = None
+    error_body: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
     usage: tuple[int, int] | None = None
     omit_usage: bool = False
     model: str = DEFAULT_MODEL
@@ -169,12 +178,12 @@ class _Handler(BaseHTTPRequestHandler):
             token = headers.get("authorization", "").removeprefix("Bearer ")
             message += f" Incorrect API key provided: {token}."
         extra = {"Retry-After": reply.retry_after} if reply.retry_after is not None else {}
+        extra.update(reply.headers)
         err_type = "server_error" if reply.status >= 500 else reply.error_type
-        self._send_json(
-            reply.status,
-            {"error": {"message": message, "type": err_type, "param": None, "code": None}},
-            extra,
-        )
+        body = reply.error_body
+        if body is None:
+            body = {"error": {"message": message, "type": err_type, "param": None, "code": None}}
+        self._send_json(reply.status, body, extra)
 
     def _once(self, reply: StubReply, body: dict[str, Any]) -> None:
         message: dict[str, Any] = {
@@ -238,6 +247,13 @@ class _Handler(BaseHTTPRequestHandler):
                 if reply.drop_after is not None and sent >= reply.drop_after:
                     self.close_connection = True
                     return  # no terminating chunk: the client sees a cut body
+                if reply.error_after is not None and sent >= reply.error_after:
+                    self._event({"error": {"message": reply.error_message, "type": "server_error"}})
+                    self._write_chunk(b"")
+                    return
+                if reply.end_after is not None and sent >= reply.end_after:
+                    self._write_chunk(b"")  # a complete HTTP body, but no finish nor [DONE]
+                    return
                 if reply.chunk_delay_s:
                     time.sleep(reply.chunk_delay_s)
                 self._event(chunk({"content": piece}))

