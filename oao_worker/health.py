@@ -8,10 +8,11 @@ same JSON document (``alive``, ``ready``, ``reasons`` and the figures they come 
 - **alive**: the worker's event loop ran a callback posted from this server within
   ``max_stall_s`` seconds, and its heartbeat thread (``oao_worker/heartbeat.py``) is
   running and finished a heartbeat within ``max_stall_s`` plus the beat interval (a
-  third of the TTL), successful or failed on a Redis error. A Redis outage therefore leaves the worker alive (its loops wait the
-  outage out; restarting it would not help) but not ready. The default stall, 60 s, is
-  above the longest heartbeat attempt against an unreachable server (four tries of the
-  10 s socket timeout, ``oao_common/connection.py``).
+  third of the TTL), successful or failed on a Redis error. A Redis outage therefore
+  leaves the worker alive (its loops wait the outage out; restarting it would not help)
+  but not ready. The default stall, 60 s, is above the longest heartbeat attempt against
+  an unreachable server (four tries of the 10 s socket timeout,
+  ``oao_common/connection.py``).
 - **ready**: alive, not stopping (a draining worker is not ready), and the last
   heartbeat succeeded less than the heartbeat TTL ago: the worker's key in Redis is
   live, so Redis is reachable and accepts the worker's writes.
