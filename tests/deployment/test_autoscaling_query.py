@@ -229,6 +229,12 @@ async def test_keda_query_counts_every_band_plus_inflight(
                 doc = query(port, expr)
                 assert doc.get("status") == "success", (panel["title"], expr, doc)
 
+        # cancelled: the workers drop the jobs left in the lists (a list that empties is
+        # deleted in Redis) and stop the running nodes: the load goes back to 0
         await broker.cancel(s.run_id)
+        await wait_until(in_redis, (0, 0), 60, "nothing ready or running in Redis", logs)
+        await wait_until(
+            lambda: asyncio.to_thread(query, port, load_query), lambda d: scalar(d) == 0.0, 60, "load 0", logs
+        )
     finally:
         stop(*workers, serve, prom)
