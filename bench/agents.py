@@ -26,3 +26,16 @@ async def three_steps(ctx: Any) -> str:
 def echo(text: str) -> str:
     """A tool that returns its argument (no side effect)."""
     return text
+
+
+async def long_conversation(ctx: Any) -> str:
+    """``int(task)`` model calls over one growing conversation: each turn adds a ~2 KB
+    user message and the model's reply, and every call sends the whole history (what
+    ``bench/ledger_growth.py`` measures the storage of)."""
+    calls = int(ctx.task or 100)
+    messages: list[dict[str, Any]] = [{"role": "system", "content": "You are thorough. " * 8}]
+    for i in range(calls):
+        messages.append({"role": "user", "content": f"Turn {i}: " + ("evidence and notes " * 110)[:2000]})
+        reply = await ctx.llm(messages)
+        messages.append({"role": "assistant", "content": str(reply.content)})
+    return f"{calls} calls"

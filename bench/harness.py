@@ -1,6 +1,7 @@
 """Set-up shared by ``bench/budget_stop.py``, ``bench/cancel.py`` and ``bench/recovery.py``:
-a Redis for the run (the given URL, else a private embedded Valkey) with a fresh key
-prefix that is deleted afterwards, and real OAO processes that are always stopped."""
+a Redis for the run (the library's ``LocalFleet``: the given URL, else a private embedded
+Valkey) with a fresh key prefix that is deleted afterwards, and real OAO processes that
+are always stopped."""
 
 from __future__ import annotations
 
@@ -17,26 +18,23 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from oao_common.broker import Broker  # noqa: E402
-from oao_common.connection import EmbeddedServer, connect  # noqa: E402
+from oao_scheduler.fleet import LocalFleet  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
 
 @contextlib.asynccontextmanager
 async def bench_redis(redis_url: str | None, name: str) -> AsyncIterator[tuple[str, Broker]]:
-    """``(url, broker)`` under the prefix ``bench-<name>-<pid>``; keys deleted at the end."""
-    server = None if redis_url else EmbeddedServer().start()
-    url = redis_url or (server.url if server else "")
-    r = connect(url)
-    broker = Broker(r, f"bench-{name}-{os.getpid()}")
-    try:
-        yield url, broker
-    finally:
-        async for key in r.scan_iter(match=f"{broker.keys.prefix}:*", count=1000):
-            await r.delete(key)
-        await r.aclose()
-        if server:
-            server.stop()
+    """``(url, broker)`` under the prefix ``bench-<name>-<pid>``: the library's
+    :class:`LocalFleet` without workers (the given URL, else a private embedded Valkey);
+    the prefix's keys are deleted at the end."""
+    async with LocalFleet(redis_url, prefix=f"bench-{name}-{os.getpid()}", workers=0) as fleet:
+        broker = fleet.broker
+        try:
+            yield fleet.url or "", broker
+        finally:
+            async for key in broker.redis.scan_iter(match=f"{broker.keys.prefix}:*", count=1000):
+                await broker.redis.delete(key)
 
 
 def oao_process(

@@ -4,8 +4,9 @@
 
 * without ``redis_url``, everything runs in this process: a private embedded Valkey
   (started on first use, stopped by :meth:`Orchestrator.close` or at exit), ``workers``
-  real :class:`~oao_worker.worker.Worker` s and a :class:`~oao_scheduler.reaper.Reaper`,
-  through the same protocol as a fleet. Agents may be plain Python objects
+  real :class:`~oao_worker.worker.Worker` s and a :class:`~oao_scheduler.reaper.Reaper`
+  (a :class:`~oao_scheduler.fleet.LocalFleet`, as ``oao-scheduler run`` uses), through
+  the same protocol as a fleet. Agents may be plain Python objects
   (:mod:`oao._local` gives each one an entrypoint).
 * with ``redis_url``, runs go to that Redis for a fleet of ``oao-worker`` processes
   (``workers`` defaults to 0 there). Agents must then be importable (``module:attr``):
@@ -29,25 +30,22 @@ import contextlib
 import os
 import re
 from collections.abc import AsyncIterator, Coroutine
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
-from redis.asyncio import Redis
 
 from oao_common.broker import Broker
-from oao_common.connection import EmbeddedServer, connect, ping
-from oao_common.errors import OAOError, RedisUnavailable, WaitTimeout
+from oao_common.connection import EmbeddedServer
+from oao_common.errors import OAOError
 from oao_common.events import Event, EventType
 from oao_common.graph_spec import agent_name
 from oao_common.log import configure_logging
 from oao_common.spec import ID_PATTERN, Spec, apply_inputs, load_spec
 from oao_common.states import RunState
-from oao_scheduler.reaper import Reaper
+from oao_scheduler.fleet import LocalFleet
+from oao_scheduler.progress import wait_for_run
 from oao_scheduler.report import collect
-from oao_scheduler.submit import submit_spec
-from oao_worker.worker import Worker
 
 from . import _local
 from .graph import TaskGraph, TaskNode
@@ -75,24 +73,6 @@ def run_sync(coro: Coroutine[Any, Any, T], async_name: str) -> T:
     raise OrchestratorError(
         f"called from inside a running event loop: use `await ...{async_name}(...)` instead"
     )
-
-
-@dataclass
-class _Fleet:
-    loop: asyncio.AbstractEventLoop
-    redis: Redis
-    broker: Broker
-    workers: list[Worker] = field(default_factory=list)
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    stop_event: asyncio.Event = field(default_factory=asyncio.Event)
-    persistent: bool = False
-
-    async def stop(self) -> None:
-        for w in self.workers:
-            w.request_stop()
-        self.stop_event.set()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-        await self.redis.aclose()
 
 
 class RunHandle:
@@ -123,14 +103,9 @@ class RunHandle:
 
     async def wait(self, timeout_s: float | None = None) -> str:
         """Wait for the run to end (following its event stream, no polling of nodes);
-        returns its final state. Raises :class:`WaitTimeout` after ``timeout_s`` seconds."""
-        try:
-            async with asyncio.timeout(timeout_s):
-                async for _ in self.events():
-                    pass
-        except TimeoutError:
-            raise WaitTimeout(f"run {self.run_id} had not ended after {timeout_s:g} s (it goes on)") from None
-        return await self.status()
+        returns its final state. Raises :class:`WaitTimeout` after ``timeout_s`` seconds,
+        ``RedisUnavailable`` if the run is gone from Redis."""
+        return await wait_for_run(self.broker, self.run_id, timeout_s=timeout_s)
 
     async def cancel(self) -> bool:
         """Cancel the run: True if this call cancelled it, False if it had already ended."""
@@ -165,7 +140,8 @@ class Orchestrator:
         self.policy = policy
         self.prefix = prefix
         self._server: EmbeddedServer | None = None
-        self._fleet: _Fleet | None = None
+        self._fleet: LocalFleet | None = None
+        self._persistent: LocalFleet | None = None  # the fleet that outlives calls (submit)
         if not structlog.is_configured():  # a library stays quiet: warnings on stderr
             configure_logging(level=os.environ.get("OAO_LOG_LEVEL", "warning"))
 
@@ -181,27 +157,19 @@ class Orchestrator:
             atexit.register(self._server.stop)
         return self._server.url
 
-    async def _start_fleet(self) -> _Fleet:
-        url = self.url
-        redis = connect(url)
-        try:
-            await ping(redis, url)
-        except RedisUnavailable:
-            await redis.aclose()
-            raise
-        broker = Broker(redis, self.prefix)
-        fleet = _Fleet(asyncio.get_running_loop(), redis, broker)
-        for _ in range(self.workers):
-            w = Worker(broker, concurrency=self.concurrency, claim_timeout_s=0.2, grace_period_s=1.0)
-            fleet.workers.append(w)
-            fleet.tasks.append(asyncio.create_task(w.run()))
-        if self.workers:
-            reaper = Reaper(broker, interval_s=0.5, heartbeat_ttl_s=5.0)
-            fleet.tasks.append(asyncio.create_task(reaper.run(fleet.stop_event)))
-        return fleet
+    async def _start_fleet(self) -> LocalFleet:
+        fleet = LocalFleet(
+            self.url,
+            prefix=self.prefix,
+            workers=self.workers,
+            concurrency=self.concurrency,
+            claim_timeout_s=0.2,
+            grace_period_s=1.0,
+        )
+        return await fleet.start()
 
     @contextlib.asynccontextmanager
-    async def _session(self) -> AsyncIterator[_Fleet]:
+    async def _session(self) -> AsyncIterator[LocalFleet]:
         loop = asyncio.get_running_loop()
         if self._fleet is not None and self._fleet.loop is loop:
             yield self._fleet
@@ -210,13 +178,14 @@ class Orchestrator:
         try:
             yield fleet
         finally:
-            if not fleet.persistent:
+            if fleet is not self._persistent:
                 self._fleet = None
                 await fleet.stop()
 
     async def aclose(self) -> None:
         """Stop this process's workers and reaper (runs in flight are handed back)."""
         fleet, self._fleet = self._fleet, None
+        self._persistent = None
         if fleet is not None:
             await fleet.stop()
 
@@ -277,11 +246,11 @@ class Orchestrator:
         loop = asyncio.get_running_loop()
         if self._fleet is None or self._fleet.loop is not loop:
             self._fleet = await self._start_fleet()
-        self._fleet.persistent = True
+        self._persistent = self._fleet
         return await self._submit(self._fleet, spec, idempotency_key)
 
-    async def _submit(self, fleet: _Fleet, spec: Spec, idempotency_key: str | None = None) -> RunHandle:
-        s = await submit_spec(fleet.broker, spec, idempotency_key=idempotency_key)
+    async def _submit(self, fleet: LocalFleet, spec: Spec, idempotency_key: str | None = None) -> RunHandle:
+        s = await fleet.submit(spec, idempotency_key=idempotency_key)
         dependents = spec.dependents()
         sinks = [n.id for n in spec.nodes if not dependents[n.id]]
         return RunHandle(fleet.broker, s.run_id, s.created, sinks)

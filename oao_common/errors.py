@@ -105,19 +105,42 @@ class PolicyViolation(PermanentError):
 
 
 class NonDeterminismError(PermanentError):
-    """A replayed step's request differs from the recorded one (docs/guarantees.md).
+    """A replayed node diverged from its record (docs/replay.md).
 
-    Mirrors Temporal's non-determinism error: it names the step and both hashes.
+    Mirrors Temporal's non-determinism error: it names the step, both request hashes
+    and, where the record holds the request, what differed field by field (``diff``:
+    lines ``"path: recorded -> now"``). ``recorded_hash`` is empty when the replayed code
+    issued a step the record does not have; ``actual_hash`` is empty when it finished
+    without issuing a step the record has.
     """
 
-    def __init__(self, step: str, recorded_hash: str, actual_hash: str) -> None:
+    def __init__(
+        self, step: str, recorded_hash: str, actual_hash: str, diff: list[str] | None = None
+    ) -> None:
         self.step = step
         self.recorded_hash = recorded_hash
         self.actual_hash = actual_hash
-        super().__init__(
-            f"NonDeterminismError: step {step} was recorded with request hash "
-            f"{recorded_hash[:12]} but replay issued {actual_hash[:12]}"
-        )
+        self.diff = list(diff or [])
+        if not recorded_hash:
+            what = f"step {step} is not in the record: the original issued no such step"
+        elif not actual_hash:
+            what = f"step {step} is in the record, but the replayed code ended without issuing it"
+        else:
+            what = (
+                f"step {step} was recorded with request hash {recorded_hash[:12]} "
+                f"but replay issued {actual_hash[:12]}"
+            )
+        changes = f"; differences (recorded -> now): {'; '.join(self.diff)}" if self.diff else ""
+        super().__init__(f"NonDeterminismError: {what}{changes}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The error payload: the step, both hashes and the field-level differences."""
+        return {
+            "step": self.step,
+            "recorded_hash": self.recorded_hash,
+            "actual_hash": self.actual_hash,
+            "diff": self.diff,
+        }
 
 
 class UncertainSideEffect(PermanentError):

@@ -58,6 +58,12 @@ class Keys:
     def steps(self, rid: str) -> str:
         return f"{self.prefix}:run:{{{rid}}}:steps"
 
+    def messages(self, rid: str) -> str:
+        """Hash of the model messages a run's steps sent, content-addressed: ref (the first
+        32 hex digits of the sha256 of the message's canonical JSON) -> that JSON. A
+        model step's ledger record lists its messages as refs (docs/replay.md)."""
+        return f"{self.prefix}:run:{{{rid}}}:msgs"
+
     def reservations(self, rid: str) -> str:
         """Hash of live budget reservations of a run (see ``budget.lua``)."""
         return f"{self.prefix}:run:{{{rid}}}:reservations"
@@ -156,6 +162,7 @@ class Keys:
             "events": esc.events("%s"),
             "queue": esc.queue("%s"),
             "steps": esc.steps("%s"),
+            "msgs": esc.messages("%s"),
             "parked": esc.parked("%s"),
             "reservations": esc.reservations("%s"),
             "finished": self.finished,

@@ -31,8 +31,8 @@ from oao_common.cli_support import (
     run_async,
     trust_options,
 )
-from oao_common.connection import DEFAULT_URL, EmbeddedServer, connect, ping, redact
-from oao_common.errors import SpecError
+from oao_common.connection import DEFAULT_URL, connect, ping, redact
+from oao_common.errors import RedisUnavailable, SpecError
 from oao_common.log import configure_logging, get_logger
 from oao_common.metrics import serve_metrics
 from oao_common.spec import Spec, apply_inputs, load_spec, parse_input_pairs
@@ -44,7 +44,7 @@ from .durations import parse_duration
 from .escalation import Escalator
 from .progress import wait_for_run
 from .reaper import Reaper
-from .report import collect, render_report, render_status
+from .report import REPORT_NODE_LIMIT, collect, render_report, render_status
 from .retention import Retention
 from .submit import submit_spec
 
@@ -209,53 +209,43 @@ async def run(
     (and discarded at exit). The reaper and WORKERS workers run in-process, on the
     same protocol as a distributed fleet. Exit 0 if the run SUCCEEDED, 1 otherwise.
     """
-    from oao_worker.worker import Worker
+    from .fleet import LocalFleet
 
     if not os.environ.get("OAO_LOG_LEVEL") and not _log_level_given():
         configure_logging("warning")  # the progress view and the report say it all
     spec = _load(spec_file, inputs, check_imports, trust)
-    server: EmbeddedServer | None = None
-    if not redis_url:
-        server = EmbeddedServer().start()
-        redis_url = server.url
-    try:
-        broker = await _broker(redis_url, prefix)
-        fleet = [
-            Worker(broker, concurrency=concurrency, heartbeat_ttl_s=5.0, grace_period_s=5.0, trust=trust)
-            for _ in range(workers)
-        ]
-        reaper = Reaper(broker, interval_s=0.5, heartbeat_ttl_s=5.0)
-        stop = asyncio.Event()
-        tasks = [asyncio.create_task(w.run()) for w in fleet]
-        tasks.append(asyncio.create_task(reaper.run(stop)))
-        escalator = Escalator(broker, trust=trust)
-        tasks.append(asyncio.create_task(escalator.run(stop)))
-        try:
-            submitted = await submit_spec(broker, spec)
-            where = "embedded Valkey" if server else redact(redis_url)
-            err.print(
-                f"run {submitted.run_id} ({spec.name}, {len(spec.nodes)} nodes) on {where}", highlight=False
-            )
-            status = await wait_for_run(
-                broker, submitted.run_id, err if progress and not as_json else None, timeout_s=timeout_s
-            )
-            await escalator.poll()  # the run's ending, if it must be escalated, before we exit
-        finally:
-            for w in fleet:
-                w.request_stop()
-            stop.set()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        report = await collect(broker, submitted.run_id)
-        assert report is not None
-        if as_json:
-            print_json(report)
-        else:
-            render_report(report, out)
-        await broker.redis.aclose()
-        return _exit_for(status)
-    finally:
-        if server:
-            server.stop()
+    fleet = LocalFleet(
+        redis_url or None,
+        prefix=prefix,
+        workers=workers,
+        concurrency=concurrency,
+        heartbeat_ttl_s=5.0,
+        grace_period_s=5.0,
+        trust=trust,
+        reaper=True,
+        escalator=True,
+    )
+    async with fleet:
+        submitted = await fleet.submit(spec)
+        where = "embedded Valkey" if fleet.embedded else redact(fleet.url or "")
+        err.print(
+            f"run {submitted.run_id} ({spec.name}, {len(spec.nodes)} nodes) on {where}", highlight=False
+        )
+        # the escalator handles the run's ending, if it must be escalated, before we exit
+        status = await fleet.wait(
+            submitted.run_id, err if progress and not as_json else None, timeout_s=timeout_s
+        )
+        # a summarised report (large runs) needs no state histories: skip reading the events
+        report = await fleet.report(
+            submitted.run_id, with_events=as_json or len(spec.nodes) <= REPORT_NODE_LIMIT
+        )
+    if report is None:
+        raise RedisUnavailable(f"run {submitted.run_id} is no longer in Redis (pruned?)")
+    if as_json:
+        print_json(report)
+    else:
+        render_report(report, out, max_nodes=REPORT_NODE_LIMIT)
+    return _exit_for(status)
 
 
 @main.command()
@@ -305,11 +295,11 @@ async def submit(
     if not as_json:
         click.echo(s.run_id)
     status = await wait_for_run(broker, s.run_id, None if as_json else err, timeout_s=timeout_s)
-    report = await collect(broker, s.run_id)
+    report = await collect(broker, s.run_id, with_events=as_json or len(spec.nodes) <= REPORT_NODE_LIMIT)
     if as_json:
         print_json(report)
     elif report:
-        render_report(report, out)
+        render_report(report, out, max_nodes=REPORT_NODE_LIMIT)
     return _exit_for(status)
 
 
@@ -437,7 +427,7 @@ async def runs(redis_url: str | None, prefix: str, limit: int, as_json: bool) ->
         print_json(items)
         return EXIT_OK
     t = Table()
-    for c in ("run", "name", "status", "nodes", "failed", "tokens in/out"):
+    for c in ("run", "name", "status", "nodes", "failed", "tokens in/out", "replay of"):
         t.add_column(c)
     for r in items:
         t.add_row(
@@ -447,9 +437,143 @@ async def runs(redis_url: str | None, prefix: str, limit: int, as_json: bool) ->
             f"{r.get('nodes_done', 0)}/{r.get('nodes_total', 0)}",
             r.get("nodes_failed", "0"),
             f"{r.get('tokens_in', 0)}/{r.get('tokens_out', 0)}",
+            r.get("replay_of", ""),
         )
     out.print(t)
     return EXIT_OK
+
+
+@main.command("export")
+@click.argument("run_id")
+@redis_url_option
+@prefix_option
+@click.option(
+    "--output", "-o", type=click.Path(dir_okay=False), default=None, help="Write to FILE (default stdout)."
+)
+@run_async
+async def export_cmd(run_id: str, redis_url: str | None, prefix: str, output: str | None) -> int:
+    """Write a finished run as JSON lines: run, spec, nodes, step ledger, model messages
+    and events (format: docs/replay.md, "Export and import").
+
+    Exit 2 if the run is unknown or has not ended.
+    """
+    from .export import ExportError, dumps, export_run
+
+    broker = await _broker(redis_url, prefix)
+    try:
+        text = dumps(await export_run(broker, run_id))
+    except ExportError as e:
+        click.echo(f"error: {e}", err=True)
+        return EXIT_USAGE
+    finally:
+        await broker.redis.aclose()
+    if output is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return EXIT_OK
+    tmp = f"{output}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, output)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        click.echo(f"error: cannot write {output}: {e.strerror or e}", err=True)
+        return EXIT_USAGE
+    return EXIT_OK
+
+
+@main.command("import")
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
+@redis_url_option
+@prefix_option
+@click.option("--keep-id", is_flag=True, help="Keep the run's original id (refused if it exists).")
+@json_option
+@run_async
+async def import_cmd(file: str, redis_url: str | None, prefix: str, keep_id: bool, as_json: bool) -> int:
+    """Load a run exported by `oao-scheduler export` (FILE, or - for stdin) and print
+    its run id: a new one unless --keep-id.
+
+    The whole file is checked before anything is written, then written atomically; an
+    existing run is never overwritten. Exit 2 for an unreadable or invalid file (the
+    line is named) or an existing run.
+    """
+    from .export import ExportError, import_run
+
+    try:
+        if file == "-":
+            lines = sys.stdin.read().splitlines()
+        else:
+            with open(file, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        click.echo(f"error: cannot read {file}: {getattr(e, 'strerror', None) or e}", err=True)
+        return EXIT_USAGE
+    broker = await _broker(redis_url, prefix)
+    try:
+        rid = await import_run(broker, lines, keep_id=keep_id)
+    except ExportError as e:
+        click.echo(f"error: {file}: {e}", err=True)
+        return EXIT_USAGE
+    finally:
+        await broker.redis.aclose()
+    if as_json:
+        print_json({"run_id": rid})
+    else:
+        click.echo(rid)
+    return EXIT_OK
+
+
+@main.command("diff")
+@click.argument("run_a")
+@click.argument("run_b")
+@redis_url_option
+@prefix_option
+@click.option(
+    "--redis-url-b", default=None, metavar="URL", help="RUN_B is on this server (default: --redis-url)."
+)
+@click.option("--prefix-b", default=None, help="RUN_B is under this prefix (default: --prefix).")
+@click.option("--exit-code", is_flag=True, help="Exit 1 if the runs differ (like diff(1)).")
+@json_option
+@run_async
+async def diff_cmd(
+    run_a: str,
+    run_b: str,
+    redis_url: str | None,
+    prefix: str,
+    redis_url_b: str | None,
+    prefix_b: str | None,
+    exit_code: bool,
+    as_json: bool,
+) -> int:
+    """Compare two runs: per node same / differs / only in A / only in B, the first
+    divergent step of each differing node (request, result, usage of both sides), and
+    the totals (tokens, cost, duration, steps) with their differences.
+
+    Exit 2 if a run is unknown; with --exit-code, 1 if the runs differ.
+    """
+    from .diff import diff_runs, render_diff
+    from .export import ExportError
+
+    broker = await _broker(redis_url, prefix)
+    other = None
+    if redis_url_b or (prefix_b and prefix_b != prefix):
+        other = await _broker(redis_url_b or redis_url, prefix_b or prefix)
+    try:
+        d = await diff_runs(broker, run_a, run_b, broker_b=other)
+    except ExportError as e:
+        click.echo(f"error: {e}", err=True)
+        return EXIT_USAGE
+    finally:
+        await broker.redis.aclose()
+        if other is not None:
+            await other.redis.aclose()
+    if as_json:
+        print_json(d)
+    else:
+        render_diff(d, out)
+    return EXIT_FAILED if exit_code and not d["identical"] else EXIT_OK
 
 
 @main.command()
@@ -696,3 +820,13 @@ def api(
 
 if __name__ == "__main__":
     main()
+
+
+def _register_time_travel() -> None:
+    from .cli_replay import COMMANDS
+
+    for command in COMMANDS:
+        main.add_command(command)
+
+
+_register_time_travel()

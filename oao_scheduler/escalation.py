@@ -70,13 +70,13 @@ class Escalator:
                 raise
         self._group_ready = True
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Handle run endings until ``stop`` is set; any Redis error is logged and
-        retried with backoff, never fatal."""
+    async def run(self, stop: asyncio.Event, block_ms: int = 500) -> None:
+        """Handle run endings until ``stop`` is set (noticed within ``block_ms``); any
+        Redis error is logged and retried with backoff, never fatal."""
         backoff = Backoff(self.log, "escalator", base_s=0.2, cap_s=10.0)
         while not stop.is_set():
             try:
-                await self.poll(block_ms=500)
+                await self.poll(block_ms=block_ms)
                 backoff.ok()
             except LOOP_ERRORS as e:
                 await backoff.sleep_after(e)

@@ -112,6 +112,7 @@ async def run_keys(broker: Broker, run_id: str) -> list[str]:
         k.run(run_id),
         k.events(run_id),
         k.steps(run_id),
+        k.messages(run_id),
         k.reservations(run_id),
         k.parked(run_id),
         *(k.node(run_id, nid) for nid in node_ids.split(",") if nid),

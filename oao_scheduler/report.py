@@ -7,6 +7,7 @@ and :func:`render_status` print it with rich.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from typing import Any
 
 from rich.console import Console
@@ -26,6 +27,9 @@ _NODE_EVENT_STATE = {
     EventType.NODE_REQUEUED: "READY(requeued)",
     EventType.NODE_HANDED_BACK: "READY(handed back)",
 }
+
+#: ``run`` and ``submit --wait`` summarise the report of a run with more nodes than this.
+REPORT_NODE_LIMIT = 100
 
 STATUS_STYLE = {
     "SUCCEEDED": "green",
@@ -61,6 +65,33 @@ def _decode(v: str | None) -> Any:
         return v
 
 
+def node_report(n: dict[str, str], history: list[dict[str, Any]]) -> dict[str, Any]:
+    """One node of the report from its Redis hash ``n`` (with ``id``) and its state
+    history (``[{"state", "t_ms", "attempt"}]``, from the event log)."""
+    return {
+        "id": n["id"],
+        "agent": n.get("agent", ""),
+        "queue": n.get("queue", ""),
+        "status": n.get("status", "?"),
+        "attempt": _int(n.get("attempt")),
+        "retries": _int(n.get("retries")),
+        "requeues": _int(n.get("requeues")),
+        "worker": n.get("lease", ""),
+        "steps": _int(n.get("steps")),
+        "replayed_steps": _int(n.get("replayed_steps")),
+        "tokens_in": _int(n.get("tokens_in")),
+        "tokens_out": _int(n.get("tokens_out")),
+        "tool_calls": _int(n.get("tool_calls")),
+        "cost_usd": float(n.get("cost_usd") or 0),
+        "duration_s": _secs(n.get("started_at"), n.get("finished_at")),
+        "state_history": history,
+        "agent_states": [s for s in n.get("state_history", "").split(",") if s],
+        "output": _decode(n.get("output")),
+        "error": _decode(n.get("error")),
+        "retry_at_ms": _int(n.get("retry_at")) or None,
+    }
+
+
 async def collect(broker: Broker, run_id: str, with_events: bool = True) -> dict[str, Any] | None:
     """The report of ``run_id``, or ``None`` if no such run exists."""
     run = await broker.get_run(run_id)
@@ -75,39 +106,16 @@ async def collect(broker: Broker, run_id: str, with_events: bool = True) -> dict
         state = _NODE_EVENT_STATE.get(EventType(ev.type)) if ev.type in EventType.__members__ else None
         if state and ev.node in history:
             history[ev.node].append({"state": state, "t_ms": ev.ts_ms - created, "attempt": ev.attempt})
-    out_nodes = []
-    replayed = 0
-    for n in nodes:
-        replayed += _int(n.get("replayed_steps"))
-        out_nodes.append(
-            {
-                "id": n["id"],
-                "agent": n.get("agent", ""),
-                "queue": n.get("queue", ""),
-                "status": n.get("status", "?"),
-                "attempt": _int(n.get("attempt")),
-                "retries": _int(n.get("retries")),
-                "requeues": _int(n.get("requeues")),
-                "worker": n.get("lease", ""),
-                "steps": _int(n.get("steps")),
-                "replayed_steps": _int(n.get("replayed_steps")),
-                "tokens_in": _int(n.get("tokens_in")),
-                "tokens_out": _int(n.get("tokens_out")),
-                "tool_calls": _int(n.get("tool_calls")),
-                "cost_usd": float(n.get("cost_usd") or 0),
-                "duration_s": _secs(n.get("started_at"), n.get("finished_at")),
-                "state_history": history.get(n["id"], []),
-                "agent_states": [s for s in n.get("state_history", "").split(",") if s],
-                "output": _decode(n.get("output")),
-                "error": _decode(n.get("error")),
-                "retry_at_ms": _int(n.get("retry_at")) or None,
-            }
-        )
+    out_nodes = [node_report(n, history.get(n["id"], [])) for n in nodes]
+    replayed = sum(n["replayed_steps"] for n in out_nodes)
     return {
         "run_id": run_id,
         "name": run.get("name", ""),
         "status": run.get("status", "?"),
         "exec_hash": run.get("exec_hash", ""),
+        "replay_of": run.get("replay_of") or None,
+        "replay_point": run.get("replay_point") or None,
+        "overrides": _decode(run.get("overrides")) or [],
         "created_at_ms": created,
         "duration_s": _secs(run.get("started_at") or run.get("created_at"), run.get("finished_at")),
         "totals": {
@@ -123,6 +131,33 @@ async def collect(broker: Broker, run_id: str, with_events: bool = True) -> dict
         },
         "events": len(events),
         "nodes": out_nodes,
+    }
+
+
+async def node_detail(broker: Broker, run_id: str, node_id: str) -> dict[str, Any] | None:
+    """One node's report (:func:`node_report`, without state history) plus ``ledger``: its
+    recorded steps in order (``seq``, ``kind``, ``name``, ``usage``, ``duration_ms``,
+    ``result``, ``attempt``). ``None`` if the run has no such node."""
+    (node,) = await broker.get_nodes(run_id, [node_id])
+    if len(node) <= 1:  # only the id we put in: no hash
+        return None
+    out = node_report(node, [])
+    out["ledger"] = await broker.get_node_steps(run_id, node_id, _int(node.get("steps_recorded")))
+    return out
+
+
+async def run_graph(broker: Broker, run_id: str) -> dict[str, Any] | None:
+    """The run's DAG from its stored spec: ``{"nodes": [{"id", "agent", "depends_on"}]}``
+    in spec order; ``None`` if the run (or its stored spec) is gone."""
+    spec_json, _inputs, _started = await broker.get_spec_json(run_id)
+    if spec_json is None:
+        return None
+    doc = json.loads(spec_json)
+    return {
+        "nodes": [
+            {"id": n["id"], "agent": n.get("agent", ""), "depends_on": list(n.get("depends_on") or [])}
+            for n in doc.get("nodes", [])
+        ]
     }
 
 
@@ -176,6 +211,10 @@ def _header(report: dict[str, Any], console: Console) -> None:
     dur = "" if report["duration_s"] is None else f" in {report['duration_s']:.2f}s"
     console.print(f"[bold]run {report['run_id']}[/] ({report['name']}): {_styled(report['status'])}{dur}")
     console.print(f"execution hash {report['exec_hash']}")
+    if report.get("replay_of"):
+        point = f" from {report['replay_point']}" if report.get("replay_point") else ""
+        changes = f", changed: {'; '.join(report['overrides'])}" if report.get("overrides") else ""
+        console.print(f"replay of {report['replay_of']}{point}{changes}", highlight=False)
     console.print(
         f"nodes {tot['nodes_done']}/{tot['nodes']} done, {tot['nodes_failed']} failed · "
         f"steps {tot['steps']} (+{tot['replayed_steps']} replayed) · tokens "
@@ -189,12 +228,36 @@ def render_status(report: dict[str, Any], console: Console) -> None:
     console.print(node_table(report))
 
 
-def render_report(report: dict[str, Any], console: Console, output_chars: int = 600) -> None:
+def render_report(
+    report: dict[str, Any], console: Console, output_chars: int = 600, max_nodes: int | None = None
+) -> None:
     """The full execution report: header, node table, then per node its state history,
-    agent lifecycle, output and error."""
+    agent lifecycle, output and error.
+
+    With ``max_nodes`` (``run``, ``submit --wait``), a run of more nodes than that is
+    summarised: the counts by status, and the table and details of only the nodes that
+    did not succeed (at most ``max_nodes`` of them); ``--json`` has every node."""
     console.rule("[bold]Execution report")
-    render_status(report, console)
-    for n in report["nodes"]:
+    nodes = report["nodes"]
+    shown = nodes
+    if max_nodes is not None and len(nodes) > max_nodes:
+        _header(report, console)
+        counts = Counter(n["status"] for n in nodes)
+        console.print("by status: " + " · ".join(f"{_styled(k)} {v}" for k, v in sorted(counts.items())))
+        unsuccessful = [n for n in nodes if n["status"] != "SUCCEEDED"]
+        shown = unsuccessful[:max_nodes]
+        if shown:
+            console.print(node_table({**report, "nodes": shown}))
+        if not unsuccessful:
+            what = "all SUCCEEDED"
+        elif len(shown) < len(unsuccessful):
+            what = f"shown are the first {len(shown)} of the {len(unsuccessful)} that did not succeed"
+        else:
+            what = f"shown are the {len(shown)} that did not succeed"
+        console.print(f"[dim]{len(nodes)} nodes: {what}; --json has every node[/]", highlight=False)
+    else:
+        render_status(report, console)
+    for n in shown:
         console.print(f"\n[bold]{n['id']}[/] [{n['agent']}] {_styled(n['status'])}")
         hist = " → ".join(f"{h['state']}@{h['t_ms'] / 1000:.3f}s" for h in n["state_history"])
         if hist:

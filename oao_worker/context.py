@@ -14,8 +14,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import random
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -32,9 +35,17 @@ from oao_common.errors import (
 )
 from oao_common.events import EventType, pending_event
 from oao_common.hashing import canonical_json, sha256_hex
+from oao_common.ledger import (
+    VOLATILE_KINDS,
+    address_request,
+    message_refs,
+    request_diff,
+    resolve_request,
+)
 from oao_common.policy import RetrySpec, RunPolicySpec, backoff_delay_s
 from oao_common.pricing import FREE, Price
 from oao_common.ratelimit import RateLimitTimeout
+from oao_common.retry import LOOP_ERRORS
 from oao_common.spec import Spec
 
 from .budget import RESERVE_CHUNK, RunBudget
@@ -93,6 +104,7 @@ class AgentContext:
         call_guards: CallGuards | None = None,
         guards: dict[str, Guard] | None = None,
         run_sync: RunSync | None = None,
+        strict_replay: bool = False,
     ) -> None:
         self.broker = broker
         self.worker_id = worker_id
@@ -117,6 +129,20 @@ class AgentContext:
         #: executor (its time counts from when its thread starts; see executor.py).
         self.run_sync: RunSync = run_sync or asyncio.to_thread
         self.idempotency_key: str | None = None
+        #: A strict replay (docs/replay.md) serves every step from the record and
+        #: executes nothing: a step with no record is a NonDeterminismError.
+        self.strict_replay = strict_replay
+        # messages known to be in the run's message store: not sent again
+        self._stored_refs: set[str] = {
+            ref
+            for rec in job.ledger
+            if rec and isinstance(rec.get("request"), dict)
+            for ref in rec["request"].get("messages") or []
+            if isinstance(ref, str)
+        }
+        # (seq, message refs) of the node's last model step: the next one stores only
+        # the messages it adds (oao_common.ledger)
+        self._last_messages: tuple[int, list[str]] | None = None
         self.replayed_steps = 0
         self.executed_steps = 0
         self._seq = 0
@@ -161,7 +187,11 @@ class AgentContext:
         """Run one step through ledger, governance, execution and recording.
 
         ``execute(step)`` returns ``(result_json_value, tokens_in, tokens_out, cost_usd)``.
+        ``request`` identifies the step (its sha256 is checked on replay) and is stored
+        in the record, model messages by reference (:mod:`oao_common.ledger`). Steps of
+        :data:`~oao_common.ledger.VOLATILE_KINDS` are not governed nor counted.
         """
+        governed = kind not in VOLATILE_KINDS
         self._seq += 1
         seq = self._seq
         req_hash = sha256_hex(request)
@@ -169,24 +199,36 @@ class AgentContext:
         rec = ledger[seq - 1] if seq <= len(ledger) else None
         if rec is not None:
             if rec.get("request_hash") != req_hash:
-                raise NonDeterminismError(
-                    f"{self.node_id}#{seq} ({kind} {name})", str(rec.get("request_hash")), req_hash
+                raise await self._divergence(seq, kind, name, rec, request, req_hash)
+            if governed:
+                u = rec.get("usage") or {}
+                self.governor.account(
+                    kind, int(u.get("in", 0)), int(u.get("out", 0)), float(u.get("cost_usd", 0.0))
                 )
-            u = rec.get("usage") or {}
-            self.governor.account(
-                kind, int(u.get("in", 0)), int(u.get("out", 0)), float(u.get("cost_usd", 0.0))
-            )
+            if kind == "llm":
+                self._last_messages = (seq, address_request(request)[2])
             self.replayed_steps += 1
             metrics.STEPS.labels(kind, "replayed").inc()
             self.emit(EventType.STEP_REPLAYED, {"seq": seq, "kind": kind, "name": name})
             return rec.get("result")
+        if self.strict_replay:
+            now = canonical_json(request)
+            raise NonDeterminismError(
+                f"{self.node_id}#{seq} ({kind} {name})",
+                "",
+                req_hash,
+                [f"recorded: nothing -> now: {now if len(now) <= 200 else now[:199] + '…'}"],
+            )
 
         step = StepInfo(seq=seq, kind=kind, name=name, input_tokens=input_tokens, price=price)
-        self.governor.before_step(step)
+        if governed:
+            self.governor.before_step(step)
         if kind == "tool":
             await self._begin_tool_step(seq, name, req_hash)
-        elif self._events and not await self.broker.append_events(
-            self.worker_id, self.job, self.drain_events()
+        elif (
+            governed
+            and self._events
+            and not await self.broker.append_events(self.worker_id, self.job, self.drain_events())
         ):
             # Before a live model call or agent invocation (seconds to minutes, and money)
             # the log shows what happened so far, and a fenced-off attempt stops here.
@@ -194,12 +236,16 @@ class AgentContext:
         started = time.monotonic()
         result, tin, tout, cost = await execute(step)
         duration_ms = int((time.monotonic() - started) * 1000)
-        self.governor.account(kind, tin, tout, cost)
+        if governed:
+            self.governor.account(kind, tin, tout, cost)
         self.executed_steps += 1
+        stored_request, bodies, refs = address_request(request, self._last_messages)
+        new_bodies = {ref: b for ref, b in bodies.items() if ref not in self._stored_refs}
         record = {
             "kind": kind,
             "name": name,
             "request_hash": req_hash,
+            "request": stored_request,
             "result": result,
             "usage": {"in": tin, "out": tout, "cost_usd": cost},
             "attempt": self.attempt,
@@ -228,9 +274,14 @@ class AgentContext:
             is_tool=kind == "tool",
             events=self.drain_events(),
             reservation=reservation,
+            messages=new_bodies,
+            counts=governed,
         )
         if not ok:
             raise StaleAttemptError(f"{self.run_id}/{self.node_id} attempt {self.attempt} is stale")
+        self._stored_refs.update(new_bodies)
+        if kind == "llm":
+            self._last_messages = (seq, refs)
         metrics.STEPS.labels(kind, "executed").inc()
         if kind == "llm":
             metrics.TOKENS.labels(name, "input").inc(tin)
@@ -239,8 +290,65 @@ class AgentContext:
                 metrics.COST_USD.labels(name).inc(cost)
         elif kind == "tool":
             metrics.TOOL_CALLS.labels(name).inc()
-        self.governor.after_step(step)
+        if governed:
+            self.governor.after_step(step)
         return result
+
+    async def _divergence(
+        self, seq: int, kind: str, name: str, rec: dict[str, Any], request: dict[str, Any], req_hash: str
+    ) -> NonDeterminismError:
+        """The error for a replayed step whose request differs from the record, with the
+        field-level differences when the record holds its request."""
+        stored = rec.get("request")
+        diff = None
+        if isinstance(stored, dict):
+            records = dict(enumerate(self.job.ledger, start=1))
+            refs = message_refs(stored, records) or []
+            bodies: dict[str, str | None] = {}
+            with contextlib.suppress(*LOOP_ERRORS):  # the other differences still show
+                bodies = await self.broker.get_messages(self.run_id, refs)
+            diff = request_diff(resolve_request(stored, bodies, records), request)
+        return NonDeterminismError(
+            f"{self.node_id}#{seq} ({kind} {name})", str(rec.get("request_hash")), req_hash, diff
+        )
+
+    def check_replay_complete(self) -> None:
+        """In a strict replay, raise :class:`NonDeterminismError` if the node ended
+        before issuing every step of its record."""
+        if not self.strict_replay:
+            return
+        ledger = self.job.ledger
+        rest = [(i, r) for i, r in enumerate(ledger[self._seq :], start=self._seq + 1) if r]
+        if rest:
+            seq, rec = rest[0]
+            raise NonDeterminismError(
+                f"{self.node_id}#{seq} ({rec.get('kind')} {rec.get('name')})",
+                str(rec.get("request_hash")),
+                "",
+            )
+
+    # ------------------------------------------------------------------ volatile values
+
+    async def _volatile(self, kind: str, name: str, value: Callable[[], Any]) -> Any:
+        async def execute(_step: StepInfo) -> tuple[Any, int, int, float]:
+            return value(), 0, 0, 0.0
+
+        return await self._step(kind, name, {"kind": kind, "name": name}, execute)
+
+    async def now(self) -> float:
+        """The wall clock (seconds since the epoch, float) as a recorded step: a replay
+        returns the recorded time. Agent code must use this, not ``time.time()``
+        (docs/replay.md). Not governed and not counted as a step."""
+        return float(await self._volatile("clock", "now", time.time))
+
+    async def random(self) -> float:
+        """A random float in [0, 1) as a recorded step (replayed like :meth:`now`)."""
+        return float(await self._volatile("random", "random", random.random))
+
+    async def uuid(self) -> str:
+        """A random UUID (version 4, canonical text) as a recorded step (replayed like
+        :meth:`now`)."""
+        return str(await self._volatile("uuid", "uuid4", lambda: str(uuid.uuid4())))
 
     async def _guarded(
         self,

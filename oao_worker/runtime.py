@@ -38,6 +38,8 @@ class RunRuntime:
     started_at_ms: int = 0
     agents: dict[str, Agent] = field(default_factory=dict)
     trust: TrustPolicy = DEFAULT_TRUST
+    #: the run is a strict replay: every step must come from the record (docs/replay.md)
+    strict_replay: bool = False
 
     async def agent(self, name: str, run_sync: RunSync) -> Agent:
         """The agent ``name``, built on first use through ``run_sync`` (it imports the
@@ -169,4 +171,5 @@ class RuntimeCache:
             guards=guards_of(spec),
             started_at_ms=int(started_at or 0),
             trust=self.trust,
+            strict_replay=await self.broker.run_field(run_id, "replay_strict") == "1",
         )

@@ -49,6 +49,7 @@ from oao_common.broker import Broker, ClaimedJob
 from oao_common.circuit import CircuitBreaker
 from oao_common.connection import reconnect
 from oao_common.errors import (
+    NonDeterminismError,
     PermanentError,
     PolicyViolation,
     StaleAttemptError,
@@ -79,7 +80,7 @@ def default_worker_id() -> str:
 def error_info(e: BaseException) -> dict[str, Any]:
     """The JSON error record stored on a node and in its events."""
     info: dict[str, Any] = {"type": type(e).__name__, "message": str(e)}
-    if isinstance(e, PolicyViolation):
+    if isinstance(e, PolicyViolation | NonDeterminismError):
         info.update(e.to_dict())
     return info
 
@@ -117,6 +118,15 @@ class _Slots:
             if not w.done():
                 w.set_result(None)
                 n -= 1
+
+
+def _reraise_swallowed_cancel() -> None:
+    """Raise ``CancelledError`` if this task was cancelled but the call it was in returned
+    anyway: redis-py's pub/sub ``subscribe()`` can swallow a cancellation, after which
+    its timed reads misbehave and a stopping worker waited forever on its control loop."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 class Worker:
@@ -372,13 +382,19 @@ class Worker:
         next fenced write is rejected anyway.
         """
         backoff = Backoff(self.log, "worker.control")
-        while True:
+        # redis-py's pub/sub calls can swallow a cancellation (subscribe(), or a cancel
+        # that lands as get_message's own timeout fires), and shutdown then waited
+        # forever: a swallowed cancel is re-raised, and the loop also ends on its own
+        # once the worker stops.
+        while not self._stop.is_set():
             pubsub = self.broker.redis.pubsub()
             try:
                 await pubsub.subscribe(self.broker.keys.control_channel)
+                _reraise_swallowed_cancel()
                 backoff.ok()
-                while True:
-                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
+                while not self._stop.is_set():
+                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    _reraise_swallowed_cancel()
                     if msg is None or msg.get("type") != "message":
                         continue
                     cmd, _, arg = str(msg["data"]).partition(" ")
@@ -548,9 +564,11 @@ class Worker:
                             call_guards=self.call_guards,
                             guards=rt.guards,
                             run_sync=self.executor.run,
+                            strict_replay=rt.strict_replay,
                         )
                         agent = await rt.agent(node.agent, self.executor.run)
                         output = await agent.run(ctx)
+                        ctx.check_replay_complete()
             except TimeoutError:
                 raise timed_out() from None
             if (when := deadline.when()) is not None and asyncio.get_running_loop().time() > when:

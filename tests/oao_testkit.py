@@ -14,8 +14,8 @@ import yaml
 from oao_common.broker import Broker
 from oao_common.events import Event
 from oao_common.spec import Spec, parse_spec
+from oao_scheduler.fleet import LocalFleet
 from oao_scheduler.progress import wait_for_run
-from oao_scheduler.reaper import Reaper
 from oao_scheduler.submit import submit_spec
 from oao_worker.worker import Worker
 
@@ -55,36 +55,22 @@ def make_spec(nodes: list[dict[str, Any]], **extra: Any) -> Spec:
 async def fleet(
     broker: Broker, workers: int = 1, concurrency: int = 4, reaper: bool = True, **kw: Any
 ) -> AsyncIterator[list[Worker]]:
-    """In-process workers (and a reaper) running until the block exits."""
-    ws = [
-        Worker(
-            broker,
-            concurrency=concurrency,
-            claim_timeout_s=0.2,
-            heartbeat_ttl_s=kw.pop("heartbeat_ttl_s", 2.0),
-            grace_period_s=1.0,
-            **kw,
-        )
-        for _ in range(workers)
-    ]
-    stop = asyncio.Event()
-    tasks = [asyncio.create_task(w.run()) for w in ws]
-    if reaper:
-        tasks.append(asyncio.create_task(Reaper(broker, interval_s=0.1, heartbeat_ttl_s=2.0).run(stop)))
-    try:
-        yield ws
-    finally:
-        for w in ws:
-            w.request_stop()
-        stop.set()
-        await asyncio.gather(*tasks)
+    """In-process workers (and a reaper) on ``broker`` until the block exits: the
+    library's :class:`LocalFleet` with quick test timings; ``kw`` go to each worker."""
+    kw.setdefault("heartbeat_ttl_s", 2.0)
+    kw.setdefault("claim_timeout_s", 0.2)
+    kw.setdefault("grace_period_s", 1.0)
+    async with LocalFleet(
+        broker=broker, workers=workers, concurrency=concurrency, reaper=reaper, reaper_interval_s=0.1, **kw
+    ) as f:
+        yield f.workers
 
 
 async def run_spec(broker: Broker, spec: Spec, timeout_s: float = 30, **fleet_kw: Any) -> str:
-    """Submit ``spec``, run it on an in-process fleet; returns the run id."""
+    """Submit ``spec``, run it on an in-process fleet until it ends; returns the run id."""
     async with fleet(broker, **fleet_kw):
         s = await submit_spec(broker, spec)
-        await wait_for_run(broker, s.run_id, interval_s=0.02, timeout_s=timeout_s)
+        await wait_for_run(broker, s.run_id, interval_s=0.2, timeout_s=timeout_s)
     return s.run_id
 
 

@@ -3,7 +3,8 @@
 -- ARGV[1] of every script is a JSON object of key templates from oao_common/keys.py
 -- (string.format patterns), so no key name is spelled in Lua:
 --   run "<p>:run:{%s}", node "<p>:run:{%s}:node:%s", events "<p>:run:{%s}:events",
---   queue "<p>:q:%s", steps "<p>:run:{%s}:steps", parked "<p>:run:{%s}:parked",
+--   queue "<p>:q:%s", steps "<p>:run:{%s}:steps", msgs "<p>:run:{%s}:msgs",
+--   parked "<p>:run:{%s}:parked",
 --   finished "<p>:runs:finished" (a fixed key: the stream of run endings),
 --   wake "<p>:wake:%s" (per queue: tokens for idle workers).
 -- A node's ready list is queue_key(<node field 'ready'>): its queue and priority band.
@@ -24,6 +25,7 @@ local function node_key(rid, nid) return string.format(T_NODE, rid, nid) end
 local function queue_key(q) return string.format(T_QUEUE, q) end
 local function steps_key(rid) return string.format(T_STEPS, rid) end
 local function parked_key(rid) return string.format(T.parked, rid) end
+local function msgs_key(rid) return string.format(T.msgs, rid) end
 
 -- Push a job onto its node's ready list (queue + priority band, node field 'ready'):
 -- at the back (LPUSH; consumers take from the right), or at the front (RPUSH) for a

@@ -9,7 +9,8 @@
 -- PARTIAL) and its finished_at is at or before the cutoff; any other run is left as it
 -- is. An id that names no run (or, from KEYS[2], a run not finished) leaves KEYS[2].
 -- Deleted per run (UNLINK: memory is freed in the background): the run hash, its node
--- hashes (node_ids), events stream, steps hash, reservations hash and parked list; its
+-- hashes (node_ids), events stream, steps and messages hashes, reservations hash and
+-- parked list; its
 -- entries of both indexes; and its reference to the stored spec (KEYS of Keys.spec,
 -- field refs), whose key is deleted with the last reference.
 -- Returns {runs deleted, keys deleted (spec keys included), {deleted run ids}}.
@@ -32,8 +33,8 @@ for _, rid in ipairs(ids) do
   elseif not is_run_terminal(r[1]) then
     redis.call('ZREM', KEYS[2], rid)
   elseif tonumber(r[2] or '0') <= cutoff then
-    local doomed = {rk, string.format(T_EVENTS, rid), steps_key(rid), parked_key(rid),
-      string.format(T.reservations, rid)}
+    local doomed = {rk, string.format(T_EVENTS, rid), steps_key(rid), msgs_key(rid),
+      parked_key(rid), string.format(T.reservations, rid)}
     for nid in string.gmatch(r[3] or '', '[^,]+') do table.insert(doomed, node_key(rid, nid)) end
     for i = 1, #doomed, 500 do
       keys = keys + redis.call('UNLINK', unpack(doomed, i, math.min(i + 499, #doomed)))

@@ -11,6 +11,11 @@
 -- ARGV[7] the spec's canonical JSON without inputs, written once per stored-spec key;
 --         every run written adds one to its refs, prune.lua takes it away ('' when the
 --         run hash holds its whole spec)
+-- ARGV[8] replay seed of the step ledger: JSON object "<node>:<seq>" -> record JSON, written
+--         to the run's steps hash ('' none; oao_scheduler/replay.py)
+-- ARGV[9] model messages those records refer to: JSON object ref -> message JSON ('' none)
+-- A node whose fields.status is SUCCEEDED was copied from the run it replays: it gets a
+-- NODE_SUCCEEDED event (data {copied_from}) and is never pushed.
 -- Returns {1, rid} when written, {0, existing_rid} when the run or the idempotency
 -- key already exists (nothing written).
 local rid = ARGV[2]
@@ -30,8 +35,21 @@ for _, node in ipairs(cjson.decode(ARGV[4])) do
   if node.fields.status == 'READY' then
     push_ready(node_key(rid, node.id), rid .. '/' .. node.id, false)
     emit(rid, 'NODE_READY', node.id, 0, '{}')
+  elseif node.fields.status == 'SUCCEEDED' then
+    emit(rid, 'NODE_SUCCEEDED', node.id, 0, cjson.encode({copied_from = node.fields.copied_from}))
   end
 end
+-- the seed may be large: HSET in chunks (unpack has a stack limit)
+local function hset_chunked(key, fields)
+  local args = {}
+  for k, v in pairs(fields) do
+    table.insert(args, k); table.insert(args, v)
+    if #args >= 1000 then redis.call('HSET', key, unpack(args)); args = {} end
+  end
+  if #args > 0 then redis.call('HSET', key, unpack(args)) end
+end
+if ARGV[8] and ARGV[8] ~= '' then hset_chunked(steps_key(rid), cjson.decode(ARGV[8])) end
+if ARGV[9] and ARGV[9] ~= '' then hset_chunked(msgs_key(rid), cjson.decode(ARGV[9])) end
 redis.call('ZADD', KEYS[2], NOW, rid)
 if spec_key then
   redis.call('HSETNX', spec_key, 'json', ARGV[7])

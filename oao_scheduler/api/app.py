@@ -21,26 +21,33 @@ from oao_common.errors import SpecError
 from oao_common.spec import Spec, apply_inputs, parse_spec
 from oao_common.states import RunState
 from oao_common.trust import TrustPolicy
-from oao_scheduler.report import collect
+from oao_scheduler.replay import ReplayError, StepRef, replay
+from oao_scheduler.report import collect, node_detail, run_graph
 from oao_scheduler.submit import submit_spec
 
 from .auth import TokenCheck
+from .dashboard import mount_dashboard
 from .errors import ERROR_RESPONSES, NOT_FOUND, APIError, install_handlers
 from .models import (
+    NODE_ID,
     RUN_ID,
+    STEP_POINT,
     AgentRun,
     AgentRunBody,
     CancelAnswer,
+    ForkBody,
     Health,
     MultiRun,
     MultiRunBody,
     Queues,
+    ReplayAnswer,
     SubmitBody,
     Submitted,
 )
 from .sse import STREAM_ID, event_stream
 
 RunId = Annotated[str, Path(pattern=RUN_ID, description="A run id")]
+NodeId = Annotated[str, Path(pattern=NODE_ID, description="A node id of the run's spec")]
 WAIT_POLL_S = 0.05
 MAX_WAIT_S = 3600.0
 _LINE = re.compile(r" \(line \d+\)")
@@ -192,18 +199,23 @@ def create_app(
     @app.get("/runs/{run_id}", dependencies=auth, responses=errs_404, tags=["runs"])
     async def run_status(run_id: RunId) -> dict[str, Any]:
         """The run and its nodes (the report without the event count)."""
-        report = await collect(broker, run_id, with_events=False)
-        if report is None:
-            raise APIError(404, "not_found", f"no run {run_id!r}")
-        return report
+        return found(await collect(broker, run_id, with_events=False), f"no run {run_id!r}")
 
     @app.get("/runs/{run_id}/report", dependencies=auth, responses=errs_404, tags=["runs"])
     async def run_report(run_id: RunId) -> dict[str, Any]:
         """The execution report: per node states, steps, tokens, cost, output, error."""
-        report = await collect(broker, run_id)
-        if report is None:
-            raise APIError(404, "not_found", f"no run {run_id!r}")
-        return report
+        return found(await collect(broker, run_id), f"no run {run_id!r}")
+
+    @app.get("/runs/{run_id}/graph", dependencies=auth, responses=errs_404, tags=["runs"])
+    async def graph(run_id: RunId) -> dict[str, Any]:
+        """The run's DAG: ``{"nodes": [{"id", "agent", "depends_on": [...]}]}``."""
+        return found(await run_graph(broker, run_id), f"no run {run_id!r}")
+
+    @app.get("/runs/{run_id}/nodes/{node_id}", dependencies=auth, responses=errs_404, tags=["runs"])
+    async def node(run_id: RunId, node_id: NodeId) -> dict[str, Any]:
+        """One node's report with its step ledger (``ledger``: model and tool steps with
+        usage, duration and recorded result)."""
+        return found(await node_detail(broker, run_id, node_id), f"run {run_id!r} has no node {node_id!r}")
 
     @app.post(
         "/runs/{run_id}/cancel",
@@ -243,6 +255,56 @@ def create_app(
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
+    async def start_replay(
+        run_id: str,
+        from_step: str | None,
+        from_node: str | None,
+        live: bool = False,
+        sets: list[str] | None = None,
+        inputs: dict[str, Any] | None = None,
+    ) -> ReplayAnswer:
+        try:
+            if from_step and from_node:
+                raise ReplayError("give from_step or from_node, not both")
+            point = StepRef.parse(from_step) if from_step else None
+            if from_node:
+                point = StepRef(from_node, 1)
+            if sets is not None and point is None:
+                raise ReplayError("a fork needs a point: from_step NODE:SEQ or from_node NODE")
+            if live and point is not None:
+                raise ReplayError("live is for a full replay (a replay from a point is live after it)")
+            r = await replay(broker, run_id, from_step=point, live=live, sets=sets or (), inputs=inputs)
+        except ReplayError as e:
+            if str(e) == f"no run {run_id!r}":
+                raise APIError(404, "not_found", str(e)) from None
+            raise APIError(422, "invalid_replay", str(e)) from None
+        return ReplayAnswer(**r.to_dict())
+
+    @app.post(
+        "/replay/{run_id}",
+        response_model=ReplayAnswer,
+        dependencies=auth,
+        responses=errs_404,
+        tags=["replay"],
+    )
+    async def replay_run(
+        run_id: RunId,
+        from_step: Annotated[str | None, Query(pattern=STEP_POINT, description="NODE:SEQ")] = None,
+        from_node: Annotated[str | None, Query(pattern=NODE_ID)] = None,
+        live: Annotated[bool, Query(description="Full replay: let steps past the record run live")] = False,
+    ) -> ReplayAnswer:
+        """Replay a run as a new run (``replay_of``): without a point every node is
+        re-driven against its record and nothing runs live; from ``NODE:SEQ`` the steps
+        before it are served from the record and execution goes live there."""
+        return await start_replay(run_id, from_step, from_node, live)
+
+    @app.post(
+        "/fork/{run_id}", response_model=ReplayAnswer, dependencies=auth, responses=errs_404, tags=["replay"]
+    )
+    async def fork_run(run_id: RunId, body: ForkBody) -> ReplayAnswer:
+        """Fork a run at a step with changed spec fields, inputs or recorded result."""
+        return await start_replay(run_id, body.from_step, body.from_node, sets=body.sets, inputs=body.inputs)
+
     @app.get("/workers", dependencies=auth, responses=errs, tags=["fleet"])
     async def workers() -> list[dict[str, Any]]:
         """Known workers: alive, heartbeat age (s), active jobs, info."""
@@ -257,7 +319,15 @@ def create_app(
         """Length of every ready list."""
         return Queues(queues=await broker.all_queue_lengths())
 
+    mount_dashboard(app)
     return app
+
+
+def found(value: dict[str, Any] | None, message: str) -> dict[str, Any]:
+    """``value``, or a 404 ``not_found`` error with ``message`` when it is ``None``."""
+    if value is None:
+        raise APIError(404, "not_found", message)
+    return value
 
 
 def _stream_id(text: str) -> str:

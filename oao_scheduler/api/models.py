@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 RUN_ID = r"^[A-Za-z0-9_.:-]{1,128}$"
+NODE_ID = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"  # oao_common.spec.ID_PATTERN, max 128
 
 
 class SubmitBody(BaseModel):
@@ -68,3 +69,30 @@ class Health(BaseModel):
 
 class Queues(BaseModel):
     queues: dict[str, int]
+
+
+STEP_POINT = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}:[1-9][0-9]{0,8}$"
+
+
+class ForkBody(BaseModel):
+    """``POST /fork/{run_id}``: the point (``from_step`` ``NODE:SEQ`` or ``from_node``) and
+    the changes: ``sets`` (``"path=value"``, as ``oao-scheduler fork --set``) and ``inputs``."""
+
+    from_step: str | None = Field(default=None, pattern=STEP_POINT, examples=["draft:2"])
+    from_node: str | None = Field(default=None, pattern=NODE_ID)
+    sets: list[str] = Field(default_factory=list, max_length=100, examples=[["result.content=Be brief."]])
+    inputs: dict[str, Any] = Field(default_factory=dict)
+
+
+class ReplayAnswer(BaseModel):
+    """The run a replay or fork created and how its nodes run (docs/replay.md)."""
+
+    run_id: str
+    replay_of: str
+    exec_hash: str
+    point: str | None = Field(description="NODE:SEQ, or null for a full replay")
+    strict: bool = Field(description="A full replay: nothing may run live")
+    copied: list[str] = Field(description="Nodes copied as SUCCEEDED without running")
+    seeded: dict[str, int] = Field(description="Node → steps served from the record")
+    live: list[str] = Field(description="Nodes that run live from their first step")
+    overrides: list[str] = Field(description="The fork's changes")

@@ -335,7 +335,9 @@ async def test_idle_worker_wakes_on_push_and_serves_several_queues(broker: Broke
         from oao_scheduler.progress import wait_for_run
 
         assert await wait_for_run(broker, s.run_id, interval_s=0.02, timeout_s=10) == "SUCCEEDED"
-        assert w.completed == 2
+        # the run's end event is read as soon as complete.lua ran; the worker counts its
+        # completion when the script's reply reaches it
+        await wait_until(lambda: w.completed, 2, 5, "the worker to count both completions")
 
 
 async def node_status(broker: Broker, rid: str, nid: str) -> str | None:
