@@ -52,6 +52,7 @@ class Reaper:
         self.stats = ReaperStats()
         self.gauge_every = gauge_every
         self.log = get_logger(component="reaper")
+        self._gauged_queues: set[str] = set()
 
     async def tick(self) -> list[ReapResult]:
         """One pass: promote due retries, reap dead workers. Returns what was reaped."""
@@ -85,6 +86,11 @@ class Reaper:
     async def update_gauges(self) -> None:
         """Queue sizes, delayed retries and live workers, for ``oao_queue_size`` & co."""
         sizes = await self.broker.all_queue_lengths()
+        # Redis deletes a list that empties: a queue seen before and gone now holds 0 jobs
+        # (else its gauge would keep its last size, and an autoscaler would never scale in)
+        for q in self._gauged_queues - sizes.keys():
+            metrics.QUEUE_SIZE.labels(q).set(0)
+        self._gauged_queues |= sizes.keys()
         for q, n in sizes.items():
             metrics.QUEUE_SIZE.labels(q).set(n)
         metrics.DELAYED_SIZE.set(await self.broker.redis.zcard(self.broker.keys.delayed))

@@ -28,6 +28,7 @@ from oao_common.log import configure_logging, get_logger
 from oao_common.metrics import serve_metrics
 from oao_common.trust import TrustPolicy
 
+from .health import DEFAULT_MAX_STALL_S, HealthServer
 from .worker import Worker
 
 
@@ -79,6 +80,22 @@ from .worker import Worker
 )
 @click.option("--app-dir", default=None, help="Directory put on sys.path for entrypoints (default: cwd).")
 @metrics_port_option
+@click.option(
+    "--health-port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    envvar="OAO_HEALTH_PORT",
+    help="Serve liveness and readiness at :PORT/livez, /readyz, /healthz (env OAO_HEALTH_PORT).",
+)
+@click.option(
+    "--health-max-stall",
+    type=click.FloatRange(min=1.0),
+    default=DEFAULT_MAX_STALL_S,
+    show_default=True,
+    envvar="OAO_HEALTH_MAX_STALL",
+    help="Seconds the event loop or the heartbeat thread may make no progress before "
+    "/livez fails (env OAO_HEALTH_MAX_STALL).",
+)
 @click.option("--log-level", default=None, help="debug, info, warning, error (env OAO_LOG_LEVEL).")
 @trust_options()
 @run_async
@@ -95,6 +112,8 @@ async def main(
     model_deltas: bool,
     app_dir: str | None,
     metrics_port: int | None,
+    health_port: int | None,
+    health_max_stall: float,
     log_level: str | None,
     trust: TrustPolicy,
 ) -> int:
@@ -135,6 +154,9 @@ async def main(
         model_deltas=model_deltas,
     )
     loop = asyncio.get_running_loop()
+    health = None
+    if health_port:
+        health = HealthServer(worker, loop, health_port, max_stall_s=health_max_stall).start()
 
     def on_signal() -> None:
         if worker.stopping:
@@ -145,6 +167,8 @@ async def main(
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, on_signal)
     await worker.run()
+    if health is not None:
+        health.stop()
     await r.aclose()
     if worker.fatal:
         click.echo(f"error: worker {worker.id} stopped: {worker.fatal}", err=True)

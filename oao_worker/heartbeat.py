@@ -91,6 +91,11 @@ class HeartbeatThread:
         self.check_s = min(check_s, ttl_s / 6)
         self.log = get_logger(worker_id=worker_id, component="heartbeat")
         self.beats = 0
+        #: Monotonic times (seconds) of the thread's start, the last heartbeat that
+        #: succeeded and the last that finished either way (read by ``oao_worker/health.py``).
+        self.started_at: float | None = None
+        self.last_ok: float | None = None
+        self.last_done: float | None = None
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._main, name=f"{worker_id}-heartbeat", daemon=True)
@@ -101,6 +106,7 @@ class HeartbeatThread:
 
     def start(self, timeout_s: float = 30.0) -> None:
         """Start the thread and wait for its first heartbeat attempt."""
+        self.started_at = time.monotonic()
         self._thread.start()
         self._first_beat.wait(timeout_s)
 
@@ -133,9 +139,11 @@ class HeartbeatThread:
         except LOOP_ERRORS as e:
             return time.monotonic() + backoff.failed(e)
         finally:
+            self.last_done = time.monotonic()
             self._first_beat.set()
         backoff.ok()
         self.beats += 1
+        self.last_ok = self.last_done
         if not alive:
             self._call_loop(self.on_lapse)
         return time.monotonic() + self.ttl_s / 3

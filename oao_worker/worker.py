@@ -225,6 +225,11 @@ class Worker:
         """Node attempts this worker is running now."""
         return len(self._inflight)
 
+    @property
+    def heartbeat(self) -> HeartbeatThread | None:
+        """The heartbeat thread, once the worker has registered (None before)."""
+        return self._heartbeat
+
     async def run(self) -> None:
         """Run until :meth:`request_stop`; then drain, hand back and deregister."""
         info = {
