@@ -428,7 +428,9 @@ async def test_redis_rewind_to_an_older_snapshot(tmp_path: Path, prefix: str) ->
         assert server.url == url
         async with client(url, prefix) as broker:
             assert (await broker.redis.info("server"))["run_id"] != old_server_id, "not restarted"
-            assert await nodes_done(broker, rid) == done_at_save  # the rewind happened
+            # The rewind happened: progress went back (workers reconnect at once, so a node or
+            # two may already have completed again: compare with the crash, not the save).
+            assert await nodes_done(broker, rid) < done_at_crash, (done_at_save, done_at_crash)
             assert await wait_run_end(broker, rid, 60, logs) == "SUCCEEDED"
             await check_run_succeeded(broker, rid)
             assert alive(serve, *workers) == [None] * 3
