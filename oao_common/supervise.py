@@ -36,6 +36,8 @@ async def supervise(loops: dict[str, Coroutine[Any, Any, Any]], stop: asyncio.Ev
                 if t is stopper or died:
                     continue
                 e = t.exception() if not t.cancelled() else None
+                if e is None and stop.is_set():
+                    continue  # it returned because the stop was requested (same wake-up)
                 died = f"the {tasks[t]} loop ended: {describe(e) if e else 'returned early'}"
                 get_logger(component="supervise").error("process.loop_died", loop=tasks[t], reason=died)
                 stop.set()

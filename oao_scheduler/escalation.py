@@ -13,6 +13,11 @@ The webhook must pass the fleet's trust policy (docs/security.md): never a link-
 cloud-metadata address, checked on the URL and again on every address its host resolves
 to at connect time (:mod:`oao_common.safe_http`); redirects are not followed. A refused
 webhook is not retried: the ``ESCALATED`` event says why (``ok: false``, ``error``).
+
+An ending that cannot be handled for a reason other than Redis (the run's stored spec
+no longer validates under this release, say) is logged (``escalator.ending_not_handled``)
+and acknowledged: left pending, it would end the loop, and so ``serve``, in every
+replacement process, and hold back retention for good (docs/guarantees.md).
 """
 
 from __future__ import annotations
@@ -57,6 +62,8 @@ class Escalator:
         self.reclaim_idle_s = reclaim_idle_s
         self.backoff_cap_s = backoff_cap_s
         self.sent = 0
+        #: Run endings that could not be handled and were acknowledged anyway (logged).
+        self.failed = 0
         self._group_ready = False
         self.log = get_logger(component="escalator")
 
@@ -94,7 +101,23 @@ class Escalator:
         for _stream, items in res or []:
             entries.extend(items)
         for entry_id, fields in entries:
-            await self.handle(fields.get("rid", ""), fields.get("status", ""))
+            run_id, status = fields.get("rid", ""), fields.get("status", "")
+            try:
+                await self.handle(run_id, status)
+            except LOOP_ERRORS:
+                raise  # Redis: the entry stays pending and is handled again later
+            except Exception as e:
+                # Waiting cannot fix it (a stored spec this release no longer accepts,
+                # data it cannot read). Unacknowledged, the entry would kill this loop
+                # again in every replacement process, and hold back retention for good.
+                self.failed += 1
+                error = " | ".join(line.strip() for line in str(e).splitlines() if line.strip())
+                self.log.error(
+                    "escalator.ending_not_handled",
+                    run_id=run_id,
+                    status=status,
+                    error=f"{type(e).__name__}: {error}"[:2000],
+                )
             await r.xack(key, GROUP, entry_id)
         return len(entries)
 

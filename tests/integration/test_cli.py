@@ -190,7 +190,12 @@ def test_check_imports_rejects_entrypoints_that_fail_to_import(tmp_path: Path) -
     )
     plain = cli("validate", str(spec))
     assert plain.returncode == 0, plain.stderr  # without the check, the spec is valid
-    for args in (["validate", "--check-imports", str(spec)], ["run", str(spec)]):
+    no_redis = ["--redis-url", "redis://127.0.0.1:1/0"]  # refused before any connection
+    for args in (
+        ["validate", "--check-imports", str(spec)],
+        ["submit", "--check-imports", str(spec), *no_redis],
+        ["run", str(spec)],
+    ):
         r = cli(*args)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2, r.stderr

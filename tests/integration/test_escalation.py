@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from collections.abc import Iterator
@@ -9,10 +10,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
-from oao_testkit import make_spec, of_type, run_spec
+from oao_testkit import make_spec, of_type, run_spec, wait_until
 
 from oao_common.broker import Broker
 from oao_scheduler.escalation import Escalator
+from oao_scheduler.retention import escalation_floor
+from oao_scheduler.submit import submit_spec
 
 
 class Hook:
@@ -102,3 +105,40 @@ def test_run_command_escalates_before_exiting(hook: Hook, tmp_path: Any) -> None
     r = cli("run", str(spec), "--json")
     assert r.returncode == 1
     assert len(hook.bodies) == 1 and hook.bodies[0]["report"]["status"] == "FAILED"
+
+
+async def test_an_ending_that_cannot_be_handled_is_logged_and_acknowledged(
+    broker: Broker, hook: Hook
+) -> None:
+    """A run submitted by an older release whose stored spec this one refuses (here
+    ``max_retries: 5000``, over today's bound) ends: escalating it can never work. The
+    escalator must log it and acknowledge it, not die: a dead loop ends ``serve``, its
+    replacement would reclaim the same entry and die again, and an entry left pending
+    holds back retention for every later run. The next ending is escalated as usual."""
+
+    def spec(name: str) -> Any:
+        esc = {"webhook": hook.url, "on": ["FAILED", "CANCELLED"]}
+        return make_spec([{"id": "a", "agent": "noop"}], name=name, escalation=esc)
+
+    old = (await submit_spec(broker, spec("old"))).run_id
+    sk = broker.keys.spec(str(await broker.redis.hget(broker.keys.run(old), "spec_hash")))
+    stored = json.loads(str(await broker.redis.hget(sk, "json")))
+    stored["defaults"]["retry"]["max_retries"] = 5000
+    await broker.redis.hset(sk, "json", json.dumps(stored))
+    await broker.cancel(old)
+    new = (await submit_spec(broker, spec("new"))).run_id
+    await broker.cancel(new)
+
+    esc = Escalator(broker, reclaim_idle_s=0)
+    stop = asyncio.Event()
+    loop = asyncio.create_task(esc.run(stop))
+    try:
+        await wait_until(lambda: len(hook.bodies), 1, 10, "the second ending to be escalated")
+        assert not loop.done(), loop.exception()
+        assert (esc.failed, esc.sent) == (1, 1)
+        assert hook.bodies[0]["report"]["run_id"] == new
+        assert await escalation_floor(broker) is None  # nothing pending: retention may go on
+        assert await esc.poll() == 0  # the failed entry is not handed out again
+    finally:
+        stop.set()
+        await asyncio.wait_for(loop, 5)

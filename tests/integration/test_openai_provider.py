@@ -12,10 +12,15 @@ from email.utils import formatdate
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
+from oao_testkit import fleet, make_spec, wait_until
 
+from oao_common.broker import Broker
 from oao_common.errors import PermanentError, PolicyViolation, TransientError
 from oao_common.spec import OpenAIModelSpec
+from oao_scheduler.progress import wait_for_run
+from oao_scheduler.submit import submit_spec
 from oao_worker.providers import tokens as token_counts
 from oao_worker.providers.base import (
     API_TOOL_NAME,
@@ -28,6 +33,7 @@ from oao_worker.providers.base import (
     estimate_tokens,
 )
 from oao_worker.providers.openai_provider import OpenAIProvider
+from oao_worker.runtime import RuntimeCache
 
 # tests/ is not a package (no __init__.py / pythonpath setting yet): import the stub
 # server module from its directory.
@@ -673,3 +679,61 @@ async def test_cut_off_stream_tokens_are_recorded_in_node_and_run_usage(
     assert int(n["tokens_out"]) == estimate_tokens("one two ") + 1
     assert int(n["tokens_in"]) == cut_in + 30
     assert int((await broker.get_run(rid))["tokens_out"]) == int(n["tokens_out"])
+
+
+# ---------------------------------------------------------------- closing the clients
+
+
+def connections_to(port: int) -> int:
+    """Established TCP connections of this process to 127.0.0.1:``port``."""
+    return len(
+        [
+            c
+            for c in psutil.Process().net_connections(kind="tcp")
+            if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED
+        ]
+    )
+
+
+async def test_workers_close_the_http_clients_of_their_providers(
+    server: OpenAIStubServer, broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker's providers keep pooled HTTP connections to their model server. They are
+    closed when the worker drops the run from its cache and, for the runs it still
+    caches, when it stops: no connection outlives its use (the stub server would keep an
+    idle one open for 10 s)."""
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    model = {"provider": "openai", "model": MODEL, "base_url": server.base_url, "api_key_env": KEY_ENV}
+
+    def spec(name: str) -> Any:
+        return make_spec(
+            [{"id": "x", "agent": "w"}],
+            name=name,
+            models={"m": model},
+            agents={"w": {"kind": "llm", "model": "m"}},
+        )
+
+    def opened() -> int:
+        return connections_to(server.port)
+
+    # A cache of one run: the second run evicts the first, whose client closes.
+    first, second = [(await submit_spec(broker, spec(n))).run_id for n in ("a", "b")]
+    cache = RuntimeCache(broker, size=1)
+    for rid in (first, second):
+        server.reply_text(f"reply for {rid}")
+        rt = await cache.get(rid)
+        await rt.providers["m"].complete(request(), Chunks())
+        assert opened() == 1  # the first run's connection went with it
+    await cache.aclose()
+    await wait_until(opened, 0, 5, "the cached run's connection to close")
+
+    # End to end: a worker ran a node through the model, then stopped.
+    for done in (first, second):
+        await broker.cancel(done)  # nodes the cache test never ran
+    server.reply_text("done")
+    rid = (await submit_spec(broker, spec("c"))).run_id
+    async with fleet(broker, reaper=False) as workers:
+        assert await wait_for_run(broker, rid, interval_s=0.02, timeout_s=15) == "SUCCEEDED"
+        assert opened() == 1
+    assert workers[0].stopping  # the worker object lives on; its connections must not
+    await wait_until(opened, 0, 5, "the stopped worker's connection to close")

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
+import pytest
 from oao_testkit import fleet, make_spec, of_type, run_spec, wait_until
 
 from oao_common.broker import Broker
 from oao_common.keys import job_id
+from oao_scheduler.progress import wait_for_run
 from oao_scheduler.reaper import Reaper
 from oao_scheduler.submit import submit_spec
 
@@ -217,6 +220,54 @@ async def test_live_worker_is_not_reaped(broker: Broker) -> None:
     await broker.heartbeat("alive", 30)
     assert await broker.reap("alive", 5) is None
     assert await broker.redis.zscore(broker.keys.workers, "alive") is not None
+
+
+@pytest.mark.parametrize("skew_s", [3600.0, -3600.0])
+async def test_heartbeat_index_is_on_the_server_clock(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch, skew_s: float
+) -> None:
+    """A worker whose clock is an hour off beats on the server's clock: its index entry
+    holds the server time of the beat. A fast clock must not hide a dead worker from
+    the reaper (the old index, on the worker's clock, kept it "fresh" for an hour and
+    its jobs stranded); a slow one must not make a live worker look stale."""
+    s = await submit_spec(broker, make_spec([{"id": "a", "agent": "noop"}]))
+    real_time = time.time
+    with monkeypatch.context() as m:
+        m.setattr(time, "time", lambda: real_time() + skew_s)  # this process' clock only
+        await broker.heartbeat("skewed", 0.3)
+        [job] = await broker.claim("skewed", "default", 1)
+    sec, usec = await broker.redis.time()
+    score = await broker.redis.zscore(broker.keys.workers, "skewed")
+    assert score is not None and abs(score - (sec + usec / 1e6)) < 5, (score, sec)
+    reaper = Reaper(broker, heartbeat_ttl_s=0.3, max_requeues=5)
+    if skew_s < 0:  # alive: the index does not call it stale
+        assert "skewed" not in await broker.stale_workers(5.0)
+    await wait_until(lambda: broker.redis.exists(broker.keys.heartbeat("skewed")), 0, 5, "expiry")
+    reaped = await wait_until(reaper.tick, bool, 5, "the reaper to find the dead worker")
+    assert [(r.worker_id, r.requeued) for r in reaped] == [("skewed", 1)]
+    assert await broker.redis.lrange(broker.keys.queue("default"), 0, -1) == [job.job]
+    assert job.run_id == s.run_id
+
+
+async def test_live_worker_reconciles_a_job_it_is_not_running(broker: Broker) -> None:
+    """A job sits RUNNING in a live worker's active list, and the worker saw no Redis
+    error to tell it so (a write lost without a broken connection, a claim made under
+    its id by another client): no reaper will ever touch it, as the worker is alive.
+    The worker's periodic reconciliation must hand it back, and then run it."""
+    nodes = [{"id": "busy", "agent": "sleeper", "task": "1", "priority": 9}, {"id": "a", "agent": "noop"}]
+    s = await submit_spec(broker, make_spec(nodes))
+    async with fleet(broker, concurrency=1, reconcile_every_s=0.3) as [w]:
+        # While its one slot runs "busy" (claimed first: higher band), "a" is taken
+        # under the worker's id behind its back.
+        await wait_until(lambda: node_status(broker, s.run_id, "busy"), "RUNNING", 10, "busy to run")
+        [phantom] = await broker.claim(w.id, "default", 1)
+        assert phantom.node_id == "a"
+        assert await wait_for_run(broker, s.run_id, interval_s=0.02, timeout_s=10) == "SUCCEEDED"
+    events = of_type(await broker.events(s.run_id), "NODE_HANDED_BACK", "NODE_SUCCEEDED", node="a")
+    assert [(e.type, e.attempt) for e in events] == [
+        ("NODE_HANDED_BACK", phantom.attempt),
+        ("NODE_SUCCEEDED", phantom.attempt + 1),
+    ]
 
 
 async def test_poison_job_is_dead_lettered(broker: Broker) -> None:

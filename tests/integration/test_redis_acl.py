@@ -125,6 +125,11 @@ def test_restricted_users_run_a_workflow_end_to_end(acl: AclSetup, tmp_path: Pat
         assert_cancel_reaches_the_worker(acl, tmp_path)
     finally:
         stop(worker, serve)
+    # run (in-process workers, no idempotency key) as the same user
+    ran = cli("run", "examples/blog_post.yaml", "--redis-url", worker_url, "--prefix", p,
+              "--timeout", "60", "--json", timeout=90)  # fmt: skip
+    assert ran.returncode == 0 and "Traceback" not in ran.stderr, ran.stderr
+    assert json.loads(ran.stdout)["status"] == "SUCCEEDED"
 
     # A dashboard user reads everything about the run...
     for cmd in ("status", "report", "events"):
