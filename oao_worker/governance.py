@@ -60,7 +60,14 @@ T = TypeVar("T")
 HookResult = Awaitable[None] | None
 """What a hook returns: nothing, or an awaitable that OAO awaits."""
 
-_log = get_logger(component="governance")
+
+def _log() -> Any:
+    """This module's logger (made when used: logging is configured after imports)."""
+    return get_logger(component="governance")
+
+
+def _hook_failed(hook: str, m: StepMiddleware, e: BaseException, level: str = "error") -> None:
+    getattr(_log(), level)("middleware.hook_failed", hook=hook, middleware=repr(m), error=repr(e))
 
 
 @dataclass(slots=True)
@@ -450,7 +457,7 @@ class Governor:
                 try:
                     await _done(m.after_node(node))
                 except Exception as e:
-                    _log.error("middleware.hook_failed", hook="after_node", middleware=repr(m), error=repr(e))
+                    _hook_failed("after_node", m, e)
 
     # ------------------------------------------------------------------ steps
 
@@ -506,7 +513,7 @@ class Governor:
                 await _done(getattr(m, hook)(*args))
             except Exception as e:
                 if failed:
-                    _log.warning("middleware.hook_failed", hook=hook, middleware=repr(m), error=repr(e))
+                    _hook_failed(hook, m, e, "warning")
                 elif first is None:
                     first = e
         if first is not None:
@@ -571,7 +578,7 @@ class Governor:
                 try:
                     await _done(m.on_error(failure))
                 except Exception as e:
-                    _log.error("middleware.hook_failed", hook="on_error", middleware=repr(m), error=repr(e))
+                    _hook_failed("on_error", m, e)
 
     def on_event(self, node: NodeAttempt, type_: str, data: dict[str, Any]) -> None:
         """``on_event`` in order; errors are logged."""
@@ -582,4 +589,4 @@ class Governor:
                 try:
                     m.on_event(node, type_, data)
                 except Exception as e:
-                    _log.error("middleware.hook_failed", hook="on_event", middleware=repr(m), error=repr(e))
+                    _hook_failed("on_event", m, e)

@@ -74,6 +74,7 @@ from .executor import SyncExecutor, node_deadline
 from .governance import Failure, Governor, NodeAttempt, StepMiddleware
 from .heartbeat import HeartbeatThread, Running
 from .middleware import Builtins, compose, node_policy
+from .plugins import NO_PLUGINS, EventBus, EventListeners, PluginSet
 from .runtime import RuntimeCache
 
 
@@ -147,7 +148,9 @@ class Worker:
     read as API keys and connect to (docs/security.md). ``model_deltas``: publish
     streamed model text live on the runs' delta channels for the HTTP API's event
     streams (``oao_worker/deltas.py``; nothing is sent for a run nobody watches).
-    ``middleware``: more middleware for every attempt (after the node's
+    ``plugins``: the plugins this worker loaded (``load_plugins``; docs/plugins.md):
+    their middleware, providers, agent kinds and listeners. ``middleware``: more
+    middleware for every attempt, placed with the plugins' (after the node's
     ``StrictPolicy``, before the run budget and the guards).
     """
 
@@ -167,6 +170,7 @@ class Worker:
         max_requeues: int = 5,
         trust: TrustPolicy = DEFAULT_TRUST,
         model_deltas: bool = True,
+        plugins: PluginSet | None = None,
         middleware: Sequence[StepMiddleware] = (),
     ) -> None:
         if concurrency < 1:
@@ -184,14 +188,17 @@ class Worker:
         self.block_warn_s = block_warn_s
         self.max_requeues = max_requeues
         self.executor = SyncExecutor(sync_threads or max(4, min(64, concurrency)), name=f"{self.id}-sync")
-        self.runtimes = RuntimeCache(broker, run_sync=self.executor.run, trust=trust)
+        self.plugins = plugins or NO_PLUGINS
+        self.runtimes = RuntimeCache(broker, run_sync=self.executor.run, trust=trust, plugins=self.plugins)
         #: the worker-wide built-in middleware (oao_worker/middleware.py)
         self.builtins = Builtins(
             broker, RateLimiter(broker.redis, broker.keys), CircuitBreaker(broker.redis, broker.keys)
         )
-        #: middleware of every attempt given by the embedding code
+        #: middleware of every attempt given by the embedding code (with the plugins')
         self.middleware = list(middleware)
-        self._observers: list[StepMiddleware] = []
+        #: delivers events to the plugins' listeners (empty without listeners)
+        self.listeners = EventBus(self.plugins.listeners)
+        self._observers: list[StepMiddleware] = [EventListeners(self.listeners)] if self.listeners else []
         #: Publishes streamed model text on the runs' delta channels (None: off).
         self.deltas = DeltaPublisher(broker.redis, broker.keys) if model_deltas else None
         self.log = get_logger(worker_id=self.id)
@@ -247,7 +254,10 @@ class Worker:
         }
         if not await self._start(info):
             return
-        self.log.info("worker.started", queues=self.queues, concurrency=self.concurrency)
+        self.listeners.start()
+        self.log.info(
+            "worker.started", queues=self.queues, concurrency=self.concurrency, plugins=self.plugins.names
+        )
         loops = {
             asyncio.create_task(self._claim_loop(), name=f"{self.id}-claim"): "claim",
             asyncio.create_task(self._control_loop(), name=f"{self.id}-control"): "control",
@@ -262,6 +272,7 @@ class Worker:
             await asyncio.gather(watch, *loops, return_exceptions=True)
             await self._drain()
             await self._leave()
+            await self.listeners.aclose()
             if self._heartbeat is not None:
                 await asyncio.to_thread(self._heartbeat.stop)
             await self.runtimes.aclose()
@@ -502,12 +513,18 @@ class Worker:
     # ------------------------------------------------------------------ executing
 
     def _chain(self, node: NodeAttempt, *, full: bool = True) -> list[StepMiddleware]:
-        """The attempt's middleware, composed per worker (built-ins, ``middleware``) and
-        per spec (the node's policy). Not ``full`` (the spec could not be loaded): the
-        worker's built-ins only."""
+        """The attempt's middleware, composed per worker (built-ins, plugins' worker-wide
+        middleware, ``middleware``) and per spec (the node's policy, the spec's
+        ``middleware:``). Not ``full`` (the spec could not be loaded, or its middleware
+        built): the worker's built-ins only. Raises :class:`PermanentError` for spec
+        middleware no loaded plugin provides, or whose config it refuses."""
         if not full or node.spec is None:
             return compose(self.builtins, observers=self._observers)
-        policies = list(self.middleware)
+        policies = [
+            *self.plugins.worker_middleware(node),
+            *self.middleware,
+            *self.plugins.spec_middleware(node.spec.middleware),
+        ]
         return compose(
             self.builtins, node_policy=node_policy(node), observers=self._observers, policies=policies
         )
