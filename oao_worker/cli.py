@@ -16,8 +16,10 @@ import click
 from oao_common.broker import Broker
 from oao_common.cli_support import (
     EXIT_INTERNAL,
+    EXIT_USAGE,
     add_app_dir,
     metrics_port_option,
+    plugins_option,
     prefix_option,
     redis_url_option,
     run_async,
@@ -29,6 +31,7 @@ from oao_common.metrics import serve_metrics
 from oao_common.trust import TrustPolicy
 
 from .health import DEFAULT_MAX_STALL_S, HealthServer
+from .plugins import PluginError, allowed_plugins, load_plugins
 from .worker import Worker
 
 
@@ -79,6 +82,7 @@ from .worker import Worker
     "nothing is sent for a run nobody watches).",
 )
 @click.option("--app-dir", default=None, help="Directory put on sys.path for entrypoints (default: cwd).")
+@plugins_option
 @metrics_port_option
 @click.option(
     "--health-port",
@@ -111,6 +115,7 @@ async def main(
     max_requeues: int,
     model_deltas: bool,
     app_dir: str | None,
+    plugins: str | None,
     metrics_port: int | None,
     health_port: int | None,
     health_max_stall: float,
@@ -124,7 +129,8 @@ async def main(
     grace period at once.
 
     Anyone who can write to the Redis prefix can make this worker import and run code:
-    limit it with --allow-entrypoints (docs/security.md).
+    limit it with --allow-entrypoints (docs/security.md). Plugins (--plugins) are code
+    too: only the ones listed are loaded.
     """
     configure_logging(log_level)
     log = get_logger(component="worker")
@@ -136,6 +142,11 @@ async def main(
             "set --allow-entrypoints / OAO_ALLOW_ENTRYPOINTS (docs/security.md)",
         )
     add_app_dir(app_dir)
+    try:
+        loaded = load_plugins(allowed_plugins(plugins), trust)
+    except PluginError as e:
+        click.echo(f"error: {e}", err=True)
+        return EXIT_USAGE
     if metrics_port:
         serve_metrics(metrics_port)
     url = redis_url or DEFAULT_URL
@@ -152,6 +163,7 @@ async def main(
         max_requeues=max_requeues,
         trust=trust,
         model_deltas=model_deltas,
+        plugins=loaded,
     )
     loop = asyncio.get_running_loop()
     health = None
@@ -169,6 +181,7 @@ async def main(
     await worker.run()
     if health is not None:
         health.stop()
+    await loaded.aclose()
     await r.aclose()
     if worker.fatal:
         click.echo(f"error: worker {worker.id} stopped: {worker.fatal}", err=True)

@@ -224,7 +224,7 @@ async def test_impossible_replays_are_refused_with_one_line(broker: Broker) -> N
         ),
     ]
     for kw, want in cases:
-        with pytest.raises(ReplayError, match="") as e:
+        with pytest.raises(ReplayError) as e:
             await replay(broker, kw.pop("run_id", rid), **kw)
         assert want in str(e.value) and "\n" not in str(e.value)
     for bad in ("draft", "draft:0", ":3", "a b:1"):
