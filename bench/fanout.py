@@ -143,13 +143,24 @@ def launch_in_pty(argv: list[str], env: dict[str, str], out: Path) -> tuple[subp
     return proc, (t, seen)
 
 
+def app_dir(args: argparse.Namespace) -> str:
+    """Where the OAO processes import entrypoints from (``--app-dir``): the ``--tree``, so
+    that nothing of this checkout shadows the code measured, else this repository."""
+    return str(args.tree or REPO)
+
+
+def scheduler(args: argparse.Namespace) -> list[str]:
+    return [venv_bin("oao-scheduler"), "--app-dir", app_dir(args)]
+
+
 def start_fleet(
     args: argparse.Namespace, target: RedisTarget, procs: ProcessGroup, prefix: str, env: dict[str, str]
 ) -> list[subprocess.Popen[bytes]]:
     """``--workers`` ``oao-worker`` processes and ``oao-scheduler serve``, registered."""
     worker_argv = oao_worker_argv(target.url, prefix, args.concurrency, "warning")
+    worker_argv[worker_argv.index("--app-dir") + 1] = app_dir(args)
     fleet = [procs.start(f"worker-{prefix}-{i}", worker_argv, env=env) for i in range(args.workers)]
-    serve = [venv_bin("oao-scheduler"), "serve", "--redis-url", target.url, "--prefix", prefix]
+    serve = [*scheduler(args), "serve", "--redis-url", target.url, "--prefix", prefix]
     fleet.append(procs.start(f"serve-{prefix}", serve, env=env))
     wait_until(
         lambda: target.r.zcard(f"{prefix}:workers") >= args.workers,
@@ -179,11 +190,11 @@ def measure_once(
     common = ["--redis-url", target.url, "--prefix", prefix]
     fleet = start_fleet(args, target, procs, prefix, env) if mode.startswith("submit") else []
     if mode == "submit":
-        argv = [venv_bin("oao-scheduler"), "submit", str(spec), *common]
+        argv = [*scheduler(args), "submit", str(spec), *common]
     elif mode == "submit-wait":
-        argv = [venv_bin("oao-scheduler"), "submit", str(spec), *common, "--wait"]
+        argv = [*scheduler(args), "submit", str(spec), *common, "--wait"]
     else:
-        argv = [venv_bin("oao-scheduler"), "run", str(spec), *common, "--workers", str(args.workers)]
+        argv = [*scheduler(args), "run", str(spec), *common, "--workers", str(args.workers)]
         argv += ["--concurrency", str(args.concurrency)]
     if args.idle_wait:
         wait_for_idle(args.idle_wait, limit_pct=40.0)
