@@ -12,6 +12,8 @@ Modes (``--modes``, each a fresh run of the same spec file on the same Redis):
 * ``run-tty``: the same inside a pseudo-terminal, so ``run`` draws its live view.
 * ``submit-wait``: the baseline's fleet, and ``submit SPEC --wait`` (progress lines and
   report) from launch to exit.
+* ``submit-1proc``: like ``submit`` with one ``oao-worker`` holding all the slots
+  (``--workers`` x ``--concurrency``): the one process ``run`` has for its workers.
 
 Each row splits the wall time with the run's own timestamps (server clock, same host):
 *to submitted* (launch → the run's ``created_at``: start-up, validation, submit),
@@ -23,8 +25,9 @@ of the Redis server meanwhile. Ratios are against ``submit`` in the same invocat
     python -m bench.fanout --nodes 2000 --modes submit,run  # smaller
     python -m bench.fanout --tree /tmp/oao-main             # OAO processes from another checkout
 
-``--tree DIR`` puts DIR first on the OAO processes' ``PYTHONPATH`` (e.g. a ``git archive``
-of an older commit), to measure old code with this same script.
+``--tree DIR`` puts DIR first on the OAO processes' ``PYTHONPATH`` and makes it their
+``--app-dir`` (e.g. a ``git archive`` of an older commit), to measure old code with this
+same script.
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ from bench._common import (
     wait_until,
 )
 
-MODES = ("submit", "run", "run-tty", "submit-wait")
+MODES = ("submit", "run", "run-tty", "submit-wait", "submit-1proc")
 
 
 @dataclass
@@ -143,16 +146,34 @@ def launch_in_pty(argv: list[str], env: dict[str, str], out: Path) -> tuple[subp
     return proc, (t, seen)
 
 
+def app_dir(args: argparse.Namespace) -> str:
+    """Where the OAO processes import entrypoints from (``--app-dir``): the ``--tree``, so
+    that nothing of this checkout shadows the code measured, else this repository."""
+    return str(args.tree or REPO)
+
+
+def scheduler(args: argparse.Namespace) -> list[str]:
+    return [venv_bin("oao-scheduler"), "--app-dir", app_dir(args)]
+
+
 def start_fleet(
-    args: argparse.Namespace, target: RedisTarget, procs: ProcessGroup, prefix: str, env: dict[str, str]
+    args: argparse.Namespace,
+    target: RedisTarget,
+    procs: ProcessGroup,
+    prefix: str,
+    env: dict[str, str],
+    one_process: bool = False,
 ) -> list[subprocess.Popen[bytes]]:
-    """``--workers`` ``oao-worker`` processes and ``oao-scheduler serve``, registered."""
-    worker_argv = oao_worker_argv(target.url, prefix, args.concurrency, "warning")
-    fleet = [procs.start(f"worker-{prefix}-{i}", worker_argv, env=env) for i in range(args.workers)]
-    serve = [venv_bin("oao-scheduler"), "serve", "--redis-url", target.url, "--prefix", prefix]
+    """``--workers`` ``oao-worker`` processes (or one with all their slots) and
+    ``oao-scheduler serve``, registered."""
+    n, concurrency = (1, args.workers * args.concurrency) if one_process else (args.workers, args.concurrency)
+    worker_argv = oao_worker_argv(target.url, prefix, concurrency, "warning")
+    worker_argv[worker_argv.index("--app-dir") + 1] = app_dir(args)
+    fleet = [procs.start(f"worker-{prefix}-{i}", worker_argv, env=env) for i in range(n)]
+    serve = [*scheduler(args), "serve", "--redis-url", target.url, "--prefix", prefix]
     fleet.append(procs.start(f"serve-{prefix}", serve, env=env))
     wait_until(
-        lambda: target.r.zcard(f"{prefix}:workers") >= args.workers,
+        lambda: target.r.zcard(f"{prefix}:workers") >= n,
         "the workers to register",
         timeout_s=60,
         check=lambda: procs.check_alive(fleet),
@@ -177,13 +198,14 @@ def measure_once(
     prefix = f"fanout-{secrets.token_hex(3)}"
     env = oao_env(args.tree)
     common = ["--redis-url", target.url, "--prefix", prefix]
-    fleet = start_fleet(args, target, procs, prefix, env) if mode.startswith("submit") else []
-    if mode == "submit":
-        argv = [venv_bin("oao-scheduler"), "submit", str(spec), *common]
+    one_process = mode == "submit-1proc"
+    fleet = start_fleet(args, target, procs, prefix, env, one_process) if mode.startswith("submit") else []
+    if mode in ("submit", "submit-1proc"):
+        argv = [*scheduler(args), "submit", str(spec), *common]
     elif mode == "submit-wait":
-        argv = [venv_bin("oao-scheduler"), "submit", str(spec), *common, "--wait"]
+        argv = [*scheduler(args), "submit", str(spec), *common, "--wait"]
     else:
-        argv = [venv_bin("oao-scheduler"), "run", str(spec), *common, "--workers", str(args.workers)]
+        argv = [*scheduler(args), "run", str(spec), *common, "--workers", str(args.workers)]
         argv += ["--concurrency", str(args.concurrency)]
     if args.idle_wait:
         wait_for_idle(args.idle_wait, limit_pct=40.0)
@@ -197,7 +219,7 @@ def measure_once(
     try:
         code = proc.wait(timeout=args.timeout)
         t_end = time.time()
-        if mode == "submit":  # the command returned at once: wait for the run to end
+        if mode in ("submit", "submit-1proc"):  # the command returned at once: wait for the end
             rid = str(target.r.zrange(f"{prefix}:runs", 0, 0)[0])
             key = f"{prefix}:run:{{{rid}}}"
             deadline = time.monotonic() + args.timeout

@@ -15,8 +15,6 @@ from oao_common.broker import Broker
 from oao_common.events import Event
 from oao_common.spec import Spec, parse_spec
 from oao_scheduler.fleet import LocalFleet
-from oao_scheduler.progress import wait_for_run
-from oao_scheduler.submit import submit_spec
 from oao_worker.worker import Worker
 
 TOOLS = {
@@ -51,27 +49,31 @@ def make_spec(nodes: list[dict[str, Any]], **extra: Any) -> Spec:
     return parse_spec(yaml.safe_dump(doc), "test")
 
 
-@contextlib.asynccontextmanager
-async def fleet(
+def local_fleet(
     broker: Broker, workers: int = 1, concurrency: int = 4, reaper: bool = True, **kw: Any
-) -> AsyncIterator[list[Worker]]:
-    """In-process workers (and a reaper) on ``broker`` until the block exits: the
-    library's :class:`LocalFleet` with quick test timings; ``kw`` go to each worker."""
+) -> LocalFleet:
+    """The library's :class:`LocalFleet` on ``broker`` with quick test timings; ``kw`` go
+    to each worker."""
     kw.setdefault("heartbeat_ttl_s", 2.0)
     kw.setdefault("claim_timeout_s", 0.2)
     kw.setdefault("grace_period_s", 1.0)
-    async with LocalFleet(
+    return LocalFleet(
         broker=broker, workers=workers, concurrency=concurrency, reaper=reaper, reaper_interval_s=0.1, **kw
-    ) as f:
+    )
+
+
+@contextlib.asynccontextmanager
+async def fleet(broker: Broker, **kw: Any) -> AsyncIterator[list[Worker]]:
+    """In-process workers (and a reaper) until the block exits (:func:`local_fleet`)."""
+    async with local_fleet(broker, **kw) as f:
         yield f.workers
 
 
 async def run_spec(broker: Broker, spec: Spec, timeout_s: float = 30, **fleet_kw: Any) -> str:
     """Submit ``spec``, run it on an in-process fleet until it ends; returns the run id."""
-    async with fleet(broker, **fleet_kw):
-        s = await submit_spec(broker, spec)
-        await wait_for_run(broker, s.run_id, interval_s=0.2, timeout_s=timeout_s)
-    return s.run_id
+    async with local_fleet(broker, **fleet_kw) as f:
+        run_id, _status = await f.run(spec, timeout_s=timeout_s)
+    return run_id
 
 
 def of_type(events: list[Event], *types: str, node: str | None = None) -> list[Event]:
