@@ -34,6 +34,7 @@ SCRIPT_NAMES = (
     "circuit",
     "heartbeat",
     "prune",
+    "depths",
 )
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from oao_common import metrics
 from oao_common.broker import Broker, ReapResult
+from oao_common.fleet_stats import FleetStats
 from oao_common.log import get_logger
 from oao_common.retry import LOOP_ERRORS, Backoff
 
@@ -51,6 +52,7 @@ class Reaper:
         self.max_requeues = max_requeues
         self.stats = ReaperStats()
         self.gauge_every = gauge_every
+        self.fleet = FleetStats(broker)
         self.log = get_logger(component="reaper")
 
     async def tick(self) -> list[ReapResult]:
@@ -83,12 +85,9 @@ class Reaper:
         return results
 
     async def update_gauges(self) -> None:
-        """Queue sizes, delayed retries and live workers, for ``oao_queue_size`` & co."""
-        sizes = await self.broker.all_queue_lengths()
-        for q, n in sizes.items():
-            metrics.QUEUE_SIZE.labels(q).set(n)
-        metrics.DELAYED_SIZE.set(await self.broker.redis.zcard(self.broker.keys.delayed))
-        metrics.WORKERS_ALIVE.set(sum(1 for w in await self.broker.workers() if w["alive"]))
+        """Queue depths by queue, band and state, workers, runs in flight
+        (:class:`~oao_common.fleet_stats.FleetStats`), every ``gauge_every`` passes."""
+        await self.fleet.update_gauges()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Tick every ``interval_s`` until ``stop`` is set; any Redis error (outage, OOM,

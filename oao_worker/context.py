@@ -239,7 +239,9 @@ class AgentContext:
             raise StaleAttemptError(f"{self.run_id}/{self.node_id} attempt {self.attempt} is stale")
         started = time.monotonic()
         result, tin, tout, cost = await execute(step)
-        duration_ms = int((time.monotonic() - started) * 1000)
+        took = time.monotonic() - started
+        duration_ms = int(took * 1000)
+        metrics.STEP_SECONDS.labels(kind).observe(took)
         if governed:
             self.governor.account(kind, tin, tout, cost)
         self.executed_steps += 1
@@ -292,8 +294,6 @@ class AgentContext:
             metrics.TOKENS.labels(name, "output").inc(tout)
             if cost:
                 metrics.COST_USD.labels(name).inc(cost)
-        elif kind == "tool":
-            metrics.TOOL_CALLS.labels(name).inc()
         if governed:
             self.governor.after_step(step)
         return result
@@ -367,7 +367,8 @@ class AgentContext:
             return await fn()
 
         def on_wait(wait_s: float) -> None:
-            metrics.RATE_LIMIT_WAITS.inc()
+            metrics.RATE_LIMIT_WAITS.labels(guard.key).inc()
+            metrics.RATE_LIMIT_WAIT_SECONDS.labels(guard.key).inc(wait_s)
             self.emit(EventType.RATE_LIMIT_WAIT, {"key": guard.key, "wait_s": round(wait_s, 3)})
 
         return await self.call_guards.call(guard, tokens, fn, used_tokens, on_wait)
@@ -576,11 +577,14 @@ class AgentContext:
                     lambda e: tool.spec.idempotent and _transient_tool_error(e),
                 )
             except OAOError:
+                metrics.TOOL_CALLS.labels(name, "error").inc()
                 raise
             except Exception as e:
+                metrics.TOOL_CALLS.labels(name, "error").inc()
                 if not capture:
                     raise
                 return {"ok": False, "error": f"{type(e).__name__}: {e}"}, 0, 0, 0.0
+            metrics.TOOL_CALLS.labels(name, "ok").inc()
             return {"ok": True, "value": json.loads(canonical_json(value))}, 0, 0, 0.0
 
         result: dict[str, Any] = await self._step(

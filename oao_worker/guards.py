@@ -17,11 +17,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from oao_common.circuit import CircuitBreaker, CircuitBreakerSpec, CircuitOpenError
+from oao_common import metrics
+from oao_common.circuit import CircuitBreaker, CircuitBreakerSpec, CircuitOpenError, CircuitState
 from oao_common.errors import TransientError
 from oao_common.ratelimit import RateLimiter, RateLimitSpec, Reservation
 
 T = TypeVar("T")
+
+_STATE_VALUE = {CircuitState.CLOSED: 0, CircuitState.HALF_OPEN: 1, CircuitState.OPEN: 2}
 
 DEFAULT_MAX_WAIT_S = 60.0
 """Longest a call waits for rate-limit capacity before failing retriably (seconds)."""
@@ -80,7 +83,9 @@ class CallGuards:
         if guard.circuit_breaker is not None:
             try:
                 permit = await self.breaker.before_call(guard.key, guard.circuit_breaker)
-            except CircuitOpenError:
+            except CircuitOpenError as e:
+                metrics.CIRCUIT_REJECTIONS.labels(guard.key).inc()
+                metrics.CIRCUIT_STATE.labels(guard.key).set(_STATE_VALUE.get(e.state, 2))
                 if res is not None:
                     await self.limiter.release(res, call_made=False)
                 raise
@@ -89,7 +94,8 @@ class CallGuards:
         except BaseException as e:
             with contextlib.suppress(Exception):
                 if permit is not None:
-                    await self.breaker.record(permit, not is_dependency_failure(e))
+                    st = await self.breaker.record(permit, not is_dependency_failure(e))
+                    metrics.CIRCUIT_STATE.labels(guard.key).set(_STATE_VALUE.get(st, 0))
                 if res is not None:
                     await self.limiter.release(res)
                 hint = getattr(e, "retry_after_s", None)
@@ -97,7 +103,8 @@ class CallGuards:
                     await self.limiter.penalize(guard.key, float(hint))
             raise
         if permit is not None:
-            await self.breaker.record(permit, True)
+            st = await self.breaker.record(permit, True)
+            metrics.CIRCUIT_STATE.labels(guard.key).set(_STATE_VALUE.get(st, 0))
         if res is not None:
             await self.limiter.settle(res, used_tokens(out))
         return out

@@ -237,6 +237,7 @@ class Worker:
         if not await self._start(info):
             return
         self.log.info("worker.started", queues=self.queues, concurrency=self.concurrency)
+        metrics.CONCURRENCY.inc(self.concurrency)
         loops = {
             asyncio.create_task(self._claim_loop(), name=f"{self.id}-claim"): "claim",
             asyncio.create_task(self._control_loop(), name=f"{self.id}-control"): "control",
@@ -250,6 +251,7 @@ class Worker:
                 t.cancel()
             await asyncio.gather(watch, *loops, return_exceptions=True)
             await self._drain()
+            metrics.CONCURRENCY.dec(self.concurrency)
             await self._leave()
             if self._heartbeat is not None:
                 await asyncio.to_thread(self._heartbeat.stop)
