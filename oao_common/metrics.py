@@ -151,6 +151,7 @@ POLICY_RULES = (
     "max_cost_usd",
     "tool_not_allowed",
     "timeout_s",
+    "max_turns",
 )
 BANDS = ("high", "normal", "low")
 DEPTH_STATES = ("ready", "delayed", "active", "parked")

@@ -17,6 +17,7 @@ from typing import Any
 import click
 from rich.console import Console
 
+from oao_common import tracing
 from oao_common.broker import Broker
 from oao_common.cli_support import (
     EXIT_FAILED,
@@ -143,6 +144,7 @@ def main(log_level: str | None, app_dir: str | None) -> None:
       oao-scheduler submit examples/blog_post.yaml --wait
     """
     configure_logging(log_level)
+    tracing.configure_tracing("oao-scheduler")  # only if OTEL_* asks for it
     add_app_dir(app_dir)
 
 
@@ -188,6 +190,7 @@ def validate(
 )
 @check_imports_option(True)
 @json_option
+@metrics_port_option
 @trust_options()
 @run_async
 async def run(
@@ -201,6 +204,7 @@ async def run(
     progress: bool,
     check_imports: bool,
     as_json: bool,
+    metrics_port: int | None,
     trust: TrustPolicy,
 ) -> int:
     """Run a DAG to completion in this process and print the execution report.
@@ -214,6 +218,8 @@ async def run(
     if not os.environ.get("OAO_LOG_LEVEL") and not _log_level_given():
         configure_logging("warning")  # the progress view and the report say it all
     spec = _load(spec_file, inputs, check_imports, trust)
+    if metrics_port:
+        serve_metrics(metrics_port)
     fleet = LocalFleet(
         redis_url or None,
         prefix=prefix,

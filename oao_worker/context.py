@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from oao_common import metrics
+from oao_common import metrics, tracing
 from oao_common.broker import Broker, ClaimedJob
 from oao_common.circuit import CircuitOpenError
 from oao_common.errors import (
@@ -48,6 +48,7 @@ from oao_common.ratelimit import RateLimitTimeout
 from oao_common.retry import LOOP_ERRORS
 from oao_common.spec import Spec
 
+from . import spans
 from .budget import RESERVE_CHUNK, RunBudget
 from .deltas import DeltaPublisher, DeltaStream
 from .governance import Governor, StepInfo
@@ -160,8 +161,11 @@ class AgentContext:
         self.emit(EventType.STATE_ENTER, {"state": str(state), "from": str(prev or "")})
 
     def emit(self, type_: EventType, data: dict[str, Any] | None = None) -> None:
-        """Buffer an event; it is written with the node's next fenced write."""
+        """Buffer an event; it is written with the node's next fenced write (and, when
+        tracing, some become events of the current span: ``spans.SPAN_EVENTS``)."""
         self._events.append(pending_event(type_, data))
+        if tracing.ENABLED:
+            spans.on_event(type_, data)
 
     def drain_events(self) -> list[list[Any]]:
         out, self._events = self._events, []
@@ -212,6 +216,7 @@ class AgentContext:
             if kind == "llm":
                 self._last_messages = (seq, address_request(request)[2])
             self.replayed_steps += 1
+            spans.replayed_step(seq, kind, name)
             metrics.STEPS.labels(kind, "replayed").inc()
             self.emit(EventType.STEP_REPLAYED, {"seq": seq, "kind": kind, "name": name})
             return rec.get("result")
@@ -224,6 +229,39 @@ class AgentContext:
                 [f"recorded: nothing -> now: {now if len(now) <= 200 else now[:199] + '…'}"],
             )
 
+        args = (
+            seq,
+            kind,
+            name,
+            request,
+            req_hash,
+            execute,
+            input_tokens,
+            extra,
+            price,
+            reservation,
+            governed,
+        )
+        if not tracing.ENABLED:
+            return await self._execute_step(*args)
+        with spans.step_span(seq, kind, name):
+            return await self._execute_step(*args)
+
+    async def _execute_step(
+        self,
+        seq: int,
+        kind: str,
+        name: str,
+        request: dict[str, Any],
+        req_hash: str,
+        execute: Callable[[StepInfo], Awaitable[tuple[Any, int, int, float]]],
+        input_tokens: int,
+        extra: dict[str, Any] | None,
+        price: Price,
+        reservation: str | None,
+        governed: bool,
+    ) -> Any:
+        """Govern, execute and record a step that has no record (see :meth:`_step`)."""
         step = StepInfo(seq=seq, kind=kind, name=name, input_tokens=input_tokens, price=price)
         if governed:
             self.governor.before_step(step)
@@ -366,12 +404,28 @@ class AgentContext:
         if self.call_guards is None or guard is None:
             return await fn()
 
-        def on_wait(wait_s: float) -> None:
-            metrics.RATE_LIMIT_WAITS.labels(guard.key).inc()
-            metrics.RATE_LIMIT_WAIT_SECONDS.labels(guard.key).inc(wait_s)
-            self.emit(EventType.RATE_LIMIT_WAIT, {"key": guard.key, "wait_s": round(wait_s, 3)})
+        if tracing.ENABLED:
+            try:
+                return await self.call_guards.call(guard, tokens, fn, used_tokens, self._on_wait(guard.key))
+            except CircuitOpenError as e:
+                tracing.add_event(
+                    "oao.circuit.rejected",
+                    {
+                        "oao.circuit.key": e.key,
+                        "oao.circuit.state": str(e.state),
+                        "oao.retry_after_s": e.retry_after_s,
+                    },
+                )
+                raise
+        return await self.call_guards.call(guard, tokens, fn, used_tokens, self._on_wait(guard.key))
 
-        return await self.call_guards.call(guard, tokens, fn, used_tokens, on_wait)
+    def _on_wait(self, key: str) -> Callable[[float], None]:
+        def on_wait(wait_s: float) -> None:
+            metrics.RATE_LIMIT_WAITS.labels(key).inc()
+            metrics.RATE_LIMIT_WAIT_SECONDS.labels(key).inc(wait_s)
+            self.emit(EventType.RATE_LIMIT_WAIT, {"key": key, "wait_s": round(wait_s, 3)})
+
+        return on_wait
 
     async def _retrying(
         self,
@@ -505,28 +559,35 @@ class AgentContext:
                 await stream.flushed()  # subscribers get the text before the step's record
                 return reply
 
-            try:
-                reply = await self._retrying(
-                    step,
-                    lambda: self._guarded(
-                        f"model:{name}",
-                        step.input_tokens + reserved_out,
-                        call_model,
-                        lambda r: r.usage.total,
-                    ),
-                    _transient,
-                )
-            except BaseException:
-                if reservation:
-                    await budget.release(reservation)
-                raise
-            u = reply.usage
-            return (
-                reply.to_dict(),
-                u.input_tokens,
-                u.output_tokens,
-                price.cost(u.input_tokens, u.output_tokens),
-            )
+            mspec = self.spec.models.get(name)
+            with spans.llm_span(
+                name,
+                mspec.provider if mspec is not None else "",
+                str(getattr(mspec, "model", name)),
+                max_tokens,
+                temperature,
+                msgs,
+            ) as span:
+                try:
+                    reply = await self._retrying(
+                        step,
+                        lambda: self._guarded(
+                            f"model:{name}",
+                            step.input_tokens + reserved_out,
+                            call_model,
+                            lambda r: r.usage.total,
+                        ),
+                        _transient,
+                    )
+                except BaseException:
+                    if reservation:
+                        await budget.release(reservation)
+                    raise
+                u = reply.usage
+                cost = price.cost(u.input_tokens, u.output_tokens)
+                out = reply.to_dict()
+                spans.llm_reply(span, out, cost)
+            return out, u.input_tokens, u.output_tokens, cost
 
         result = await self._step(
             "llm",
@@ -565,27 +626,32 @@ class AgentContext:
         async def execute(step: StepInfo) -> tuple[Any, int, int, float]:
             if name not in self.tools:
                 raise PermanentError(f"unknown tool {name!r} (known: {', '.join(sorted(self.tools))})")
-            try:
-                info = ToolCallInfo(key, self.run_id, self.node_id, step.seq, self.attempt)
-                tool = self.tools[name]
-                value = await self._retrying(
-                    step,
-                    lambda: self._guarded(
-                        f"tool:{name}", 0, lambda: tool.call(args, info, self.run_sync), lambda _: 0
-                    ),
-                    # an idempotent tool may be called again; others could repeat an effect
-                    lambda e: tool.spec.idempotent and _transient_tool_error(e),
-                )
-            except OAOError:
-                metrics.TOOL_CALLS.labels(name, "error").inc()
-                raise
-            except Exception as e:
-                metrics.TOOL_CALLS.labels(name, "error").inc()
-                if not capture:
+            tool = self.tools[name]
+            with spans.tool_span(name, key, tool.spec.idempotent, canon) as span:
+                try:
+                    info = ToolCallInfo(key, self.run_id, self.node_id, step.seq, self.attempt)
+                    value = await self._retrying(
+                        step,
+                        lambda: self._guarded(
+                            f"tool:{name}", 0, lambda: tool.call(args, info, self.run_sync), lambda _: 0
+                        ),
+                        # an idempotent tool may be called again; others could repeat an effect
+                        lambda e: tool.spec.idempotent and _transient_tool_error(e),
+                    )
+                except OAOError:
+                    metrics.TOOL_CALLS.labels(name, "error").inc()
                     raise
-                return {"ok": False, "error": f"{type(e).__name__}: {e}"}, 0, 0, 0.0
-            metrics.TOOL_CALLS.labels(name, "ok").inc()
-            return {"ok": True, "value": json.loads(canonical_json(value))}, 0, 0, 0.0
+                except Exception as e:
+                    metrics.TOOL_CALLS.labels(name, "error").inc()
+                    if not capture:
+                        raise
+                    error = f"{type(e).__name__}: {e}"
+                    spans.tool_result(span, False, error)
+                    return {"ok": False, "error": error}, 0, 0, 0.0
+                metrics.TOOL_CALLS.labels(name, "ok").inc()
+                value = json.loads(canonical_json(value))
+                spans.tool_result(span, True, value)
+            return {"ok": True, "value": value}, 0, 0, 0.0
 
         result: dict[str, Any] = await self._step(
             "tool",

@@ -44,7 +44,7 @@ import time
 from collections import deque
 from typing import Any
 
-from oao_common import metrics
+from oao_common import metrics, tracing
 from oao_common.broker import Broker, ClaimedJob
 from oao_common.circuit import CircuitBreaker
 from oao_common.connection import reconnect
@@ -56,9 +56,10 @@ from oao_common.errors import (
     TransientError,
 )
 from oao_common.events import EventType, pending_event
-from oao_common.log import get_logger
+from oao_common.log import bind_node, get_logger
 from oao_common.policy import DEFAULT_RETRY, backoff_delay_s
 from oao_common.ratelimit import RateLimiter
+from oao_common.redact import redact, redact_text
 from oao_common.retry import LOOP_ERRORS, Backoff, describe, retry_transient
 from oao_common.templating import render_off_loop
 from oao_common.trust import DEFAULT_TRUST, TrustPolicy
@@ -71,6 +72,7 @@ from .governance import Governor, StrictPolicy
 from .guards import CallGuards
 from .heartbeat import HeartbeatThread, Running
 from .runtime import RuntimeCache
+from .spans import NodeSpan
 
 
 def default_worker_id() -> str:
@@ -80,9 +82,9 @@ def default_worker_id() -> str:
 
 def error_info(e: BaseException) -> dict[str, Any]:
     """The JSON error record stored on a node and in its events."""
-    info: dict[str, Any] = {"type": type(e).__name__, "message": str(e)}
+    info: dict[str, Any] = {"type": type(e).__name__, "message": redact_text(str(e))}
     if isinstance(e, PolicyViolation | NonDeterminismError):
-        info.update(e.to_dict())
+        info.update(redact(e.to_dict()))
     return info
 
 
@@ -493,6 +495,10 @@ class Worker:
     # ------------------------------------------------------------------ executing
 
     async def _execute(self, job: ClaimedJob) -> None:
+        with bind_node(job.run_id, job.node_id, job.attempt, self.id):
+            await self._execute_attempt(job)
+
+    async def _execute_attempt(self, job: ClaimedJob) -> None:
         log = self.log.bind(run_id=job.run_id, node_id=job.node_id, attempt=job.attempt)
         me = asyncio.current_task()
         name = me.get_name() if me is not None else job.job
@@ -500,6 +506,7 @@ class Worker:
         started = time.monotonic()
         agent_type = "?"
         metrics.ACTIVE_AGENTS.inc()
+        span = NodeSpan.start(job, self.id)
         try:
             log.debug("node.started")
             # A read, but idempotent: ride out a Redis blip like a fenced write would,
@@ -513,6 +520,9 @@ class Worker:
             node = rt.spec.node(job.node_id)
             agent_spec = rt.spec.agents[node.agent]
             agent_type = agent_spec.kind
+            span.annotate(
+                {"oao.queue": node.queue, "oao.agent.name": node.agent, "oao.agent.kind": agent_type}
+            )
             policy = rt.spec.effective_policy(node)
             limit, scope, run_elapsed = policy.timeout_s, "node", 0.0
             run_timeout = rt.spec.policy.timeout_s
@@ -584,6 +594,10 @@ class Worker:
                 raise timed_out()
             ok = await self.broker.complete(self.id, job, output, ctx.node_fields(), ctx.drain_events())
             outcome = "succeeded" if ok else "stale"
+            span.annotate(
+                {"oao.node.steps": ctx.governor.usage.steps, "oao.node.replayed_steps": ctx.replayed_steps}
+            )
+            span.finish(outcome)
             metrics.EXECUTIONS.labels(outcome, agent_type).inc()
             metrics.EXECUTION_SECONDS.labels(agent_type).observe(time.monotonic() - started)
             if ok:
@@ -600,23 +614,29 @@ class Worker:
         except asyncio.CancelledError:
             if me in self._cancelled:
                 self._cancelled.discard(me)
+                span.finish("cancelled")
                 log.info("node.stopped", reason="run cancelled or failed")
             else:
+                span.finish("abandoned")
                 log.info("node.abandoned", reason="shutdown or lease lost")
                 raise
         except StaleAttemptError as e:
+            span.finish("stale", e)
             metrics.STALE_WRITES.inc()
             metrics.EXECUTIONS.labels("stale", agent_type).inc()
             log.warning("node.stale_attempt", error=str(e))
         except Exception as e:
             r = self._running.get(name)
             if r is not None and r.failed:  # the watchdog failed it while the loop was blocked
+                span.finish("failed", e, failed=True)
                 log.warning("node.failed_by_watchdog", error=str(e))
                 return
             outcome = await self._fail(job, ctx, e, log)
+            span.finish(outcome, e, failed=outcome in ("failed", "retry"))
             metrics.EXECUTIONS.labels(outcome, agent_type).inc()
             metrics.EXECUTION_SECONDS.labels(agent_type).observe(time.monotonic() - started)
         finally:
+            span.finish("abandoned")  # no-op if ended above
             self._running.pop(name, None)
             self._blocked_s.pop(name, None)
             metrics.ACTIVE_AGENTS.dec()
@@ -663,6 +683,9 @@ class Worker:
             return "unrecorded"
         if r == 2:
             metrics.RETRIES.labels("node").inc()
+            tracing.add_event(
+                "oao.retry", {"oao.layer": "node", "oao.retry": job.retries + 1, "oao.delay_s": delay or 0.0}
+            )
             log.warning(
                 "node.retry_scheduled",
                 error=info["message"],
