@@ -63,7 +63,8 @@ def test_one_run_on_two_worker_processes(
 ) -> None:
     spec = write_spec(
         tmp_path,
-        '  - {id: a, agent: stepper, queue: qa, task: ""}\n  - {id: b, agent: stepper, queue: qb, task: ""}\n',
+        '  - {id: a, agent: stepper, queue: qa, task: ""}\n'
+        '  - {id: b, agent: stepper, queue: qb, task: ""}\n',
     )
     env = otel_env(receiver)
     wa = start_worker(redis_url, prefix, "--queues", "qa", log=tmp_path / "wa.log", extra_env=env)
