@@ -597,7 +597,6 @@ class Worker:
             span.annotate(
                 {"oao.node.steps": ctx.governor.usage.steps, "oao.node.replayed_steps": ctx.replayed_steps}
             )
-            span.finish(outcome)
             metrics.EXECUTIONS.labels(outcome, agent_type).inc()
             metrics.EXECUTION_SECONDS.labels(agent_type).observe(time.monotonic() - started)
             if ok:
@@ -611,25 +610,26 @@ class Worker:
             else:
                 metrics.STALE_WRITES.inc()
                 log.warning("node.stale_completion_rejected")
+            span.finish(outcome)
         except asyncio.CancelledError:
             if me in self._cancelled:
                 self._cancelled.discard(me)
-                span.finish("cancelled")
                 log.info("node.stopped", reason="run cancelled or failed")
+                span.finish("cancelled")
             else:
-                span.finish("abandoned")
                 log.info("node.abandoned", reason="shutdown or lease lost")
+                span.finish("abandoned")
                 raise
         except StaleAttemptError as e:
-            span.finish("stale", e)
             metrics.STALE_WRITES.inc()
             metrics.EXECUTIONS.labels("stale", agent_type).inc()
             log.warning("node.stale_attempt", error=str(e))
+            span.finish("stale", e)
         except Exception as e:
             r = self._running.get(name)
             if r is not None and r.failed:  # the watchdog failed it while the loop was blocked
-                span.finish("failed", e, failed=True)
                 log.warning("node.failed_by_watchdog", error=str(e))
+                span.finish("failed", e, failed=True)
                 return
             outcome = await self._fail(job, ctx, e, log)
             span.finish(outcome, e, failed=outcome in ("failed", "retry"))

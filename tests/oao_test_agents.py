@@ -154,3 +154,12 @@ async def traced_steps(ctx: Any) -> str:
         await asyncio.sleep(0.05)
     last = await ctx.llm("bye " + echoed)
     return str(last.content)
+
+
+async def leaky(ctx: Any) -> str:
+    """Fails with secrets in its message: a URL password, a bearer token and the value
+    of LEAK_TEST_API_KEY (an openai model of the spec reads it as its API key)."""
+    raise ValueError(
+        "cannot reach redis://svc:hunter2pw@db.internal:6379/0 with Authorization: Bearer tok_abcdefghijk "
+        f"and key {os.environ.get('LEAK_TEST_API_KEY')}"
+    )
