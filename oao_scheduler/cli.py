@@ -585,6 +585,27 @@ async def diff_cmd(
 @main.command()
 @redis_url_option
 @prefix_option
+@click.option(
+    "--refresh", "refresh_s", default=1.0, show_default=True, type=click.FloatRange(0.1), help="Seconds."
+)
+@click.option("--once", is_flag=True, help="Print one frame and exit (no terminal needed).")
+@run_async
+async def top(redis_url: str | None, prefix: str, refresh_s: float, once: bool) -> int:
+    """A live view of the fleet: queues and bands, workers (heartbeat age, load), runs in
+    flight with progress, tokens and cost per minute, violations, requeues and retries.
+    Press q to quit."""
+    from .top import run_top
+
+    broker = await _broker(redis_url, prefix)
+    try:
+        return await run_top(broker, refresh_s=refresh_s, once=once)
+    finally:
+        await broker.redis.aclose()
+
+
+@main.command()
+@redis_url_option
+@prefix_option
 @json_option
 @run_async
 async def workers(redis_url: str | None, prefix: str, as_json: bool) -> int:
