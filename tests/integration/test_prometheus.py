@@ -23,7 +23,8 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "oao-fleet.json"
 
 pytestmark = pytest.mark.skipif(
     shutil.which("prometheus") is None or shutil.which("promtool") is None,
-    reason="Debian's prometheus package is not installed (apt-get install prometheus; .ci/run does it as root)",
+    reason="Debian's prometheus package is not installed "
+    "(apt-get install prometheus; .ci/run does it as root)",
 )
 
 SPEC = """

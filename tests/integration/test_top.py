@@ -3,6 +3,7 @@ flight, and ``q`` quits it."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import re
@@ -43,10 +44,8 @@ def read_until(fd: int, want: list[str], timeout_s: float) -> str:
         assert left > 0, f"never drew {[w for w in want if w not in text]}; screen: {text[-2000:]}"
         r, _, _ = select.select([fd], [], [], min(left, 0.2))
         if r:
-            try:
+            with contextlib.suppress(OSError):
                 buf += os.read(fd, 65536)
-            except OSError:
-                pass
 
 
 def test_top_in_a_pty(redis_url: str, prefix: str, tmp_path: Path) -> None:
