@@ -132,12 +132,6 @@ DEPTH_SCAN_SECONDS = Gauge(
     "oao_queue_depth_scan_seconds", "Time the last queue-depth computation took, seconds"
 )
 
-# ------------------------------------------------------------------ tracing
-
-SPANS_DROPPED = Counter(
-    "oao_trace_spans_dropped_total", "Spans the exporter queue had no room for (tracing on only)"
-)
-
 STATUSES = ("succeeded", "failed", "retry", "stale", "unrecorded")
 REQUEUE_REASONS = ("worker_dead", "handback", "reconcile", "worker_restart")
 RETRY_LAYERS = ("step", "node")

@@ -235,19 +235,21 @@ def _remote_context(trace_id: int, span_id: int, sampled: bool) -> Any:
 # ---------------------------------------------------------------------- spans
 
 
-def clean_attributes(attrs: Mapping[str, Any]) -> dict[str, Any]:
+def clean_attributes(attrs: Mapping[str, Any], free_text: bool = False) -> dict[str, Any]:
     """Attributes OpenTelemetry accepts (str, bool, int, float, lists of one of them),
-    None dropped, strings redacted."""
+    None dropped. With ``free_text`` every string is redacted (error messages, event data:
+    text that may quote anything); OAO's own attributes (ids, names from the spec, kinds,
+    counts) are not, which keeps the per-span cost down. Other values become redacted JSON."""
     out: dict[str, Any] = {}
     for k, v in attrs.items():
         if v is None:
             continue
         if isinstance(v, str):
-            out[k] = redact_text(v)
+            out[k] = redact_text(v) if free_text else v
         elif isinstance(v, bool | int | float):
             out[k] = v
         elif isinstance(v, list | tuple):
-            out[k] = [redact_text(x) if isinstance(x, str) else x for x in v if x is not None]
+            out[k] = [redact_text(x) if free_text and isinstance(x, str) else x for x in v if x is not None]
         else:
             out[k] = redact_text(json.dumps(redact(v), default=str))
     return out
@@ -343,7 +345,7 @@ def add_event(name: str, attributes: Mapping[str, Any] | None = None) -> None:
 
     span = trace.get_current_span()
     if span.is_recording():
-        span.add_event(name, clean_attributes(attributes or {}))
+        span.add_event(name, clean_attributes(attributes or {}, free_text=True))
 
 
 def emit_finished_span(

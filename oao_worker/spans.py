@@ -77,7 +77,7 @@ class NodeSpan:
 
     def event(self, name: str, attrs: Mapping[str, Any]) -> None:
         if self.span is not None:
-            self.span.add_event(name, tracing.clean_attributes(attrs))
+            self.span.add_event(name, tracing.clean_attributes(attrs, free_text=True))
 
     def finish(self, status: str, error: BaseException | None = None, failed: bool = False) -> None:
         """End the span with ``oao.node.status`` = ``status``; ``error`` is recorded
@@ -244,4 +244,7 @@ def on_event(type_: str, data: Mapping[str, Any] | None) -> None:
     name = SPAN_EVENTS.get(type_)
     if name is None or not tracing.ENABLED:
         return
-    tracing.add_event(name, {f"oao.{k}": v for k, v in (data or {}).items()})
+    attrs = {f"oao.{k}": v for k, v in (data or {}).items()}
+    if type_ == "STEP_RETRIED":
+        attrs["oao.layer"] = "step"
+    tracing.add_event(name, attrs)
