@@ -24,6 +24,8 @@ tools:
   echo: {entrypoint: "oao_test_agents:echo", idempotent: true}
 agents:
   stepper: {kind: python, entrypoint: "oao_test_agents:traced_steps", model: m, tools: [echo]}
+  flaky: {kind: python, entrypoint: "oao_test_agents:flaky"}
+failure: {allow_partial_completion: true, max_failure_ratio: 0.5}
 nodes:
 """
 
@@ -64,7 +66,10 @@ def test_one_run_on_two_worker_processes(
     spec = write_spec(
         tmp_path,
         '  - {id: a, agent: stepper, queue: qa, task: ""}\n'
-        '  - {id: b, agent: stepper, queue: qb, task: ""}\n',
+        '  - {id: b, agent: stepper, queue: qb, task: ""}\n'
+        '  - {id: capped, agent: stepper, queue: qa, task: "", policy: {max_steps: 1}}\n'
+        '  - {id: flaky, agent: flaky, queue: qb, task: "traceflaky:1",'
+        " retry: {max_retries: 1, retry_delay_s: 0.1, jitter: false}}\n",
     )
     env = otel_env(receiver)
     wa = start_worker(redis_url, prefix, "--queues", "qa", log=tmp_path / "wa.log", extra_env=env)
@@ -80,19 +85,45 @@ def test_one_run_on_two_worker_processes(
         spans = receiver.wait_for(
             lambda sp: (
                 len(by_name(sp, "oao.run")) == 1
-                and len(by_name(sp, "oao.llm")) == 4
-                and len(by_name(sp, "oao.node")) == 2
+                and len(by_name(sp, "oao.llm")) == 5
+                and len(by_name(sp, "oao.node")) == 5
             )
         )
     finally:
         stop(wa, wb, s)
     (run,) = by_name(spans, "oao.run")
     assert run.service == "oao-scheduler"
-    assert run.attrs["oao.run.status"] == "SUCCEEDED" and run.attrs["oao.run.nodes_total"] == 2
-    assert run.parent_id == ""
+    assert run.attrs["oao.run.status"] == "PARTIAL" and run.attrs["oao.run.nodes_total"] == 4
+    assert run.parent_id == "" and run.status == 2
     assert {sp.trace_id for sp in spans} == {run.trace_id}  # one trace per run
-    nodes = children(spans, run, "oao.node")
-    assert sorted(n.attrs["oao.node.id"] for n in nodes) == ["a", "b"]
+    all_nodes = children(spans, run, "oao.node")
+    assert sorted(n.attrs["oao.node.id"] for n in all_nodes) == ["a", "b", "capped", "flaky", "flaky"]
+
+    # a policy violation: an event of the step it stopped and of the attempt, errors set
+    (capped,) = [n for n in all_nodes if n.attrs["oao.node.id"] == "capped"]
+    assert capped.attrs["oao.node.status"] == "failed" and capped.status == 2
+    assert (
+        "oao.policy_violation",
+        {
+            "oao.policy.rule": "max_steps",
+            "oao.policy.scope": "node",
+            "oao.policy.limit": 1,
+            "oao.policy.reached": 2,
+        },
+    ) in capped.events
+    (stopped,) = [st for st in children(spans, capped, "oao.step") if st.attrs["oao.step.seq"] == 2]
+    assert "oao.policy_violation" in stopped.event_names() and stopped.status == 2
+    # a node retry: the failed attempt says so, the retry is its sibling
+    first, second = sorted(
+        (n for n in all_nodes if n.attrs["oao.node.id"] == "flaky"), key=lambda n: n.attrs["oao.node.attempt"]
+    )
+    assert first.attrs["oao.node.status"] == "retry" and first.status == 2
+    assert "oao.retry" in first.event_names() and "exception" in first.event_names()
+    assert (
+        second.attrs["oao.node.status"] == "succeeded" and second.parent_id == first.parent_id == run.span_id
+    )
+
+    nodes = [n for n in all_nodes if n.attrs["oao.node.id"] in ("a", "b")]
     assert len({n.attrs["oao.worker.id"] for n in nodes}) == 2  # two worker processes
     assert {n.service for n in nodes} == {"oao-worker"}
     for n in nodes:
