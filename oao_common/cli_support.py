@@ -66,6 +66,18 @@ metrics_port_option = click.option(
     help="Serve Prometheus metrics at :PORT/metrics (env OAO_METRICS_PORT).",
 )
 
+plugins_option = click.option(
+    "--plugins",
+    "plugins",
+    envvar="OAO_PLUGINS",
+    default=None,
+    metavar="NAMES",
+    help="Comma-separated names of the installed worker plugins (entry points oao.plugins) to "
+    "load; none by default: a plugin is code run by the worker (docs/plugins.md). A listed plugin "
+    "that is missing, fails or needs another plugin API version stops the start (exit 2). "
+    "Env OAO_PLUGINS.",
+)
+
 
 def add_app_dir(path: str | None = None) -> None:
     """Put ``path`` (default: the current directory) on ``sys.path`` so spec entrypoints

@@ -59,6 +59,8 @@ from .spec_yaml import YamlProblem, load_yaml, plain_data_problem, read_spec_fil
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
 ENTRYPOINT_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$"
+PLUGIN_REF_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_\-]*\.[A-Za-z0-9_][A-Za-z0-9_.\-]*$"
+"""``<plugin>.<name>``: something a worker plugin provides (docs/plugins.md)."""
 
 
 class _Strict(BaseModel):
@@ -154,7 +156,24 @@ class OpenAIModelSpec(_Strict):
         return name
 
 
-ModelSpec = Annotated[ScriptedModelSpec | OpenAIModelSpec, Field(discriminator="provider")]
+class PluginModelSpec(_Strict):
+    """A model served by a worker plugin's provider (docs/plugins.md): ``use`` names it
+    ``<plugin>.<provider>``; ``model`` and ``config`` are the provider's to read. Free
+    unless ``pricing`` is given. Workers without that plugin fail the node."""
+
+    provider: Literal["plugin"]
+    use: str = Field(pattern=PLUGIN_REF_PATTERN)
+    model: str = ""
+    config: dict[str, PlainData] = Field(default_factory=dict)
+    pricing: PricingSpec | None = None
+    rate_limit: RateLimitSpec | None = None
+    circuit_breaker: CircuitBreakerSpec | None = None
+    limit_key: str | None = Field(
+        default=None, description="limiter / breaker name shared by several models (e.g. a provider)"
+    )
+
+
+ModelSpec = Annotated[ScriptedModelSpec | OpenAIModelSpec | PluginModelSpec, Field(discriminator="provider")]
 
 
 class PythonAgentSpec(_Strict):
@@ -226,12 +245,37 @@ class LangChainAgentSpec(_FrameworkAgentSpec):
     input_key: str | None = "input"
 
 
+class PluginAgentSpec(_Strict):
+    """An agent of a kind a worker plugin adds (docs/plugins.md): ``use`` names it
+    ``<plugin>.<kind>``; ``entrypoint`` (checked against ``--allow-entrypoints`` like any
+    other), ``model`` and ``config`` are the plugin's to read; ``tools`` / ``deny_tools``
+    as for ``python`` agents. Workers without that plugin fail the node."""
+
+    kind: Literal["plugin"]
+    use: str = Field(pattern=PLUGIN_REF_PATTERN)
+    entrypoint: str | None = Field(default=None, pattern=ENTRYPOINT_PATTERN)
+    model: str | None = Field(default=None, description="default model of ctx.llm")
+    tools: list[str] = Field(default_factory=list)
+    deny_tools: list[str] = Field(default_factory=list)
+    config: dict[str, PlainData] = Field(default_factory=dict)
+
+
+class MiddlewareRef(_Strict):
+    """A plugin middleware (a policy) this run's nodes go through: ``use`` names it
+    ``<plugin>.<name>``, ``config`` its settings (docs/plugins.md). A worker without it
+    fails the node rather than run it ungoverned."""
+
+    use: str = Field(pattern=PLUGIN_REF_PATTERN)
+    config: dict[str, PlainData] = Field(default_factory=dict)
+
+
 #: Agent kinds whose ``tools`` / ``deny_tools`` may name the framework's own tools, not
 #: only tools of the spec.
 FRAMEWORK_KINDS = frozenset({"langgraph", "langchain"})
 
 AgentSpec = Annotated[
-    PythonAgentSpec | LLMAgentSpec | LangGraphAgentSpec | LangChainAgentSpec, Field(discriminator="kind")
+    PythonAgentSpec | LLMAgentSpec | LangGraphAgentSpec | LangChainAgentSpec | PluginAgentSpec,
+    Field(discriminator="kind"),
 ]
 
 
@@ -287,6 +331,7 @@ class Spec(_Strict):
     policy: RunPolicySpec = Field(default_factory=RunPolicySpec)
     failure: FailureSpec = Field(default_factory=FailureSpec)
     escalation: EscalationSpec | None = None
+    middleware: list[MiddlewareRef] = Field(default_factory=list)
     models: dict[str, ModelSpec] = Field(default_factory=dict)
     agents: dict[str, AgentSpec] = Field(min_length=1)
     tools: dict[str, ToolSpec] = Field(default_factory=dict)

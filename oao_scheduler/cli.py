@@ -26,6 +26,7 @@ from oao_common.cli_support import (
     add_app_dir,
     json_option,
     metrics_port_option,
+    plugins_option,
     prefix_option,
     print_json,
     redis_url_option,
@@ -191,6 +192,7 @@ def validate(
 @check_imports_option(True)
 @json_option
 @metrics_port_option
+@plugins_option
 @trust_options()
 @run_async
 async def run(
@@ -205,6 +207,7 @@ async def run(
     check_imports: bool,
     as_json: bool,
     metrics_port: int | None,
+    plugins: str | None,
     trust: TrustPolicy,
 ) -> int:
     """Run a DAG to completion in this process and print the execution report.
@@ -213,11 +216,18 @@ async def run(
     (and discarded at exit). The reaper and WORKERS workers run in-process, on the
     same protocol as a distributed fleet. Exit 0 if the run SUCCEEDED, 1 otherwise.
     """
+    from oao_worker.plugins import PluginError, allowed_plugins, load_plugins
+
     from .fleet import LocalFleet
 
     if not os.environ.get("OAO_LOG_LEVEL") and not _log_level_given():
         configure_logging("warning")  # the progress view and the report say it all
     spec = _load(spec_file, inputs, check_imports, trust)
+    try:
+        loaded = load_plugins(allowed_plugins(plugins), trust)
+    except PluginError as e:
+        click.echo(f"error: {e}", err=True)
+        return EXIT_USAGE
     if metrics_port:
         serve_metrics(metrics_port)
     fleet = LocalFleet(
@@ -230,6 +240,7 @@ async def run(
         trust=trust,
         reaper=True,
         escalator=True,
+        plugins=loaded,
     )
     async with fleet:
         submitted = await fleet.submit(spec)
@@ -245,6 +256,7 @@ async def run(
         report = await fleet.report(
             submitted.run_id, with_events=as_json or len(spec.nodes) <= REPORT_NODE_LIMIT
         )
+    await loaded.aclose()
     if report is None:
         raise RedisUnavailable(f"run {submitted.run_id} is no longer in Redis (pruned?)")
     if as_json:
@@ -580,6 +592,46 @@ async def diff_cmd(
     else:
         render_diff(d, out)
     return EXIT_FAILED if exit_code and not d["identical"] else EXIT_OK
+
+
+@main.command("plugins")
+@plugins_option
+@json_option
+@trust_options(entrypoints=False)
+def plugins_cmd(plugins: str | None, as_json: bool, trust: TrustPolicy) -> None:
+    """List the installed worker plugins (entry points oao.plugins) and whether a worker
+    started with these --plugins / OAO_PLUGINS and network options would load them.
+
+    Only allowed plugins are imported (to read the API version they need and what they
+    register). Exit 2 if an allowed plugin is missing or would be refused, as
+    oao-worker would at start; 0 otherwise.
+    """
+    from rich.table import Table
+
+    from oao_worker.plugins import PLUGIN_API_VERSION, allowed_plugins, describe_installed
+
+    allow = allowed_plugins(plugins)
+    rows = describe_installed(allow, trust)
+    bad = [r for r in rows if r["allowed"] and r["status"] != "loads"]
+    if as_json:
+        print_json({"api_version": PLUGIN_API_VERSION, "allowed": list(allow), "plugins": rows})
+    else:
+        t = Table(title=f"OAO plugin API {PLUGIN_API_VERSION}")
+        for c in ("plugin", "package", "status", "provides / why not"):
+            t.add_column(c)
+        for r in rows:
+            provides = "; ".join(f"{k}: {', '.join(v)}" for k, v in (r.get("registered") or {}).items())
+            pkg = f"{r['dist']} {r['version']}" if "dist" in r else ""
+            t.add_row(r["name"], pkg, r["status"], provides or r.get("detail", ""))
+        if rows:
+            out.print(t)
+        else:
+            click.echo(
+                f"no plugins installed (entry point group oao.plugins; plugin API {PLUGIN_API_VERSION})"
+            )
+    for r in bad:
+        click.echo(f"error: {r['detail'] or r['status']}", err=True)
+    sys.exit(EXIT_USAGE if bad else EXIT_OK)
 
 
 @main.command()

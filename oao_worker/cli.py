@@ -17,8 +17,10 @@ from oao_common import tracing
 from oao_common.broker import Broker
 from oao_common.cli_support import (
     EXIT_INTERNAL,
+    EXIT_USAGE,
     add_app_dir,
     metrics_port_option,
+    plugins_option,
     prefix_option,
     redis_url_option,
     run_async,
@@ -29,6 +31,7 @@ from oao_common.log import configure_logging, get_logger
 from oao_common.metrics import serve_metrics
 from oao_common.trust import TrustPolicy
 
+from .plugins import PluginError, allowed_plugins, load_plugins
 from .worker import Worker
 
 
@@ -79,6 +82,7 @@ from .worker import Worker
     "nothing is sent for a run nobody watches).",
 )
 @click.option("--app-dir", default=None, help="Directory put on sys.path for entrypoints (default: cwd).")
+@plugins_option
 @metrics_port_option
 @click.option("--log-level", default=None, help="debug, info, warning, error (env OAO_LOG_LEVEL).")
 @trust_options()
@@ -95,6 +99,7 @@ async def main(
     max_requeues: int,
     model_deltas: bool,
     app_dir: str | None,
+    plugins: str | None,
     metrics_port: int | None,
     log_level: str | None,
     trust: TrustPolicy,
@@ -106,7 +111,8 @@ async def main(
     grace period at once.
 
     Anyone who can write to the Redis prefix can make this worker import and run code:
-    limit it with --allow-entrypoints (docs/security.md).
+    limit it with --allow-entrypoints (docs/security.md). Plugins (--plugins) are code
+    too: only the ones listed are loaded.
     """
     configure_logging(log_level)
     tracing.configure_tracing("oao-worker")  # only if OTEL_* asks for it
@@ -119,6 +125,11 @@ async def main(
             "set --allow-entrypoints / OAO_ALLOW_ENTRYPOINTS (docs/security.md)",
         )
     add_app_dir(app_dir)
+    try:
+        loaded = load_plugins(allowed_plugins(plugins), trust)
+    except PluginError as e:
+        click.echo(f"error: {e}", err=True)
+        return EXIT_USAGE
     if metrics_port:
         serve_metrics(metrics_port)
     url = redis_url or DEFAULT_URL
@@ -135,6 +146,7 @@ async def main(
         max_requeues=max_requeues,
         trust=trust,
         model_deltas=model_deltas,
+        plugins=loaded,
     )
     loop = asyncio.get_running_loop()
 
@@ -147,6 +159,7 @@ async def main(
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, on_signal)
     await worker.run()
+    await loaded.aclose()
     await r.aclose()
     if worker.fatal:
         click.echo(f"error: worker {worker.id} stopped: {worker.fatal}", err=True)

@@ -6,9 +6,15 @@
 2. is looked up in the node's step ledger: a recorded step with the same request hash
    is served from the record (``STEP_REPLAYED``) and not executed again; a different
    hash raises :class:`~oao_common.errors.NonDeterminismError` (docs/guarantees.md, promises 3 and 4);
-3. otherwise passes the governance chain, executes, and is recorded atomically with
-   its events by a fenced script (``record_step.lua``). A rejected record means
-   another attempt owns the node: :class:`~oao_common.errors.StaleAttemptError`.
+3. otherwise passes the attempt's middleware chain (``before_step``; each try of its
+   model or tool call ``before_call`` / ``after_call``, ``on_error`` deciding in-step
+   retries; ``on_chunk`` while a reply streams), executes, and is recorded atomically
+   with its events by a fenced script (``record_step.lua``), then ``after_step``. A
+   rejected record means another attempt owns the node:
+   :class:`~oao_common.errors.StaleAttemptError`.
+
+Governance itself (limits, budgets, prices, retries, rate limits, circuit breakers,
+metrics) lives in the middleware (``oao_worker/governance.py``, ``middleware.py``).
 """
 
 from __future__ import annotations
@@ -20,20 +26,17 @@ import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
-from oao_common import metrics, tracing
 from oao_common.broker import Broker, ClaimedJob
-from oao_common.circuit import CircuitOpenError
 from oao_common.errors import (
     NonDeterminismError,
     OAOError,
     PermanentError,
     StaleAttemptError,
-    TransientError,
     UncertainSideEffect,
 )
-from oao_common.events import EventType, pending_event
+from oao_common.events import EventType
 from oao_common.hashing import canonical_json, sha256_hex
 from oao_common.ledger import (
     VOLATILE_KINDS,
@@ -42,34 +45,16 @@ from oao_common.ledger import (
     request_diff,
     resolve_request,
 )
-from oao_common.policy import RetrySpec, RunPolicySpec, backoff_delay_s
-from oao_common.pricing import FREE, Price
-from oao_common.ratelimit import RateLimitTimeout
 from oao_common.retry import LOOP_ERRORS
 from oao_common.spec import Spec
 
-from . import spans
-from .budget import RESERVE_CHUNK, RunBudget
+from .budget import RESERVE_CHUNK
 from .deltas import DeltaPublisher, DeltaStream
-from .governance import Governor, StepInfo
-from .guards import CallGuards, Guard
+from .governance import Governor, NodeAttempt, StepInfo
 from .lifecycle import AgentState, Lifecycle
 from .providers import ModelReply, ModelRequest, Provider
 from .providers.base import estimate_message_tokens
 from .tools import RunSync, Tool, ToolCallInfo
-
-T = TypeVar("T")
-
-
-def _transient(e: BaseException) -> bool:
-    """Retried inside the step: transient provider errors, but not a fleet guard's
-    refusal (open circuit, rate-limit wait exhausted): those fail fast and are retried
-    by the node, through the delayed set, after their ``retry_after_s``."""
-    return isinstance(e, TransientError) and not isinstance(e, (CircuitOpenError, RateLimitTimeout))
-
-
-def _transient_tool_error(e: BaseException) -> bool:
-    return _transient(e) or isinstance(e, (ConnectionError, TimeoutError))
 
 
 def tool_idempotency_key(run_id: str, node_id: str, tool: str, args: dict[str, Any], seq: int) -> str:
@@ -84,7 +69,8 @@ class AgentContext:
 
     Attributes: ``run_id``, ``node_id``, ``attempt``, ``task`` (rendered), ``inputs``
     (the run's inputs), ``deps`` (dependency id → output), ``lifecycle``,
-    ``idempotency_key`` (of the current or last tool call).
+    ``idempotency_key`` (of the current or last tool call), ``governor`` (the
+    attempt's middleware chain and usage), ``node`` (the attempt as middleware see it).
     """
 
     def __init__(
@@ -100,14 +86,10 @@ class AgentContext:
         providers: dict[str, Provider],
         tools: dict[str, Tool],
         default_model: str | None = None,
-        prices: dict[str, Price] | None = None,
-        budget: RunBudget | None = None,
-        retry: RetrySpec | None = None,
-        call_guards: CallGuards | None = None,
-        guards: dict[str, Guard] | None = None,
         run_sync: RunSync | None = None,
         strict_replay: bool = False,
         deltas: DeltaPublisher | None = None,
+        node: NodeAttempt | None = None,
     ) -> None:
         self.broker = broker
         self.worker_id = worker_id
@@ -120,14 +102,16 @@ class AgentContext:
         self.deps = job.dep_outputs
         self.task = task
         self.governor = governor
+        if node is None:
+            node = governor.node or NodeAttempt(job, worker_id, time.monotonic(), spec=spec)
+        if node.governor is None:
+            node.governor = governor
+        governor.node = node
+        #: The attempt as middleware see it; its events are this context's.
+        self.node = node
         self.providers = providers
         self.tools = tools
         self.default_model = default_model
-        self.prices = prices or {}
-        self.retry = retry or RetrySpec(max_retries=0)
-        self.call_guards = call_guards
-        self.guards = guards or {}
-        self.budget = budget or RunBudget(broker, job.run_id, RunPolicySpec(), 0)
         #: ``await ctx.run_sync(fn, *args)``: run blocking code in the worker's bounded
         #: executor (its time counts from when its thread starts; see executor.py).
         self.run_sync: RunSync = run_sync or asyncio.to_thread
@@ -152,7 +136,6 @@ class AgentContext:
         self.executed_steps = 0
         self._seq = 0
         self._model_calls: dict[str, int] = {}
-        self._events: list[list[Any]] = []
         self.lifecycle = Lifecycle(self._on_state)
 
     # ------------------------------------------------------------------ events
@@ -161,15 +144,12 @@ class AgentContext:
         self.emit(EventType.STATE_ENTER, {"state": str(state), "from": str(prev or "")})
 
     def emit(self, type_: EventType, data: dict[str, Any] | None = None) -> None:
-        """Buffer an event; it is written with the node's next fenced write (and, when
-        tracing, some become events of the current span: ``spans.SPAN_EVENTS``)."""
-        self._events.append(pending_event(type_, data))
-        if tracing.ENABLED:
-            spans.on_event(type_, data)
+        """Buffer an event; it is written with the node's next fenced write (middleware
+        see it at once, ``on_event``)."""
+        self.node.emit(type_, data)
 
     def drain_events(self) -> list[list[Any]]:
-        out, self._events = self._events, []
-        return out
+        return self.node.drain_events()
 
     def template_vars(self) -> dict[str, Any]:
         return {
@@ -189,37 +169,51 @@ class AgentContext:
         execute: Callable[[StepInfo], Awaitable[tuple[Any, int, int, float]]],
         input_tokens: int = 0,
         extra: dict[str, Any] | None = None,
-        price: Price = FREE,
-        reservation: str | None = None,
+        max_tokens: int | None = None,
+        repeatable: bool = False,
     ) -> Any:
-        """Run one step through ledger, governance, execution and recording.
+        """Run one step through ledger, middleware, execution and recording.
 
         ``execute(step)`` returns ``(result_json_value, tokens_in, tokens_out, cost_usd)``.
         ``request`` identifies the step (its sha256 is checked on replay) and is stored
         in the record, model messages by reference (:mod:`oao_common.ledger`). Steps of
-        :data:`~oao_common.ledger.VOLATILE_KINDS` are not governed nor counted.
+        :data:`~oao_common.ledger.VOLATILE_KINDS` are not counted (``step.governed``).
+        ``max_tokens``: a model call's output bound; ``repeatable``: a failed try may be
+        repeated inside the step (:class:`~oao_worker.governance.StepInfo`).
         """
         governed = kind not in VOLATILE_KINDS
         self._seq += 1
         seq = self._seq
         req_hash = sha256_hex(request)
+        step = StepInfo(
+            seq=seq,
+            kind=kind,
+            name=name,
+            input_tokens=input_tokens,
+            node=self.node,
+            request=request,
+            max_tokens=max_tokens,
+            repeatable=repeatable,
+            reserved_out=(max_tokens or RESERVE_CHUNK) if kind == "llm" else 0,
+        )
         ledger = self.job.ledger
         rec = ledger[seq - 1] if seq <= len(ledger) else None
         if rec is not None:
             if rec.get("request_hash") != req_hash:
                 raise await self._divergence(seq, kind, name, rec, request, req_hash)
+            u = rec.get("usage") or {}
+            step.tokens_in, step.tokens_out = int(u.get("in", 0)), int(u.get("out", 0))
+            step.cost_usd = float(u.get("cost_usd", 0.0))
             if governed:
-                u = rec.get("usage") or {}
-                self.governor.account(
-                    kind, int(u.get("in", 0)), int(u.get("out", 0)), float(u.get("cost_usd", 0.0))
-                )
+                self.governor.account(kind, step.tokens_in, step.tokens_out, step.cost_usd)
             if kind == "llm":
                 self._last_messages = (seq, address_request(request)[2])
             self.replayed_steps += 1
-            spans.replayed_step(seq, kind, name)
-            metrics.STEPS.labels(kind, "replayed").inc()
+            step.replayed, step.result = True, rec.get("result")
+            step.duration_ms = int(rec.get("duration_ms") or 0)
+            await self.governor.after_step(step)
             self.emit(EventType.STEP_REPLAYED, {"seq": seq, "kind": kind, "name": name})
-            return rec.get("result")
+            return step.result
         if self.strict_replay:
             now = canonical_json(request)
             raise NonDeterminismError(
@@ -229,47 +223,37 @@ class AgentContext:
                 [f"recorded: nothing -> now: {now if len(now) <= 200 else now[:199] + '…'}"],
             )
 
-        args = (
-            seq,
-            kind,
-            name,
-            request,
-            req_hash,
-            execute,
-            input_tokens,
-            extra,
-            price,
-            reservation,
-            governed,
-        )
-        if not tracing.ENABLED:
-            return await self._execute_step(*args)
-        with spans.step_span(seq, kind, name):
-            return await self._execute_step(*args)
+        await self.governor.before_step(step)
+        try:
+            result, tin, tout, cost, duration_ms = await self._execute_and_record(
+                step, req_hash, request, execute, extra
+            )
+        except BaseException as e:
+            step.error = e
+            await self.governor.after_step(step)
+            raise
+        step.tokens_in, step.tokens_out, step.cost_usd = tin, tout, cost
+        step.duration_ms, step.result = duration_ms, result
+        await self.governor.after_step(step)
+        return result
 
-    async def _execute_step(
+    async def _execute_and_record(
         self,
-        seq: int,
-        kind: str,
-        name: str,
-        request: dict[str, Any],
+        step: StepInfo,
         req_hash: str,
+        request: dict[str, Any],
         execute: Callable[[StepInfo], Awaitable[tuple[Any, int, int, float]]],
-        input_tokens: int,
         extra: dict[str, Any] | None,
-        price: Price,
-        reservation: str | None,
-        governed: bool,
-    ) -> Any:
-        """Govern, execute and record a step that has no record (see :meth:`_step`)."""
-        step = StepInfo(seq=seq, kind=kind, name=name, input_tokens=input_tokens, price=price)
-        if governed:
-            self.governor.before_step(step)
+    ) -> tuple[Any, int, int, float, int]:
+        """Execute a step that passed ``before_step`` and record it (fenced);
+        ``(result, tokens_in, tokens_out, cost_usd, duration_ms)``."""
+        seq, kind, name = step.seq, step.kind, step.name
+        governed = step.governed
         if kind == "tool":
             await self._begin_tool_step(seq, name, req_hash)
         elif (
             governed
-            and self._events
+            and self.node.events
             and not await self.broker.append_events(self.worker_id, self.job, self.drain_events())
         ):
             # Before a live model call or agent invocation (seconds to minutes, and money)
@@ -277,9 +261,7 @@ class AgentContext:
             raise StaleAttemptError(f"{self.run_id}/{self.node_id} attempt {self.attempt} is stale")
         started = time.monotonic()
         result, tin, tout, cost = await execute(step)
-        took = time.monotonic() - started
-        duration_ms = int(took * 1000)
-        metrics.STEP_SECONDS.labels(kind).observe(took)
+        duration_ms = int((time.monotonic() - started) * 1000)
         if governed:
             self.governor.account(kind, tin, tout, cost)
         self.executed_steps += 1
@@ -317,7 +299,7 @@ class AgentContext:
             cost,
             is_tool=kind == "tool",
             events=self.drain_events(),
-            reservation=reservation,
+            reservation=step.reservation,
             messages=new_bodies,
             counts=governed,
         )
@@ -326,15 +308,7 @@ class AgentContext:
         self._stored_refs.update(new_bodies)
         if kind == "llm":
             self._last_messages = (seq, refs)
-        metrics.STEPS.labels(kind, "executed").inc()
-        if kind == "llm":
-            metrics.TOKENS.labels(name, "input").inc(tin)
-            metrics.TOKENS.labels(name, "output").inc(tout)
-            if cost:
-                metrics.COST_USD.labels(name).inc(cost)
-        if governed:
-            self.governor.after_step(step)
-        return result
+        return result, tin, tout, cost, duration_ms
 
     async def _divergence(
         self, seq: int, kind: str, name: str, rec: dict[str, Any], request: dict[str, Any], req_hash: str
@@ -391,76 +365,6 @@ class AgentContext:
         """A random UUID (version 4, canonical text) as a recorded step (replayed like
         :meth:`now`)."""
         return str(await self._volatile("uuid", "uuid4", lambda: str(uuid.uuid4())))
-
-    async def _guarded(
-        self,
-        guard_key: str,
-        tokens: int,
-        fn: Callable[[], Awaitable[T]],
-        used_tokens: Callable[[T], int],
-    ) -> T:
-        """Run one call under its fleet-wide rate limiter and circuit breaker, if any."""
-        guard = self.guards.get(guard_key)
-        if self.call_guards is None or guard is None:
-            return await fn()
-
-        if tracing.ENABLED:
-            try:
-                return await self.call_guards.call(guard, tokens, fn, used_tokens, self._on_wait(guard.key))
-            except CircuitOpenError as e:
-                tracing.add_event(
-                    "oao.circuit.rejected",
-                    {
-                        "oao.circuit.key": e.key,
-                        "oao.circuit.state": str(e.state),
-                        "oao.retry_after_s": e.retry_after_s,
-                    },
-                )
-                raise
-        return await self.call_guards.call(guard, tokens, fn, used_tokens, self._on_wait(guard.key))
-
-    def _on_wait(self, key: str) -> Callable[[float], None]:
-        def on_wait(wait_s: float) -> None:
-            metrics.RATE_LIMIT_WAITS.labels(key).inc()
-            metrics.RATE_LIMIT_WAIT_SECONDS.labels(key).inc(wait_s)
-            self.emit(EventType.RATE_LIMIT_WAIT, {"key": key, "wait_s": round(wait_s, 3)})
-
-        return on_wait
-
-    async def _retrying(
-        self,
-        step: StepInfo,
-        call: Callable[[], Awaitable[Any]],
-        retriable: Callable[[BaseException], bool],
-    ) -> Any:
-        """Run ``call`` and retry it inside the step while ``retriable(error)``, up to the
-        node's ``max_retries`` times, with the node's backoff and jitter (and at least a
-        server's ``Retry-After``). Each retry is a ``STEP_RETRIED`` event."""
-        n = 0
-        while True:
-            try:
-                return await call()
-            except Exception as e:
-                if n >= (self.retry.max_retries or 0) or not retriable(e):
-                    raise
-                n += 1
-                metrics.RETRIES.labels("step").inc()
-                delay = backoff_delay_s(self.retry, n)
-                hint = getattr(e, "retry_after_s", None)
-                if hint:
-                    delay = max(delay, float(hint))
-                self.emit(
-                    EventType.STEP_RETRIED,
-                    {
-                        "seq": step.seq,
-                        "kind": step.kind,
-                        "name": step.name,
-                        "retry": n,
-                        "delay_ms": int(delay * 1000),
-                        "error": f"{type(e).__name__}: {e}",
-                    },
-                )
-                await asyncio.sleep(delay)
 
     async def _begin_tool_step(self, seq: int, name: str, req_hash: str) -> None:
         """Guard a side effect: refuse to repeat an unrecorded non-idempotent call, and
@@ -524,25 +428,14 @@ class AgentContext:
             context={**self.template_vars(), "call_index": k},
         )
         provider = self.providers[name]
-        price = self.prices.get(name, FREE)
-        budget = self.budget
-        reservation = f"{self.node_id}#{self.attempt}#{self._seq + 1}" if budget.enabled else None
 
         async def execute(step: StepInfo) -> tuple[Any, int, int, float]:
-            reserved_out = max_tokens or RESERVE_CHUNK
-            if reservation:
-                await budget.reserve(
-                    reservation, step.input_tokens, reserved_out, price.cost(step.input_tokens, reserved_out)
-                )
-
+            price = step.price  # set by the costs middleware in before_step
             live: DeltaStream | None = None  # this try's text, published as it comes
 
             async def on_chunk(delta: str, out: int) -> None:
-                nonlocal reserved_out
-                self.governor.on_chunk(step, out)  # a budget stop raises before the text goes out
-                while reservation and out > reserved_out:  # the stream outgrew its reservation
-                    await budget.reserve(reservation, 0, RESERVE_CHUNK, price.cost(0, RESERVE_CHUNK))
-                    reserved_out += RESERVE_CHUNK
+                # policies, then the run budget's extension: a stop raises before the text goes out
+                await self.governor.on_chunk(step, out)
                 if live is not None:
                     live.add(delta)
 
@@ -559,35 +452,19 @@ class AgentContext:
                 await stream.flushed()  # subscribers get the text before the step's record
                 return reply
 
-            mspec = self.spec.models.get(name)
-            with spans.llm_span(
-                name,
-                mspec.provider if mspec is not None else "",
-                str(getattr(mspec, "model", name)),
-                max_tokens,
-                temperature,
-                msgs,
-            ) as span:
-                try:
-                    reply = await self._retrying(
-                        step,
-                        lambda: self._guarded(
-                            f"model:{name}",
-                            step.input_tokens + reserved_out,
-                            call_model,
-                            lambda r: r.usage.total,
-                        ),
-                        _transient,
-                    )
-                except BaseException:
-                    if reservation:
-                        await budget.release(reservation)
-                    raise
-                u = reply.usage
-                cost = price.cost(u.input_tokens, u.output_tokens)
-                out = reply.to_dict()
-                spans.llm_reply(span, out, cost)
-            return out, u.input_tokens, u.output_tokens, cost
+            reply = await self.governor.call(
+                step,
+                call_model,
+                tokens=lambda: step.input_tokens + step.reserved_out,
+                used_tokens=lambda r: r.usage.total,
+            )
+            u = reply.usage
+            return (
+                reply.to_dict(),
+                u.input_tokens,
+                u.output_tokens,
+                price.cost(u.input_tokens, u.output_tokens),
+            )
 
         result = await self._step(
             "llm",
@@ -595,8 +472,8 @@ class AgentContext:
             {"kind": "llm", **request.hash_view()},
             execute,
             input_tokens=estimate_message_tokens(msgs),
-            price=price,
-            reservation=reservation,
+            max_tokens=max_tokens,
+            repeatable=True,
         )
         return ModelReply.from_dict(result)
 
@@ -622,36 +499,22 @@ class AgentContext:
         canon = json.loads(canonical_json(args))
         key = tool_idempotency_key(self.run_id, self.node_id, name, canon, self._seq + 1)
         self.idempotency_key = key
+        known = self.tools.get(name)
 
         async def execute(step: StepInfo) -> tuple[Any, int, int, float]:
             if name not in self.tools:
                 raise PermanentError(f"unknown tool {name!r} (known: {', '.join(sorted(self.tools))})")
-            tool = self.tools[name]
-            with spans.tool_span(name, key, tool.spec.idempotent, canon) as span:
-                try:
-                    info = ToolCallInfo(key, self.run_id, self.node_id, step.seq, self.attempt)
-                    value = await self._retrying(
-                        step,
-                        lambda: self._guarded(
-                            f"tool:{name}", 0, lambda: tool.call(args, info, self.run_sync), lambda _: 0
-                        ),
-                        # an idempotent tool may be called again; others could repeat an effect
-                        lambda e: tool.spec.idempotent and _transient_tool_error(e),
-                    )
-                except OAOError:
-                    metrics.TOOL_CALLS.labels(name, "error").inc()
+            try:
+                info = ToolCallInfo(key, self.run_id, self.node_id, step.seq, self.attempt)
+                tool = self.tools[name]
+                value = await self.governor.call(step, lambda: tool.call(args, info, self.run_sync))
+            except OAOError:
+                raise
+            except Exception as e:
+                if not capture:
                     raise
-                except Exception as e:
-                    metrics.TOOL_CALLS.labels(name, "error").inc()
-                    if not capture:
-                        raise
-                    error = f"{type(e).__name__}: {e}"
-                    spans.tool_result(span, False, error)
-                    return {"ok": False, "error": error}, 0, 0, 0.0
-                metrics.TOOL_CALLS.labels(name, "ok").inc()
-                value = json.loads(canonical_json(value))
-                spans.tool_result(span, True, value)
-            return {"ok": True, "value": value}, 0, 0, 0.0
+                return {"ok": False, "error": f"{type(e).__name__}: {e}"}, 0, 0, 0.0
+            return {"ok": True, "value": json.loads(canonical_json(value))}, 0, 0, 0.0
 
         result: dict[str, Any] = await self._step(
             "tool",
@@ -659,6 +522,8 @@ class AgentContext:
             {"kind": "tool", "name": name, "args": canon},
             execute,
             extra={"idempotency_key": key},
+            # an idempotent tool may be called again inside the step; others could repeat an effect
+            repeatable=known is not None and known.spec.idempotent,
         )
         return result
 

@@ -13,18 +13,21 @@ import contextlib
 import json
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from oao_common.broker import Broker
 from oao_common.errors import PermanentError
-from oao_common.pricing import Price, price_of
-from oao_common.spec import Spec
+from oao_common.pricing import FREE, Price, price_of
+from oao_common.spec import PluginAgentSpec, PluginModelSpec, Spec
 from oao_common.trust import DEFAULT_TRUST, TrustPolicy
 
 from .agents import Agent, build_agent
 from .guards import Guard
 from .providers import Provider, make_provider
 from .tools import RunSync, Tool, load_entrypoint, load_tools, runs_no_code
+
+if TYPE_CHECKING:
+    from .plugins import PluginSet
 
 
 @dataclass(slots=True)
@@ -40,6 +43,8 @@ class RunRuntime:
     trust: TrustPolicy = DEFAULT_TRUST
     #: the run is a strict replay: every step must come from the record (docs/replay.md)
     strict_replay: bool = False
+    #: the worker's plugins: agent kinds and providers a spec may ``use`` (docs/plugins.md)
+    plugins: PluginSet | None = None
 
     async def agent(self, name: str, run_sync: RunSync) -> Agent:
         """The agent ``name``, built on first use through ``run_sync`` (it imports the
@@ -47,7 +52,11 @@ class RunRuntime:
         a = self.agents.get(name)
         if a is None:
             spec = self.spec.agents[name]
-            if spec.kind == "llm" or (spec.kind == "python" and runs_no_code(spec.entrypoint)):
+            if isinstance(spec, PluginAgentSpec):
+                if self.plugins is None:
+                    raise PermanentError(f"agents.{name}: kind plugin ({spec.use}) needs a worker plugin")
+                a = await run_sync(self.plugins.build_agent, name, spec, self.trust, self.tools)
+            elif spec.kind == "llm" or (spec.kind == "python" and runs_no_code(spec.entrypoint)):
                 a = build_agent(name, spec, self.trust)  # nothing to import or run
             else:  # framework kinds call their graph factory: off the loop too
                 a = await run_sync(build_agent, name, spec, self.trust, self.tools)
@@ -80,7 +89,11 @@ def import_problems(spec: Spec, trust: TrustPolicy | None = None) -> list[str]:
     """Import every entrypoint of ``spec`` (agents and tools) as a worker would; one
     line per entrypoint that fails, naming its place (``agents.writer.entrypoint``).
     Blocking: for the command line (``validate/submit --check-imports``, ``run``)."""
-    places = [(f"agents.{n}.entrypoint", a.entrypoint) for n, a in spec.agents.items() if a.kind != "llm"]
+    places = [
+        (f"agents.{n}.entrypoint", ep)
+        for n, a in spec.agents.items()
+        if (ep := getattr(a, "entrypoint", None)) is not None
+    ]
     places += [(f"tools.{n}.entrypoint", t.entrypoint) for n, t in spec.tools.items()]
     problems = []
     for where, entrypoint in places:
@@ -102,9 +115,11 @@ class RuntimeCache:
         size: int = 128,
         run_sync: RunSync | None = None,
         trust: TrustPolicy = DEFAULT_TRUST,
+        plugins: PluginSet | None = None,
     ) -> None:
         self.broker = broker
         self.trust = trust
+        self.plugins = plugins
         self.size = size
         self.run_sync: RunSync = run_sync or asyncio.to_thread
         self._closing: set[asyncio.Task[None]] = set()
@@ -165,11 +180,30 @@ class RuntimeCache:
         return RunRuntime(
             spec=spec,
             inputs=json.loads(inputs_json or "{}"),
-            providers={name: make_provider(name, m, self.trust) for name, m in spec.models.items()},
+            providers={name: self._provider(name, m) for name, m in spec.models.items()},
             tools=tools,
-            prices={name: price_of(m) for name, m in spec.models.items()},
+            prices={
+                name: _plugin_price(m) if isinstance(m, PluginModelSpec) else price_of(m)
+                for name, m in spec.models.items()
+            },
             guards=guards_of(spec),
             started_at_ms=int(started_at or 0),
             trust=self.trust,
             strict_replay=await self.broker.run_field(run_id, "replay_strict") == "1",
+            plugins=self.plugins,
         )
+
+    def _provider(self, name: str, m: Any) -> Provider:
+        """The provider of model ``name``: built in, or a plugin's (``provider: plugin``)."""
+        if isinstance(m, PluginModelSpec):
+            if self.plugins is None:
+                raise PermanentError(f"models.{name}: provider plugin ({m.use}) needs a worker plugin")
+            return self.plugins.build_provider(name, m, self.trust)
+        return make_provider(name, m, self.trust)
+
+
+def _plugin_price(m: PluginModelSpec) -> Price:
+    """A plugin model's price: its ``pricing``, else free."""
+    if m.pricing is None:
+        return FREE
+    return Price(m.pricing.input_usd_per_mtok, m.pricing.output_usd_per_mtok)

@@ -1,8 +1,17 @@
-"""The spans of a node attempt: ``oao.node`` → ``oao.step`` → ``oao.llm`` / ``oao.tool``
-(``oao_common/tracing.py`` sets tracing up and holds the run-level parts).
+"""The tracing middleware: spans of a node attempt, ``oao.node`` → ``oao.step`` →
+``oao.llm`` / ``oao.tool`` (``oao_common/tracing.py`` sets tracing up and holds the
+run-level parts).
 
-Every entry point returns at once when tracing is off (:data:`tracing.ENABLED` false):
-the worker and the agent context call them unconditionally.
+:class:`Tracing` is a :class:`~oao_worker.governance.StepMiddleware` placed among the
+chain's observers, right after ``Metrics`` (``oao_worker/middleware.py`` ``compose``),
+so it sees every attempt, step and try of a call whole: the guards (rate limits,
+circuit breakers) run inside its ``oao.llm`` / ``oao.tool`` spans, and their waits and
+refusals become events of those spans. The worker adds it only when tracing is on
+(:data:`tracing.ENABLED`): off, it is not in the chain and costs nothing.
+
+Each span is made current (OpenTelemetry context) from its ``before_*`` hook to its
+``after_*`` hook, which the chain calls in the same task, so log records and nested
+spans in between belong to it.
 
 Attributes follow the OpenTelemetry semantic conventions where one exists: GenAI spans
 (https://opentelemetry.io/docs/specs/semconv/gen-ai/gen-ai-spans/) for model and tool
@@ -16,45 +25,64 @@ convention's ``chat {model}``), so one query finds every model call of a fleet.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from oao_common import tracing
 from oao_common.broker import ClaimedJob
+from oao_common.circuit import CircuitOpenError
 from oao_common.errors import PolicyViolation
+
+from .context import tool_idempotency_key
+from .governance import CallTry, NodeAttempt, StepInfo, StepMiddleware, Usage
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
-#: Event types of the node's event log that become span events, and their names.
+#: Events of the attempt's log that become events of the current span, and their names.
 SPAN_EVENTS = {
     "RATE_LIMIT_WAIT": "oao.rate_limit.wait",
     "STEP_RETRIED": "oao.retry",
+    "POLICY_VIOLATION": "oao.policy_violation",
     "LOOP_BLOCKED": "oao.loop_blocked",
 }
+#: Outcomes of an attempt that set its span's status to ERROR.
+FAILED_OUTCOMES = frozenset({"failed", "retry", "watchdog", "unrecorded"})
+
+
+def _attach(span: Span) -> object:
+    from opentelemetry import context, trace
+
+    return context.attach(trace.set_span_in_context(span))
+
+
+def _detach(token: object) -> None:
+    from opentelemetry import context
+
+    context.detach(token)  # type: ignore[arg-type]
 
 
 class NodeSpan:
     """The ``oao.node`` span of one attempt, current in the attempt's task from
-    :meth:`start` to :meth:`finish`. :data:`OFF` stands in when tracing is off."""
+    :meth:`start` to :meth:`finish`."""
 
     __slots__ = ("_token", "span")
 
-    def __init__(self, span: Span | None, token: object = None) -> None:
+    def __init__(self, span: Span, token: object) -> None:
         self.span = span
         self._token = token
 
     @classmethod
-    def start(cls, job: ClaimedJob, worker_id: str) -> NodeSpan:
+    def start(cls, job: ClaimedJob, worker_id: str, started_monotonic: float | None = None) -> NodeSpan:
         """Start the span of ``job``'s attempt as a child of its run's span
-        (``job.traceparent``), with the attempt's derived span id."""
-        if not tracing.ENABLED:
-            return OFF
-        from opentelemetry import context, trace
-
+        (``job.traceparent``), with the attempt's derived span id; it starts at
+        ``started_monotonic`` (``time.monotonic()`` when the job was taken) if given."""
         parent = tracing.parse_traceparent(job.traceparent) if job.traceparent else None
         sid = tracing.attempt_span_id(parent[0], job.node_id, job.attempt) if parent else None
+        start_ns = None
+        if started_monotonic is not None:
+            start_ns = time.time_ns() - int((time.monotonic() - started_monotonic) * 1e9)
         span = tracing._new_span(
             "oao.node",
             {
@@ -66,42 +94,26 @@ class NodeSpan:
             },
             job.traceparent or None,
             sid,
-            None,
+            start_ns,
             "internal",
         )
-        return cls(span, context.attach(trace.set_span_in_context(span)))
+        return cls(span, _attach(span))
 
-    def annotate(self, attrs: Mapping[str, Any]) -> None:
-        if self.span is not None:
-            self.span.set_attributes(tracing.clean_attributes(attrs))
-
-    def event(self, name: str, attrs: Mapping[str, Any]) -> None:
-        if self.span is not None:
-            self.span.add_event(name, tracing.clean_attributes(attrs, free_text=True))
-
-    def finish(self, status: str, error: BaseException | None = None, failed: bool = False) -> None:
-        """End the span with ``oao.node.status`` = ``status``; ``error`` is recorded
-        (and sets the span's status to ERROR when ``failed``)."""
-        span = self.span
-        if span is None:
-            return
-        from opentelemetry import context
+    def finish(self, status: str, error: BaseException | None = None) -> None:
+        """End the span with ``oao.node.status`` = ``status``; ``error`` is recorded,
+        and sets the status to ERROR for the outcomes of :data:`FAILED_OUTCOMES`."""
         from opentelemetry.trace import Status, StatusCode
 
+        span = self.span
         span.set_attribute("oao.node.status", status)
-        if isinstance(error, PolicyViolation):
-            span.add_event("oao.policy_violation", tracing.clean_attributes(_violation(error)))
+        if status == "retry":
+            span.add_event("oao.retry", {"oao.layer": "node"})
         if error is not None:
-            tracing.fail_span(span, error, status=failed)
+            tracing.fail_span(span, error, status=status in FAILED_OUTCOMES)
         elif status == "succeeded":
             span.set_status(Status(StatusCode.OK))
         span.end()
-        if self._token is not None:
-            context.detach(self._token)  # type: ignore[arg-type]
-        self.span = None
-
-
-OFF = NodeSpan(None)
+        _detach(self._token)
 
 
 def _violation(e: PolicyViolation) -> dict[str, Any]:
@@ -113,138 +125,205 @@ def _violation(e: PolicyViolation) -> dict[str, Any]:
     }
 
 
-@contextmanager
-def step_span(seq: int, kind: str, name: str) -> Iterator[Span | None]:
-    """``oao.step`` around an executed step; an exception leaving it is recorded (a
-    policy violation also as an ``oao.policy_violation`` event) and re-raised."""
-    if not tracing.ENABLED:
-        yield None
-        return
-    with tracing.start_span(
-        "oao.step",
-        {"oao.step.seq": seq, "oao.step.kind": kind, "oao.step.name": name, "oao.step.replayed": False},
-    ) as span:
-        try:
-            yield span
-        except BaseException as e:
-            _record(span, e)
-            raise
-
-
-def replayed_step(seq: int, kind: str, name: str) -> None:
-    """A zero-length ``oao.step`` marked ``oao.step.replayed`` (served from the ledger)."""
-    if not tracing.ENABLED:
-        return
-    with tracing.start_span(
-        "oao.step",
-        {"oao.step.seq": seq, "oao.step.kind": kind, "oao.step.name": name, "oao.step.replayed": True},
-    ):
-        pass
-
-
 def _record(span: Span, e: BaseException) -> None:
-    """An exception leaving ``span``: a policy violation is an ``oao.policy_violation``
-    event of the innermost span it left (and of the node's); errors set the status."""
+    """An error leaving ``span``: a policy violation is an ``oao.policy_violation``
+    event of the innermost span it left (the attempt's gets one from the event log);
+    an open circuit's refusal an ``oao.circuit.rejected`` event; errors set the status.
+    A cancellation is marked, not an error of the call."""
     if isinstance(e, PolicyViolation) and not getattr(e, "_oao_span_event", False):
         span.add_event("oao.policy_violation", tracing.clean_attributes(_violation(e)))
         e._oao_span_event = True  # type: ignore[attr-defined]
+    if isinstance(e, CircuitOpenError):
+        span.add_event(
+            "oao.circuit.rejected",
+            {
+                "oao.circuit.key": e.key,
+                "oao.circuit.state": str(e.state),
+                "oao.retry_after_s": e.retry_after_s,
+            },
+        )
     if isinstance(e, Exception):
         tracing.fail_span(span, e)
-    else:  # cancelled: the attempt was stopped, not the call's fault
+    else:
         span.set_attribute("oao.cancelled", True)
 
 
-@contextmanager
-def llm_span(
-    model: str,
-    provider: str,
-    request_model: str,
-    max_tokens: int | None,
-    temperature: float | None,
-    messages: list[dict[str, Any]],
-) -> Iterator[Span | None]:
-    """``oao.llm`` around a model call (its tries included); GenAI request attributes.
-    Finish it with :func:`llm_reply`."""
-    if not tracing.ENABLED:
-        yield None
-        return
-    attrs = {
-        "gen_ai.operation.name": "chat",
-        "gen_ai.provider.name": provider,
-        "gen_ai.system": provider,
-        "gen_ai.request.model": request_model,
-        "gen_ai.request.max_tokens": max_tokens,
-        "gen_ai.request.temperature": temperature,
-        "oao.model": model,
-        "gen_ai.input.messages": tracing.content(messages),
-    }
-    with tracing.start_span("oao.llm", attrs, kind="client") as span:
-        try:
-            yield span
-        except BaseException as e:
-            _record(span, e)
-            raise
+class Tracing(StepMiddleware):
+    """OpenTelemetry spans of attempts, steps and calls (this module's docstring).
 
+    One per worker; per-attempt state lives in ``node.state`` / ``step.state`` /
+    ``call.state``. Every hook is synchronous (no awaits: a span is cheap)."""
 
-def llm_reply(span: Span | None, reply: dict[str, Any], cost_usd: float) -> None:
-    """Response attributes of a model call: model, finish reasons, token usage, cost."""
-    if span is None:
-        return
-    usage = reply.get("usage") or {}
-    out = [{"role": "assistant", "content": reply.get("content"), "tool_calls": reply.get("tool_calls")}]
-    span.set_attributes(
-        tracing.clean_attributes(
-            {
-                "gen_ai.response.model": reply.get("model") or None,
-                "gen_ai.response.finish_reasons": [str(reply.get("finish_reason") or "stop")],
-                "gen_ai.usage.input_tokens": int(usage.get("input_tokens", 0)),
-                "gen_ai.usage.output_tokens": int(usage.get("output_tokens", 0)),
-                "oao.cost_usd": cost_usd,
-                "gen_ai.output.messages": tracing.content(out),
-            }
+    # ------------------------------------------------------------------ node
+
+    def before_node(self, node: NodeAttempt) -> None:
+        ns = NodeSpan.start(node.job, node.worker_id, node.started)
+        ns.span.set_attributes(
+            tracing.clean_attributes(
+                {
+                    "oao.queue": node.node_spec.queue if node.node_spec is not None else None,
+                    "oao.agent.name": node.node_spec.agent if node.node_spec is not None else None,
+                    "oao.agent.kind": node.agent_type,
+                }
+            )
         )
-    )
+        node.state[self] = ns
 
+    def after_node(self, node: NodeAttempt) -> None:
+        ns: NodeSpan | None = node.state.pop(self, None)
+        if ns is None:  # the run's spec could not be loaded: before_node never ran
+            ns = NodeSpan.start(node.job, node.worker_id, node.started)
+        if node.governor is not None:
+            u = node.governor.usage
+            ns.span.set_attribute("oao.node.steps", u.steps)
+        ns.finish(node.outcome or "abandoned", node.error)
 
-@contextmanager
-def tool_span(name: str, idempotency_key: str, idempotent: bool, args: Any) -> Iterator[Span | None]:
-    """``oao.tool`` around a tool call (its tries included)."""
-    if not tracing.ENABLED:
-        yield None
-        return
-    attrs = {
-        "gen_ai.operation.name": "execute_tool",
-        "gen_ai.tool.name": name,
-        "gen_ai.tool.type": "function",
-        "oao.tool.idempotency_key": idempotency_key,
-        "oao.tool.idempotent": idempotent,
-        "gen_ai.tool.call.arguments": tracing.content(args),
-    }
-    with tracing.start_span("oao.tool", attrs) as span:
-        try:
-            yield span
-        except BaseException as e:
-            _record(span, e)
-            raise
+    # ------------------------------------------------------------------ steps
 
+    def before_step(self, step: StepInfo, usage: Usage) -> None:
+        span = tracing._new_span(
+            "oao.step",
+            {"oao.step.seq": step.seq, "oao.step.kind": step.kind, "oao.step.name": step.name},
+            None,
+            None,
+            None,
+            "internal",
+        )
+        span.set_attribute("oao.step.replayed", False)
+        step.state[self] = (span, _attach(span))
 
-def tool_result(span: Span | None, ok: bool, value: Any) -> None:
-    if span is None:
-        return
-    span.set_attribute("oao.tool.outcome", "ok" if ok else "error")
-    result = tracing.content(value)
-    if result is not None:
-        span.set_attribute("gen_ai.tool.call.result", result)
-    if not ok:
-        tracing.fail_span(span, str(value))
+    def after_step(self, step: StepInfo, usage: Usage) -> None:
+        entry = step.state.pop(self, None)
+        if entry is None:
+            if step.replayed:  # served from the ledger: nothing ran, a zero-length mark
+                span = tracing._new_span(
+                    "oao.step",
+                    {
+                        "oao.step.seq": step.seq,
+                        "oao.step.kind": step.kind,
+                        "oao.step.name": step.name,
+                        "oao.step.replayed": True,
+                    },
+                    None,
+                    None,
+                    None,
+                    "internal",
+                )
+                span.end()
+            return
+        span, token = entry
+        llm = step.state.pop((self, "llm"), None)
+        if llm is not None:  # the successful try's span waits for the recorded reply
+            lspan, end_ns = llm
+            self._reply(lspan, step)
+            lspan.end(end_time=end_ns)
+        if step.error is not None:
+            _record(span, step.error)
+        elif step.governed:
+            span.set_attributes({"oao.tokens_in": step.tokens_in, "oao.tokens_out": step.tokens_out})
+        span.end()
+        _detach(token)
 
+    # ------------------------------------------------------------------ calls
 
-def on_event(type_: str, data: Mapping[str, Any] | None) -> None:
-    """A node event (``AgentContext.emit``) as an event of the current span."""
-    name = SPAN_EVENTS.get(type_)
-    if name is None or not tracing.ENABLED:
-        return
-    attrs = {f"oao.{k}": v for k, v in (data or {}).items()}
-    if type_ == "STEP_RETRIED":
-        attrs["oao.layer"] = "step"
-    tracing.add_event(name, attrs)
+    def before_call(self, call: CallTry) -> None:
+        step = call.step
+        node = step.node
+        if step.kind == "llm":
+            req = step.request or {}
+            mspec = node.spec.models.get(step.name) if node is not None and node.spec is not None else None
+            provider = str(getattr(mspec, "provider", "") or "")
+            attrs: dict[str, Any] = {
+                "gen_ai.operation.name": "chat",
+                "gen_ai.provider.name": provider,
+                "gen_ai.system": provider,
+                "gen_ai.request.model": str(getattr(mspec, "model", step.name)),
+                "gen_ai.request.max_tokens": req.get("max_tokens"),
+                "gen_ai.request.temperature": req.get("temperature"),
+                "oao.model": step.name,
+                "oao.try": call.number,
+                "gen_ai.input.messages": tracing.content(req.get("messages")),
+            }
+            span = tracing._new_span("oao.llm", attrs, None, None, None, "client")
+        elif step.kind == "tool":
+            node_id = node.node_id if node is not None else ""
+            run_id = node.run_id if node is not None else ""
+            tool = (
+                node.runtime.tools.get(step.name) if node is not None and node.runtime is not None else None
+            )
+            attrs = {
+                "gen_ai.operation.name": "execute_tool",
+                "gen_ai.tool.name": step.name,
+                "gen_ai.tool.type": "function",
+                "oao.tool.idempotency_key": tool_idempotency_key(
+                    run_id, node_id, step.name, step.args, step.seq
+                ),
+                "oao.tool.idempotent": bool(tool is not None and tool.spec.idempotent),
+                "oao.try": call.number,
+                "gen_ai.tool.call.arguments": tracing.content(step.args),
+            }
+            span = tracing._new_span("oao.tool", attrs, None, None, None, "internal")
+        else:
+            return
+        call.state[self] = (span, _attach(span))
+
+    def after_call(self, call: CallTry, error: BaseException | None) -> None:
+        entry = call.state.pop(self, None)
+        if entry is None:
+            return
+        span, token = entry
+        _detach(token)
+        if error is not None:
+            _record(span, error)
+            if call.step.kind == "tool":
+                span.set_attribute("oao.tool.outcome", "error")
+            span.end()
+        elif call.step.kind == "llm":
+            # the reply's figures are known once the step is recorded: after_step ends it
+            call.step.state[(self, "llm")] = (span, time.time_ns())
+        else:
+            span.set_attribute("oao.tool.outcome", "ok")
+            result = tracing.content(call.step.result)
+            if result is not None:
+                span.set_attribute("gen_ai.tool.call.result", result)
+            span.end()
+
+    @staticmethod
+    def _reply(span: Span, step: StepInfo) -> None:
+        reply = step.result if isinstance(step.result, dict) else {}
+        out = [{"role": "assistant", "content": reply.get("content"), "tool_calls": reply.get("tool_calls")}]
+        span.set_attributes(
+            tracing.clean_attributes(
+                {
+                    "gen_ai.response.model": reply.get("model") or None,
+                    "gen_ai.response.finish_reasons": [str(reply.get("finish_reason") or "stop")],
+                    "gen_ai.usage.input_tokens": step.tokens_in,
+                    "gen_ai.usage.output_tokens": step.tokens_out,
+                    "oao.cost_usd": step.cost_usd,
+                    "gen_ai.output.messages": tracing.content(out),
+                }
+            )
+        )
+        if step.error is not None:
+            _record(span, step.error)
+
+    # ------------------------------------------------------------------ events
+
+    def on_event(self, node: NodeAttempt, type_: str, data: dict[str, Any]) -> None:
+        name = SPAN_EVENTS.get(type_)
+        if name is None:
+            return
+        if type_ == "POLICY_VIOLATION":
+            attrs: Mapping[str, Any] = {
+                "oao.policy.rule": data.get("rule"),
+                "oao.policy.scope": data.get("scope", "node"),
+                "oao.policy.limit": data.get("limit") if isinstance(data.get("limit"), int | float) else None,
+                "oao.policy.reached": data.get("value")
+                if isinstance(data.get("value"), int | float)
+                else None,
+            }
+        else:
+            attrs = {f"oao.{k}": v for k, v in data.items()}
+            if type_ == "STEP_RETRIED":
+                attrs = {**attrs, "oao.layer": "step"}
+        tracing.add_event(name, attrs)

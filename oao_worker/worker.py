@@ -32,6 +32,11 @@ Shutdown (SIGTERM / SIGINT): stop claiming, give in-flight nodes ``grace_period_
 finish (a second signal, :meth:`Worker.end_grace`, cuts it short), cancel the rest and
 hand every job of the active list back to the front of its ready list
 (``handback.lua``), then deregister.
+
+Governance is not written here: each attempt runs under a chain of middleware
+(``oao_worker/middleware.py``: metrics, listeners, retries, timeouts, costs, the node's
+policy, plugin policies, run budget, rate limits, circuit breakers) composed per worker
+and per spec; the worker calls its node hooks and writes what they decide.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import os
 import socket
 import time
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 from oao_common import metrics, tracing
@@ -53,26 +59,25 @@ from oao_common.errors import (
     PermanentError,
     PolicyViolation,
     StaleAttemptError,
-    TransientError,
 )
-from oao_common.events import EventType, pending_event
+from oao_common.events import EventType
 from oao_common.log import bind_node, get_logger
-from oao_common.policy import DEFAULT_RETRY, backoff_delay_s
+from oao_common.policy import DEFAULT_RETRY
 from oao_common.ratelimit import RateLimiter
 from oao_common.redact import redact, redact_text
 from oao_common.retry import LOOP_ERRORS, Backoff, describe, retry_transient
 from oao_common.templating import render_off_loop
 from oao_common.trust import DEFAULT_TRUST, TrustPolicy
 
-from .budget import RunBudget
 from .context import AgentContext
 from .deltas import DeltaPublisher
 from .executor import SyncExecutor, node_deadline
-from .governance import Governor, StrictPolicy
-from .guards import CallGuards
+from .governance import Failure, Governor, NodeAttempt, StepMiddleware
 from .heartbeat import HeartbeatThread, Running
+from .middleware import Builtins, compose, node_policy
+from .plugins import NO_PLUGINS, EventBus, EventListeners, PluginSet
 from .runtime import RuntimeCache
-from .spans import NodeSpan
+from .spans import Tracing
 
 
 def default_worker_id() -> str:
@@ -145,6 +150,10 @@ class Worker:
     read as API keys and connect to (docs/security.md). ``model_deltas``: publish
     streamed model text live on the runs' delta channels for the HTTP API's event
     streams (``oao_worker/deltas.py``; nothing is sent for a run nobody watches).
+    ``plugins``: the plugins this worker loaded (``load_plugins``; docs/plugins.md):
+    their middleware, providers, agent kinds and listeners. ``middleware``: more
+    middleware for every attempt, placed with the plugins' (after the node's
+    ``StrictPolicy``, before the run budget and the guards).
     """
 
     def __init__(
@@ -163,6 +172,8 @@ class Worker:
         max_requeues: int = 5,
         trust: TrustPolicy = DEFAULT_TRUST,
         model_deltas: bool = True,
+        plugins: PluginSet | None = None,
+        middleware: Sequence[StepMiddleware] = (),
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
@@ -179,10 +190,19 @@ class Worker:
         self.block_warn_s = block_warn_s
         self.max_requeues = max_requeues
         self.executor = SyncExecutor(sync_threads or max(4, min(64, concurrency)), name=f"{self.id}-sync")
-        self.runtimes = RuntimeCache(broker, run_sync=self.executor.run, trust=trust)
-        self.call_guards = CallGuards(
-            RateLimiter(broker.redis, broker.keys), CircuitBreaker(broker.redis, broker.keys)
+        self.plugins = plugins or NO_PLUGINS
+        self.runtimes = RuntimeCache(broker, run_sync=self.executor.run, trust=trust, plugins=self.plugins)
+        #: the worker-wide built-in middleware (oao_worker/middleware.py)
+        self.builtins = Builtins(
+            broker, RateLimiter(broker.redis, broker.keys), CircuitBreaker(broker.redis, broker.keys)
         )
+        #: middleware of every attempt given by the embedding code (with the plugins')
+        self.middleware = list(middleware)
+        #: delivers events to the plugins' listeners (empty without listeners)
+        self.listeners = EventBus(self.plugins.listeners)
+        self._observers: list[StepMiddleware] = [EventListeners(self.listeners)] if self.listeners else []
+        if tracing.ENABLED:  # spans of attempts, steps and calls (oao_worker/spans.py)
+            self._observers.insert(0, Tracing())
         #: Publishes streamed model text on the runs' delta channels (None: off).
         self.deltas = DeltaPublisher(broker.redis, broker.keys) if model_deltas else None
         self.log = get_logger(worker_id=self.id)
@@ -238,7 +258,10 @@ class Worker:
         }
         if not await self._start(info):
             return
-        self.log.info("worker.started", queues=self.queues, concurrency=self.concurrency)
+        self.listeners.start()
+        self.log.info(
+            "worker.started", queues=self.queues, concurrency=self.concurrency, plugins=self.plugins.names
+        )
         metrics.CONCURRENCY.inc(self.concurrency)
         loops = {
             asyncio.create_task(self._claim_loop(), name=f"{self.id}-claim"): "claim",
@@ -255,6 +278,7 @@ class Worker:
             await self._drain()
             metrics.CONCURRENCY.dec(self.concurrency)
             await self._leave()
+            await self.listeners.aclose()
             if self._heartbeat is not None:
                 await asyncio.to_thread(self._heartbeat.stop)
             await self.runtimes.aclose()
@@ -494,6 +518,23 @@ class Worker:
 
     # ------------------------------------------------------------------ executing
 
+    def _chain(self, node: NodeAttempt, *, full: bool = True) -> list[StepMiddleware]:
+        """The attempt's middleware, composed per worker (built-ins, plugins' worker-wide
+        middleware, ``middleware``) and per spec (the node's policy, the spec's
+        ``middleware:``). Not ``full`` (the spec could not be loaded, or its middleware
+        built): the worker's built-ins only. Raises :class:`PermanentError` for spec
+        middleware no loaded plugin provides, or whose config it refuses."""
+        if not full or node.spec is None:
+            return compose(self.builtins, observers=self._observers)
+        policies = [
+            *self.plugins.worker_middleware(node),
+            *self.middleware,
+            *self.plugins.spec_middleware(node.spec.middleware),
+        ]
+        return compose(
+            self.builtins, node_policy=node_policy(node), observers=self._observers, policies=policies
+        )
+
     async def _execute(self, job: ClaimedJob) -> None:
         with bind_node(job.run_id, job.node_id, job.attempt, self.id):
             await self._execute_attempt(job)
@@ -503,10 +544,8 @@ class Worker:
         me = asyncio.current_task()
         name = me.get_name() if me is not None else job.job
         ctx: AgentContext | None = None
-        started = time.monotonic()
-        agent_type = "?"
-        metrics.ACTIVE_AGENTS.inc()
-        span = NodeSpan.start(job, self.id)
+        node = NodeAttempt(job, self.id, time.monotonic())
+        gov: Governor | None = None
         try:
             log.debug("node.started")
             # A read, but idempotent: ride out a Redis blip like a fenced write would,
@@ -517,38 +556,16 @@ class Worker:
                 what="load_run",
                 for_s=self.broker.write_retry_s,
             )
-            node = rt.spec.node(job.node_id)
-            agent_spec = rt.spec.agents[node.agent]
-            agent_type = agent_spec.kind
-            span.annotate(
-                {"oao.queue": node.queue, "oao.agent.name": node.agent, "oao.agent.kind": agent_type}
-            )
-            policy = rt.spec.effective_policy(node)
-            limit, scope, run_elapsed = policy.timeout_s, "node", 0.0
-            run_timeout = rt.spec.policy.timeout_s
-            if run_timeout is not None and rt.started_at_ms:
-                run_elapsed = max(0.0, time.time() - rt.started_at_ms / 1000)
-                left = run_timeout - run_elapsed
-                if left <= 0:
-                    raise PolicyViolation("timeout_s", run_timeout, round(run_elapsed, 3), scope="run")
-                if limit is None or left < limit:
-                    limit, scope = left, "run"
-            self._running[name] = Running(job, started, limit)
-
-            def timed_out() -> PolicyViolation:
-                elapsed = round(time.monotonic() - started, 3)
-                blocked = self._blocked_s.get(name, 0.0)
-                detail = (
-                    f"the node's code blocked the worker's event loop for {blocked:.1f} s" if blocked else ""
-                )
-                if scope == "run":
-                    return PolicyViolation(
-                        "timeout_s", run_timeout, round(run_elapsed + elapsed, 3), detail, scope="run"
-                    )
-                return PolicyViolation("timeout_s", policy.timeout_s, elapsed, detail)
-
+            node.runtime, node.spec = rt, rt.spec
+            node.node_spec = nspec = rt.spec.node(job.node_id)
+            node.agent_spec = rt.spec.agents[nspec.agent]
+            node.policy = rt.spec.effective_policy(nspec)
+            node.retry = rt.spec.effective_retry(nspec)
+            gov = Governor(self._chain(node), node)
+            await gov.before_node(node)  # the timeouts middleware sets the time limit
+            self._running[name] = Running(job, node.started, node.time_limit_s)
             try:
-                async with asyncio.timeout(limit) as deadline:
+                async with asyncio.timeout(node.time_limit_s) as deadline:
                     self._running[name].deadline = deadline
                     with node_deadline(deadline):
                         variables = {
@@ -556,7 +573,7 @@ class Worker:
                             "nodes": {k: {"output": v} for k, v in job.dep_outputs.items()},
                         }
                         task = await render_off_loop(
-                            node.task, variables, f"nodes.{node.id}.task", self.executor.run
+                            nspec.task, variables, f"nodes.{nspec.id}.task", self.executor.run
                         )
                         ctx = AgentContext(
                             broker=self.broker,
@@ -565,112 +582,102 @@ class Worker:
                             spec=rt.spec,
                             inputs=rt.inputs,
                             task=task,
-                            governor=Governor(
-                                [StrictPolicy(policy, agent_spec.tools, agent_spec.deny_tools)]
-                            ),
+                            governor=gov,
                             providers=rt.providers,
                             tools=rt.tools,
-                            default_model=rt.spec.default_model(node.agent),
-                            prices=rt.prices,
-                            budget=RunBudget(
-                                self.broker, job.run_id, rt.spec.policy, ttl_s=policy.timeout_s or 300.0
-                            ),
-                            retry=rt.spec.effective_retry(node),
-                            call_guards=self.call_guards,
-                            guards=rt.guards,
+                            default_model=rt.spec.default_model(nspec.agent),
                             run_sync=self.executor.run,
                             strict_replay=rt.strict_replay,
                             deltas=self.deltas,
+                            node=node,
                         )
-                        agent = await rt.agent(node.agent, self.executor.run)
+                        agent = await rt.agent(nspec.agent, self.executor.run)
                         output = await agent.run(ctx)
                         ctx.check_replay_complete()
             except TimeoutError:
-                raise timed_out() from None
+                node.timed_out = True  # the timeouts middleware makes it a policy violation
+                raise
             if (when := deadline.when()) is not None and asyncio.get_running_loop().time() > when:
                 # The loop was blocked past the deadline and the agent returned before
                 # the timeout could fire: the limit still holds. (The deadline, not the
                 # wall time: it moved out while sync calls waited for a thread.)
-                raise timed_out()
+                node.timed_out = True
+                raise TimeoutError
             ok = await self.broker.complete(self.id, job, output, ctx.node_fields(), ctx.drain_events())
-            outcome = "succeeded" if ok else "stale"
-            span.annotate(
-                {"oao.node.steps": ctx.governor.usage.steps, "oao.node.replayed_steps": ctx.replayed_steps}
-            )
-            metrics.EXECUTIONS.labels(outcome, agent_type).inc()
-            metrics.EXECUTION_SECONDS.labels(agent_type).observe(time.monotonic() - started)
+            node.outcome, node.output = ("succeeded" if ok else "stale"), output
             if ok:
                 self.completed += 1
                 log.info(
                     "node.succeeded",
                     steps=ctx.governor.usage.steps,
                     replayed=ctx.replayed_steps,
-                    duration_ms=int((time.monotonic() - started) * 1000),
+                    duration_ms=int((time.monotonic() - node.started) * 1000),
                 )
             else:
-                metrics.STALE_WRITES.inc()
                 log.warning("node.stale_completion_rejected")
-            span.finish(outcome)
         except asyncio.CancelledError:
             if me in self._cancelled:
                 self._cancelled.discard(me)
+                node.outcome = "cancelled"
                 log.info("node.stopped", reason="run cancelled or failed")
-                span.finish("cancelled")
             else:
+                node.outcome = "abandoned"
                 log.info("node.abandoned", reason="shutdown or lease lost")
-                span.finish("abandoned")
                 raise
         except StaleAttemptError as e:
-            metrics.STALE_WRITES.inc()
-            metrics.EXECUTIONS.labels("stale", agent_type).inc()
+            node.outcome, node.error = "stale", e
             log.warning("node.stale_attempt", error=str(e))
-            span.finish("stale", e)
         except Exception as e:
             r = self._running.get(name)
             if r is not None and r.failed:  # the watchdog failed it while the loop was blocked
+                node.outcome, node.error = "watchdog", e
                 log.warning("node.failed_by_watchdog", error=str(e))
-                span.finish("failed", e, failed=True)
                 return
-            outcome = await self._fail(job, ctx, e, log)
-            span.finish(outcome, e, failed=outcome in ("failed", "retry"))
-            metrics.EXECUTIONS.labels(outcome, agent_type).inc()
-            metrics.EXECUTION_SECONDS.labels(agent_type).observe(time.monotonic() - started)
+            node.blocked_s = self._blocked_s.get(name, 0.0)
+            gov = gov or Governor(self._chain(node, full=False), node)
+            node.outcome = await self._fail(node, gov, ctx, e, log)
         finally:
-            span.finish("abandoned")  # no-op if ended above
             self._running.pop(name, None)
             self._blocked_s.pop(name, None)
-            metrics.ACTIVE_AGENTS.dec()
-            self._slots.release()
+            try:
+                if gov is None:  # cancelled before its chain existed
+                    gov = Governor(self._chain(node, full=False), node)
+                await gov.after_node(node)
+            finally:
+                self._slots.release()
 
-    async def _fail(self, job: ClaimedJob, ctx: AgentContext | None, e: Exception, log: Any) -> str:
-        """Record a failed attempt; returns the outcome label (retry, failed, stale, unrecorded).
+    async def _fail(
+        self, node: NodeAttempt, gov: Governor, ctx: AgentContext | None, e: Exception, log: Any
+    ) -> str:
+        """Record a failed attempt; returns the outcome (retry, failed, stale, unrecorded).
 
-        Policy violations and other permanent errors fail the node at once; anything
-        else (a Redis error included) is retried with the node's backoff, or the
-        default retry settings when the run's spec cannot be read right now.
+        The chain's ``on_error`` classifies the error (``oao_worker/middleware.py``:
+        policy violations and other permanent errors fail the node at once; anything
+        else, a Redis error included, is retried with the node's backoff, or the default
+        retry settings when the run's spec cannot be read right now).
         """
-        events = ctx.drain_events() if ctx else []
+        job = node.job
+        if node.retry is None and not isinstance(e, PermanentError):
+            try:  # the spec could not be loaded before: its retry settings, if it can be now
+                rt = await self.runtimes.get(job.run_id)
+                node.retry = rt.spec.effective_retry(rt.spec.node(job.node_id))
+            except PermanentError:
+                node.retry = None
+            except Exception:  # e.g. Redis unreachable while the spec is not cached
+                node.retry = DEFAULT_RETRY
+        failure = Failure("node", e, node)
+        await gov.on_error(failure)
+        node.error = err = failure.error
+        events = node.drain_events()
         if ctx and ctx.lifecycle.state != "TERMINATE":
             ctx.lifecycle.terminate()
-            events += ctx.drain_events()
+            events += node.drain_events()
         fields = ctx.node_fields() if ctx else {}
-        info = error_info(e)
-        delay: float | None = None
-        if isinstance(e, PolicyViolation):
-            metrics.POLICY_VIOLATIONS.labels(e.rule, e.scope).inc()
-            events.append(pending_event(EventType.POLICY_VIOLATION, e.to_dict()))
-        elif not isinstance(e, PermanentError):
-            try:
-                rt = await self.runtimes.get(job.run_id)
-                retry = rt.spec.effective_retry(rt.spec.node(job.node_id))
-            except PermanentError:
-                retry = None
-            except Exception:  # e.g. Redis unreachable while the spec is not cached
-                retry = DEFAULT_RETRY
-            if retry is not None and job.retries < (retry.max_retries or 0):
-                delay = backoff_delay_s(retry, job.retries + 1)
-                if isinstance(e, TransientError) and e.retry_after_s:
-                    delay = max(delay, e.retry_after_s)
+        info = error_info(err)
+        if isinstance(err, PolicyViolation):
+            node.emit(EventType.POLICY_VIOLATION, err.to_dict())
+            events += node.drain_events()
+        delay = failure.delay_s if failure.retry else None
         try:
             r = await self.broker.fail(self.id, job, info, delay, fields, events)
         except LOOP_ERRORS as re:
@@ -682,10 +689,6 @@ class Worker:
             self._reconcile_needed = True
             return "unrecorded"
         if r == 2:
-            metrics.RETRIES.labels("node").inc()
-            tracing.add_event(
-                "oao.retry", {"oao.layer": "node", "oao.retry": job.retries + 1, "oao.delay_s": delay or 0.0}
-            )
             log.warning(
                 "node.retry_scheduled",
                 error=info["message"],
@@ -697,6 +700,5 @@ class Worker:
             self.failed += 1
             log.error("node.failed", error=info["message"], error_type=info["type"])
             return "failed"
-        metrics.STALE_WRITES.inc()
         log.warning("node.stale_failure_rejected", error=info["message"])
         return "stale"

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Protocol
 
-from oao_common.spec import AgentSpec, LangChainAgentSpec, LangGraphAgentSpec, LLMAgentSpec
+from oao_common.errors import PermanentError
+from oao_common.spec import AgentSpec, LangChainAgentSpec, LangGraphAgentSpec, LLMAgentSpec, PluginAgentSpec
 from oao_common.trust import DEFAULT_TRUST, TrustPolicy
 
 from ..context import AgentContext
@@ -35,6 +36,8 @@ def build_agent(
         from .frameworks import build_framework_agent
 
         return build_framework_agent(name, spec, trust, tools or {})
+    if isinstance(spec, PluginAgentSpec):  # built by the worker's plugins (oao_worker/runtime.py)
+        raise PermanentError(f"agents.{name}: kind plugin ({spec.use}) is built by a worker plugin")
     from .python import PythonAgent
 
     return PythonAgent(name, spec, trust)

@@ -97,22 +97,22 @@ def test_policy_violation_message() -> None:
     assert e.to_dict()["rule"] == "max_tokens"
 
 
-def test_strict_policy_mid_stream_and_allow_list() -> None:
+async def test_strict_policy_mid_stream_and_allow_list() -> None:
     g = Governor([StrictPolicy(PolicySpec(max_steps=2, max_tokens=100, max_tool_calls=1), ["ok"])])
     step = StepInfo(seq=1, kind="llm", name="m", input_tokens=40)
-    g.before_step(step)
-    g.on_chunk(step, 60)  # 40 + 60 = 100: at the limit, allowed
+    await g.before_step(step)
+    await g.on_chunk(step, 60)  # 40 + 60 = 100: at the limit, allowed
     with pytest.raises(PolicyViolation) as e:
-        g.on_chunk(step, 61)
+        await g.on_chunk(step, 61)
     assert e.value.rule == "max_tokens" and e.value.value == 101
     with pytest.raises(PolicyViolation) as e:
-        g.before_step(StepInfo(seq=2, kind="tool", name="nope"))
+        await g.before_step(StepInfo(seq=2, kind="tool", name="nope"))
     assert e.value.rule == "tool_not_allowed"
     g.account("tool", 0, 0, 0.0)
     with pytest.raises(PolicyViolation) as e:
-        g.before_step(StepInfo(seq=2, kind="tool", name="ok"))
+        await g.before_step(StepInfo(seq=2, kind="tool", name="ok"))
     assert e.value.rule == "max_tool_calls"
     g.account("llm", 0, 0, 0.0)
     with pytest.raises(PolicyViolation) as e:
-        g.before_step(StepInfo(seq=3, kind="llm", name="m"))
+        await g.before_step(StepInfo(seq=3, kind="llm", name="m"))
     assert e.value.rule == "max_steps"
