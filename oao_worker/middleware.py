@@ -7,6 +7,8 @@ middleware         does                                                        m
 =================  ==========================================================  ===================
 ``Metrics``        Prometheus counters of attempts, steps, tokens, costs,      here
                    retries, rate-limit waits, policy violations
+``Tracing``        OpenTelemetry spans of attempts, steps and calls (only      ``spans.py``
+                   when tracing is on)
 ``EventListeners`` plugins' event listeners (only when some are loaded)        ``plugins.py``
 ``Retries``        classifies errors: retry a call inside the step, retry the  here
                    node through the delayed set, or not
@@ -24,8 +26,8 @@ plugins            worker-wide plugin middleware, then the spec's              `
 ``before_*`` hooks run top to bottom, ``after_*`` and ``on_error`` bottom to top, so
 ``Metrics`` (outermost) sees every outcome last, ``Timeouts`` turns a timeout into a
 policy violation before ``Retries`` classifies it, and the guards hold their permits
-only around the call itself. A tracing middleware belongs right after ``Metrics``
-(:func:`compose` ``observers``), where it sees every attempt, step and call whole.
+only around the call itself. ``Tracing`` sits right after ``Metrics`` (:func:`compose`
+``observers``), where it sees every attempt, step and call whole.
 """
 
 from __future__ import annotations
