@@ -26,9 +26,11 @@ asynchronous, per listener, in order, at most once, through a bounded queue
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.metadata as md
 import inspect
 import re
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -474,6 +476,8 @@ class EventBus:
         self._deliveries = [_Delivery(p, listener, t, queue_size) for p, listener, t in listeners]
         self.timeout_s = timeout_s
         self.delivered = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = 0
 
     def __bool__(self) -> bool:
         return bool(self._deliveries)
@@ -483,12 +487,18 @@ class EventBus:
 
     def start(self) -> None:
         """Start the delivery tasks on the running loop."""
+        self._loop, self._thread = asyncio.get_running_loop(), threading.get_ident()
         for d in self._deliveries:
             if d.task is None:
                 d.task = asyncio.get_running_loop().create_task(self._deliver(d), name=f"listener-{d.plugin}")
 
     def publish(self, event: ListenerEvent) -> None:
-        """Queue ``event`` for every listener that wants it; never blocks."""
+        """Queue ``event`` for every listener that wants it; never blocks. Safe from any
+        thread (an event from a sync thread is queued on the loop's)."""
+        if self._loop is not None and threading.get_ident() != self._thread:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the worker is gone
+                self._loop.call_soon_threadsafe(self.publish, event)
+            return
         for d in self._deliveries:
             if d.types is not None and event.type not in d.types:
                 continue
