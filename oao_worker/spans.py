@@ -174,8 +174,8 @@ class Tracing(StepMiddleware):
         if ns is None:  # the run's spec could not be loaded: before_node never ran
             ns = NodeSpan.start(node.job, node.worker_id, node.started)
         if node.governor is not None:
-            u = node.governor.usage
-            ns.span.set_attribute("oao.node.steps", u.steps)
+            ns.span.set_attribute("oao.node.steps", node.governor.usage.steps)
+        ns.span.set_attribute("oao.node.replayed_steps", node.state.pop((self, "replayed"), 0))
         ns.finish(node.outcome or "abandoned", node.error)
 
     # ------------------------------------------------------------------ steps
@@ -196,6 +196,9 @@ class Tracing(StepMiddleware):
         entry = step.state.pop(self, None)
         if entry is None:
             if step.replayed:  # served from the ledger: nothing ran, a zero-length mark
+                if step.node is not None:
+                    key = (self, "replayed")
+                    step.node.state[key] = step.node.state.get(key, 0) + 1
                 span = tracing._new_span(
                     "oao.step",
                     {

@@ -203,6 +203,7 @@ def test_requeued_attempt_after_sigkill_is_a_sibling(
     assert first.attrs["oao.node.status"] == "worker_died" and first.status == 2
     assert first.service == "oao-scheduler"  # ended by the reaper on the dead worker's behalf
     assert second.attrs["oao.node.status"] == "succeeded" and second.status == 1
+    assert second.attrs["oao.node.replayed_steps"] == 2 and second.attrs["oao.node.steps"] == 3
     assert first.attrs["oao.worker.id"] != second.attrs["oao.worker.id"]
     # the steps the dead worker exported hang under its attempt's span
     dead_steps = children(spans, first, "oao.step")
