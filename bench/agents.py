@@ -39,3 +39,11 @@ async def long_conversation(ctx: Any) -> str:
         reply = await ctx.llm(messages)
         messages.append({"role": "assistant", "content": str(reply.content)})
     return f"{calls} calls"
+
+
+async def many_calls(ctx: Any) -> str:
+    """``int(task)`` model calls, each a recorded step (``bench/tracing.py``)."""
+    reply = None
+    for i in range(int(ctx.task or 1)):
+        reply = await ctx.llm(f"call {i}")
+    return str(reply.content if reply else "")

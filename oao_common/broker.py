@@ -58,6 +58,9 @@ class ClaimedJob:
     ledger: list[dict[str, Any] | None] = field(default_factory=list)
     retries: int = 0
     started: dict[int, dict[str, Any]] = field(default_factory=dict)
+    #: The run's W3C ``traceparent`` (written at submit), so the attempt's span is a
+    #: child of the run's span on any worker; "" for a run without one.
+    traceparent: str = ""
 
 
 @dataclass(slots=True)
@@ -168,7 +171,7 @@ class Broker:
             [worker_id, max(1, most), secrets.token_hex(8)],
         )
         out: list[ClaimedJob] = []
-        for job, attempt, fence, outs, ledger, retries, started in reply:
+        for job, attempt, fence, outs, ledger, retries, started, *rest in reply:
             rid, nid = parse_job(job)
             deps = {outs[i]: json.loads(outs[i + 1]) for i in range(0, len(outs), 2)}
             out.append(
@@ -182,6 +185,7 @@ class Broker:
                     ledger=[json.loads(r) if r else None for r in ledger],
                     retries=int(retries),
                     started={int(started[i]): json.loads(started[i + 1]) for i in range(0, len(started), 2)},
+                    traceparent=str(rest[0]) if rest and rest[0] else "",
                 )
             )
         return out
@@ -687,6 +691,15 @@ class Broker:
                 p.llen(self.keys.queue(q))
             res = await p.execute()
         return {q: int(n) for q, n in zip(queues, res, strict=True)}
+
+    async def depths(self, most_lookups: int = 5000) -> list[tuple[str, str, int]]:
+        """Jobs outside the ready lists as ``(state, ready list, jobs)``: state
+        ``delayed``, ``active`` or ``parked``, the ready list of their node (``default``,
+        ``default:high``; ``?`` past ``most_lookups`` node reads). One ``depths.lua``
+        call, O(workers + active jobs + runs with parked jobs + ``most_lookups``)."""
+        k = self.keys
+        r = await self.scripts.call("depths", [k.delayed, k.workers, k.parked_runs], [most_lookups])
+        return [(str(r[i]), str(r[i + 1]), int(r[i + 2])) for i in range(0, len(r), 3)]
 
     async def all_queue_lengths(self) -> dict[str, int]:
         """Length of every ready list under the prefix (uses SCAN)."""

@@ -12,6 +12,7 @@ import re
 import socket
 import weakref
 from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from redis import exceptions as redis_exc
 from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
@@ -19,6 +20,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import EqualJitterBackoff
 
 from .errors import RedisUnavailable
+from .redact import register_secret
 from .sentinel import is_sentinel_url, sentinel_client
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
@@ -80,6 +82,7 @@ def connect(url: str, max_connections: int = DEFAULT_MAX_CONNECTIONS, **kwargs: 
         "retry_on_error": [redis_exc.ConnectionError, redis_exc.TimeoutError],
     }
     opts.update(kwargs)
+    _register_url_secrets(url, kwargs)
     if is_sentinel_url(url):  # the same options, primary found via Sentinel
         client = sentinel_client(url, max_connections, **opts)
     else:
@@ -87,6 +90,20 @@ def connect(url: str, max_connections: int = DEFAULT_MAX_CONNECTIONS, **kwargs: 
         client = Redis(connection_pool=pool)
     _made[client] = (url, max_connections, kwargs)
     return client
+
+
+def _register_url_secrets(url: str, kwargs: dict[str, Any]) -> None:
+    """Passwords of a Redis URL (user info, ``?password=``, ``?sentinel_password=``) and of
+    ``kwargs`` are redacted literally from logs and errors from now on."""
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        password = None
+    for value in (password, kwargs.get("password"), kwargs.get("sentinel_password")):
+        register_secret(unquote(value) if isinstance(value, str) else None)
+    for key, value in parse_qsl(urlsplit(url).query):
+        if key in ("password", "sentinel_password"):
+            register_secret(value)
 
 
 def reconnect(client: Redis, max_connections: int = 4) -> Redis:

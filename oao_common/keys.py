@@ -154,6 +154,12 @@ class Keys:
         """Hash of circuit breaker ``key``: state, cool-down, probes, window (``circuit.lua``)."""
         return f"{self.prefix}:cb:{{{key}}}"
 
+    @property
+    def parked_runs(self) -> str:
+        """Set of runs that parked a job (``claim.lua``); ``depths.lua`` drops those
+        whose parked list is empty."""
+        return f"{self.prefix}:parked_runs"
+
     def parked(self, rid: str) -> str:
         """List of a run's ready jobs held back by ``max_parallel_nodes``."""
         return f"{self.prefix}:run:{{{rid}}}:parked"
@@ -176,4 +182,6 @@ class Keys:
             "wake": esc.wake("%s"),
             "done": self.done,
             "spec": esc.spec("%s"),
+            "active": esc.active("%s"),
+            "parked_runs": self.parked_runs,
         }

@@ -35,6 +35,7 @@ SCRIPT_NAMES = (
     "circuit",
     "heartbeat",
     "prune",
+    "depths",
 )
 
 

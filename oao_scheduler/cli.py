@@ -17,6 +17,7 @@ from typing import Any
 import click
 from rich.console import Console
 
+from oao_common import tracing
 from oao_common.broker import Broker
 from oao_common.cli_support import (
     EXIT_FAILED,
@@ -144,6 +145,7 @@ def main(log_level: str | None, app_dir: str | None) -> None:
       oao-scheduler submit examples/blog_post.yaml --wait
     """
     configure_logging(log_level)
+    tracing.configure_tracing("oao-scheduler")  # only if OTEL_* asks for it
     add_app_dir(app_dir)
 
 
@@ -189,6 +191,7 @@ def validate(
 )
 @check_imports_option(True)
 @json_option
+@metrics_port_option
 @plugins_option
 @trust_options()
 @run_async
@@ -203,6 +206,7 @@ async def run(
     progress: bool,
     check_imports: bool,
     as_json: bool,
+    metrics_port: int | None,
     plugins: str | None,
     trust: TrustPolicy,
 ) -> int:
@@ -224,6 +228,8 @@ async def run(
     except PluginError as e:
         click.echo(f"error: {e}", err=True)
         return EXIT_USAGE
+    if metrics_port:
+        serve_metrics(metrics_port)
     fleet = LocalFleet(
         redis_url or None,
         prefix=prefix,
@@ -626,6 +632,27 @@ def plugins_cmd(plugins: str | None, as_json: bool, trust: TrustPolicy) -> None:
     for r in bad:
         click.echo(f"error: {r['detail'] or r['status']}", err=True)
     sys.exit(EXIT_USAGE if bad else EXIT_OK)
+
+
+@main.command()
+@redis_url_option
+@prefix_option
+@click.option(
+    "--refresh", "refresh_s", default=1.0, show_default=True, type=click.FloatRange(0.1), help="Seconds."
+)
+@click.option("--once", is_flag=True, help="Print one frame and exit (no terminal needed).")
+@run_async
+async def top(redis_url: str | None, prefix: str, refresh_s: float, once: bool) -> int:
+    """A live view of the fleet: queues and bands, workers (heartbeat age, load), runs in
+    flight with progress, tokens and cost per minute, violations, requeues and retries.
+    Press q to quit."""
+    from .top import run_top
+
+    broker = await _broker(redis_url, prefix)
+    try:
+        return await run_top(broker, refresh_s=refresh_s, once=once)
+    finally:
+        await broker.redis.aclose()
 
 
 @main.command()

@@ -31,6 +31,7 @@ from typing import Any
 import httpx
 from redis import exceptions as redis_exc
 
+from oao_common import tracing
 from oao_common.broker import Broker
 from oao_common.errors import TrustError
 from oao_common.events import EventType
@@ -122,6 +123,8 @@ class Escalator:
         return len(entries)
 
     async def handle(self, run_id: str, status: str) -> None:
+        if tracing.ENABLED:
+            await self.run_span(run_id, status)
         spec_json, _, _ = await self.broker.get_spec_json(run_id)
         if not spec_json:
             return
@@ -133,6 +136,37 @@ class Escalator:
         await self.broker.append_run_event(run_id, EventType.ESCALATED, {"webhook": esc.webhook, **outcome})
         self.sent += 1
         self.log.info("escalator.escalated", run_id=run_id, status=status, **outcome)
+
+    async def run_span(self, run_id: str, status: str) -> None:
+        """Write the run's ``oao.run`` span (ids fixed at submit, from ``created_at`` to
+        ``finished_at``): every run ending passes here exactly once."""
+        run = await self.broker.get_run(run_id)
+        tp = run.get("traceparent")
+        if not tp:
+            return
+        created = int(run.get("created_at") or 0)
+        finished = int(run.get("finished_at") or created)
+        attrs = {
+            "oao.run.id": run_id,
+            "oao.run.name": run.get("name"),
+            "oao.run.status": status,
+            "oao.run.nodes_total": int(run.get("nodes_total") or 0),
+            "oao.run.nodes_succeeded": int(run.get("nodes_succeeded") or 0),
+            "oao.run.nodes_failed": int(run.get("nodes_failed") or 0),
+            "oao.run.steps": int(run.get("steps") or 0),
+            "gen_ai.usage.input_tokens": int(run.get("tokens_in") or 0),
+            "gen_ai.usage.output_tokens": int(run.get("tokens_out") or 0),
+            "oao.cost_usd": float(run.get("cost_usd") or 0),
+        }
+        tracing.emit_finished_span(
+            "oao.run",
+            tp,
+            created * 1_000_000,
+            finished * 1_000_000,
+            attrs,
+            parent_span_hex=run.get("trace_parent_span", ""),
+            error=None if status == "SUCCEEDED" else f"run ended {status}",
+        )
 
     async def post(self, esc: EscalationSpec, body: dict[str, Any]) -> dict[str, Any]:
         """POST ``body``; returns ``{"ok", "http_status", "attempts", "error"}``.

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from dataclasses import dataclass
 
-from oao_common import metrics
+from oao_common import metrics, tracing
 from oao_common.broker import Broker, ReapResult
+from oao_common.fleet_stats import FleetStats
+from oao_common.keys import parse_job
 from oao_common.log import get_logger
 from oao_common.retry import LOOP_ERRORS, Backoff
 
@@ -51,6 +54,7 @@ class Reaper:
         self.max_requeues = max_requeues
         self.stats = ReaperStats()
         self.gauge_every = gauge_every
+        self.fleet = FleetStats(broker)
         self.log = get_logger(component="reaper")
         self._gauged_queues: set[str] = set()
 
@@ -63,9 +67,11 @@ class Reaper:
             self.log.info("reaper.promoted", jobs=promoted)
         results = []
         for wid in await self.broker.stale_workers(self.heartbeat_ttl_s * 0.5):
+            held = await self._attempts_of(wid) if tracing.ENABLED else []
             r = await self.broker.reap(wid, self.max_requeues)
             if r is None:
                 continue
+            self._end_dead_attempts(wid, held)
             results.append(r)
             self.stats.requeued += r.requeued
             self.stats.poisoned += r.poisoned
@@ -83,18 +89,55 @@ class Reaper:
             await self.update_gauges()
         return results
 
+    async def _attempts_of(self, wid: str) -> list[tuple[str, str, int, int, str]]:
+        """(run id, node id, attempt, claimed_at ms, run traceparent) of the jobs in a
+        worker's active list, read before it is reaped (tracing only)."""
+        b = self.broker
+        jobs = await b.redis.lrange(b.keys.active(wid), 0, -1)
+        if not jobs:
+            return []
+        parsed = [parse_job(j) for j in jobs]
+        async with b.redis.pipeline(transaction=False) as p:
+            for rid, nid in parsed:
+                p.hmget(b.keys.node(rid, nid), "attempt", "claimed_at", "lease")
+                p.hget(b.keys.run(rid), "traceparent")
+            res = await p.execute()
+        out = []
+        for i, (rid, nid) in enumerate(parsed):
+            (attempt, claimed, lease), tp = res[2 * i], res[2 * i + 1]
+            if tp and attempt and lease == wid:
+                out.append((rid, nid, int(attempt), int(claimed or 0), str(tp)))
+        return out
+
+    def _end_dead_attempts(self, wid: str, held: list[tuple[str, str, int, int, str]]) -> None:
+        """End the ``oao.node`` spans of a dead worker's attempts (their ids are derived,
+        so the steps it exported before dying hang under them)."""
+        now_ns = time.time_ns()
+        for rid, nid, attempt, claimed_ms, tp in held:
+            p = tracing.parse_traceparent(tp)
+            if p is None:
+                continue
+            tracing.emit_finished_span(
+                "oao.node",
+                tp,
+                claimed_ms * 1_000_000 or now_ns,
+                now_ns,
+                {
+                    "oao.run.id": rid,
+                    "oao.node.id": nid,
+                    "oao.node.attempt": attempt,
+                    "oao.worker.id": wid,
+                    "oao.node.status": "worker_died",
+                },
+                error="the worker died (heartbeat expired); the job was requeued",
+                as_child=True,
+                span_id=tracing.attempt_span_id(p[0], nid, attempt),
+            )
+
     async def update_gauges(self) -> None:
-        """Queue sizes, delayed retries and live workers, for ``oao_queue_size`` & co."""
-        sizes = await self.broker.all_queue_lengths()
-        # Redis deletes a list that empties: a queue seen before and gone now holds 0 jobs
-        # (else its gauge would keep its last size, and an autoscaler would never scale in)
-        for q in self._gauged_queues - sizes.keys():
-            metrics.QUEUE_SIZE.labels(q).set(0)
-        self._gauged_queues |= sizes.keys()
-        for q, n in sizes.items():
-            metrics.QUEUE_SIZE.labels(q).set(n)
-        metrics.DELAYED_SIZE.set(await self.broker.redis.zcard(self.broker.keys.delayed))
-        metrics.WORKERS_ALIVE.set(sum(1 for w in await self.broker.workers() if w["alive"]))
+        """Queue depths by queue, band and state, workers, runs in flight
+        (:class:`~oao_common.fleet_stats.FleetStats`), every ``gauge_every`` passes."""
+        await self.fleet.update_gauges()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Tick every ``interval_s`` until ``stop`` is set; any Redis error (outage, OOM,

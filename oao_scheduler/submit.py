@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from oao_common import tracing
 from oao_common.broker import Broker, new_run_id
 from oao_common.hashing import sha256_hex
 from oao_common.keys import band_of, ready_name
@@ -67,6 +68,10 @@ def expand(spec: Spec, run_id: str) -> tuple[dict[str, str], list[dict[str, Any]
         "running": "0",
         "max_failure_ratio": repr(float(spec.failure.max_failure_ratio)),
     }
+    # The run span's W3C trace context, carried to every attempt by claim.lua (tracing.py).
+    run_fields["traceparent"], parent_span = tracing.new_run_traceparent()
+    if parent_span:
+        run_fields["trace_parent_span"] = parent_span
     nodes: list[dict[str, Any]] = []
     for n in spec.nodes:
         nodes.append(

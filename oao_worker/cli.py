@@ -13,6 +13,7 @@ import signal
 
 import click
 
+from oao_common import tracing
 from oao_common.broker import Broker
 from oao_common.cli_support import (
     EXIT_INTERNAL,
@@ -133,6 +134,7 @@ async def main(
     too: only the ones listed are loaded.
     """
     configure_logging(log_level)
+    tracing.configure_tracing("oao-worker")  # only if OTEL_* asks for it
     log = get_logger(component="worker")
     log.info("worker.trust_policy", **trust.describe())
     if trust.entrypoints is None:

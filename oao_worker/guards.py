@@ -17,12 +17,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from oao_common.circuit import CircuitBreaker, CircuitBreakerSpec, CircuitOpenError, Permit
+from oao_common import metrics
+from oao_common.circuit import CircuitBreaker, CircuitBreakerSpec, CircuitOpenError, CircuitState, Permit
 from oao_common.errors import TransientError
 from oao_common.events import EventType
 from oao_common.ratelimit import RateLimiter, RateLimitSpec, Reservation
 
 from .governance import CallTry, StepMiddleware
+
+_STATE_VALUE = {CircuitState.CLOSED: 0, CircuitState.HALF_OPEN: 1, CircuitState.OPEN: 2}
+"""``oao_circuit_state``'s value of each state."""
 
 DEFAULT_MAX_WAIT_S = 60.0
 """Longest a call waits for rate-limit capacity before failing retriably (seconds)."""
@@ -106,10 +110,16 @@ class CircuitBreakers(StepMiddleware):
         guard = guard_of(call)
         if guard is None or guard.circuit_breaker is None:
             return
-        call.state[self] = await self.breaker.before_call(guard.key, guard.circuit_breaker)
+        try:
+            call.state[self] = await self.breaker.before_call(guard.key, guard.circuit_breaker)
+        except CircuitOpenError as e:
+            metrics.CIRCUIT_REJECTIONS.labels(guard.key).inc()
+            metrics.CIRCUIT_STATE.labels(guard.key).set(_STATE_VALUE.get(e.state, 2))
+            raise
 
     async def after_call(self, call: CallTry, error: BaseException | None) -> None:
         permit: Permit | None = call.state.get(self)
         if permit is None or not call.made:
             return
-        await self.breaker.record(permit, error is None or not is_dependency_failure(error))
+        state = await self.breaker.record(permit, error is None or not is_dependency_failure(error))
+        metrics.CIRCUIT_STATE.labels(permit.key).set(_STATE_VALUE.get(state, 0))

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from oao_common import metrics
 from oao_common.broker import Broker, ClaimedJob
 from oao_common.errors import PolicyViolation
 from oao_common.events import EventType, pending_event
@@ -96,6 +97,8 @@ class HeartbeatThread:
         self.started_at: float | None = None
         self.last_ok: float | None = None
         self.last_done: float | None = None
+        #: When the last heartbeat was written (monotonic seconds; the start before any).
+        self.last_beat = time.monotonic()
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._main, name=f"{worker_id}-heartbeat", daemon=True)
@@ -107,10 +110,12 @@ class HeartbeatThread:
     def start(self, timeout_s: float = 30.0) -> None:
         """Start the thread and wait for its first heartbeat attempt."""
         self.started_at = time.monotonic()
+        metrics.watch_heartbeat(self)
         self._thread.start()
         self._first_beat.wait(timeout_s)
 
     def stop(self) -> None:
+        metrics.forget_heartbeat(self)
         self._stop.set()
         self._thread.join(timeout=5.0)
 
@@ -144,6 +149,7 @@ class HeartbeatThread:
         backoff.ok()
         self.beats += 1
         self.last_ok = self.last_done
+        self.last_beat = time.monotonic()
         if not alive:
             self._call_loop(self.on_lapse)
         return time.monotonic() + self.ttl_s / 3
@@ -168,6 +174,7 @@ class HeartbeatThread:
                     beat = asyncio.create_task(self._beat(broker, backoff))
                 # --- watchdog: how long has the posted ping waited for the loop?
                 if ping_sent is not None and self._last_pong >= ping_sent:
+                    metrics.LOOP_LAG_SECONDS.set(self._last_pong - ping_sent)
                     ping_sent = None
                 lag = now - ping_sent if ping_sent is not None else 0.0
                 if lag > self.block_warn_s:

@@ -7,6 +7,8 @@ middleware         does                                                        m
 =================  ==========================================================  ===================
 ``Metrics``        Prometheus counters of attempts, steps, tokens, costs,      here
                    retries, rate-limit waits, policy violations
+``Tracing``        OpenTelemetry spans of attempts, steps and calls (only      ``spans.py``
+                   when tracing is on)
 ``EventListeners`` plugins' event listeners (only when some are loaded)        ``plugins.py``
 ``Retries``        classifies errors: retry a call inside the step, retry the  here
                    node through the delayed set, or not
@@ -24,8 +26,8 @@ plugins            worker-wide plugin middleware, then the spec's              `
 ``before_*`` hooks run top to bottom, ``after_*`` and ``on_error`` bottom to top, so
 ``Metrics`` (outermost) sees every outcome last, ``Timeouts`` turns a timeout into a
 policy violation before ``Retries`` classifies it, and the guards hold their permits
-only around the call itself. A tracing middleware belongs right after ``Metrics``
-(:func:`compose` ``observers``), where it sees every attempt, step and call whole.
+only around the call itself. ``Tracing`` sits right after ``Metrics`` (:func:`compose`
+``observers``), where it sees every attempt, step and call whole.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from oao_common.pricing import FREE
 from oao_common.ratelimit import RateLimiter, RateLimitTimeout
 
 from .budget import RunBudgets
-from .governance import Failure, NodeAttempt, StepInfo, StepMiddleware, StrictPolicy, Usage
+from .governance import CallTry, Failure, NodeAttempt, StepInfo, StepMiddleware, StrictPolicy, Usage
 from .guards import CircuitBreakers, RateLimits
 
 NO_RETRY = RetrySpec(max_retries=0)
@@ -190,9 +192,10 @@ class Metrics(StepMiddleware):
     """Prometheus metrics of attempts and steps (``oao_common/metrics.py``):
     ``oao_active_agents``, ``oao_executions_total``, ``oao_execution_duration_seconds``,
     ``oao_stale_writes_total`` (of attempts), ``oao_steps_total``,
-    ``oao_token_usage_total``, ``oao_cost_usd_total``, ``oao_tool_calls_total``,
-    ``oao_retries_total``, ``oao_rate_limit_waits_total``,
-    ``oao_policy_violations_total``."""
+    ``oao_step_duration_seconds``, ``oao_token_usage_total``, ``oao_cost_usd_total``,
+    ``oao_tool_calls_total`` (per try of a tool call, by outcome), ``oao_retries_total``,
+    ``oao_rate_limit_waits_total`` and ``oao_rate_limit_wait_seconds_total`` (by limiter
+    key), ``oao_policy_violations_total``."""
 
     def before_node(self, node: NodeAttempt) -> None:
         metrics.ACTIVE_AGENTS.inc()
@@ -222,17 +225,22 @@ class Metrics(StepMiddleware):
         if step.error is not None:
             return
         metrics.STEPS.labels(step.kind, "executed").inc()
+        metrics.STEP_SECONDS.labels(step.kind).observe(step.duration_ms / 1000)
         if step.kind == "llm":
             metrics.TOKENS.labels(step.name, "input").inc(step.tokens_in)
             metrics.TOKENS.labels(step.name, "output").inc(step.tokens_out)
             if step.cost_usd:
                 metrics.COST_USD.labels(step.name).inc(step.cost_usd)
-        elif step.kind == "tool":
-            metrics.TOOL_CALLS.labels(step.name).inc()
+
+    def after_call(self, call: CallTry, error: BaseException | None) -> None:
+        if call.step.kind == "tool" and call.made:
+            metrics.TOOL_CALLS.labels(call.step.name, "ok" if error is None else "error").inc()
 
     def on_event(self, node: NodeAttempt, type_: str, data: dict[str, Any]) -> None:
         if type_ == EventType.RATE_LIMIT_WAIT:
-            metrics.RATE_LIMIT_WAITS.inc()
+            key = str(data.get("key", "?"))
+            metrics.RATE_LIMIT_WAITS.labels(key).inc()
+            metrics.RATE_LIMIT_WAIT_SECONDS.labels(key).inc(float(data.get("wait_s") or 0.0))
         elif type_ == EventType.STEP_RETRIED:
             metrics.RETRIES.labels("step").inc()
         elif type_ == EventType.POLICY_VIOLATION:

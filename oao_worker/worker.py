@@ -50,7 +50,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-from oao_common import metrics
+from oao_common import metrics, tracing
 from oao_common.broker import Broker, ClaimedJob
 from oao_common.circuit import CircuitBreaker
 from oao_common.connection import reconnect
@@ -61,9 +61,10 @@ from oao_common.errors import (
     StaleAttemptError,
 )
 from oao_common.events import EventType
-from oao_common.log import get_logger
+from oao_common.log import bind_node, get_logger
 from oao_common.policy import DEFAULT_RETRY
 from oao_common.ratelimit import RateLimiter
+from oao_common.redact import redact, redact_text
 from oao_common.retry import LOOP_ERRORS, Backoff, describe, retry_transient
 from oao_common.templating import render_off_loop
 from oao_common.trust import DEFAULT_TRUST, TrustPolicy
@@ -76,6 +77,7 @@ from .heartbeat import HeartbeatThread, Running
 from .middleware import Builtins, compose, node_policy
 from .plugins import NO_PLUGINS, EventBus, EventListeners, PluginSet
 from .runtime import RuntimeCache
+from .spans import Tracing
 
 
 def default_worker_id() -> str:
@@ -85,9 +87,9 @@ def default_worker_id() -> str:
 
 def error_info(e: BaseException) -> dict[str, Any]:
     """The JSON error record stored on a node and in its events."""
-    info: dict[str, Any] = {"type": type(e).__name__, "message": str(e)}
+    info: dict[str, Any] = {"type": type(e).__name__, "message": redact_text(str(e))}
     if isinstance(e, PolicyViolation | NonDeterminismError):
-        info.update(e.to_dict())
+        info.update(redact(e.to_dict()))
     return info
 
 
@@ -199,6 +201,8 @@ class Worker:
         #: delivers events to the plugins' listeners (empty without listeners)
         self.listeners = EventBus(self.plugins.listeners)
         self._observers: list[StepMiddleware] = [EventListeners(self.listeners)] if self.listeners else []
+        if tracing.ENABLED:  # spans of attempts, steps and calls (oao_worker/spans.py)
+            self._observers.insert(0, Tracing())
         #: Publishes streamed model text on the runs' delta channels (None: off).
         self.deltas = DeltaPublisher(broker.redis, broker.keys) if model_deltas else None
         self.log = get_logger(worker_id=self.id)
@@ -263,6 +267,7 @@ class Worker:
         self.log.info(
             "worker.started", queues=self.queues, concurrency=self.concurrency, plugins=self.plugins.names
         )
+        metrics.CONCURRENCY.inc(self.concurrency)
         loops = {
             asyncio.create_task(self._claim_loop(), name=f"{self.id}-claim"): "claim",
             asyncio.create_task(self._control_loop(), name=f"{self.id}-control"): "control",
@@ -276,6 +281,7 @@ class Worker:
                 t.cancel()
             await asyncio.gather(watch, *loops, return_exceptions=True)
             await self._drain()
+            metrics.CONCURRENCY.dec(self.concurrency)
             await self._leave()
             await self.listeners.aclose()
             if self._heartbeat is not None:
@@ -535,6 +541,10 @@ class Worker:
         )
 
     async def _execute(self, job: ClaimedJob) -> None:
+        with bind_node(job.run_id, job.node_id, job.attempt, self.id):
+            await self._execute_attempt(job)
+
+    async def _execute_attempt(self, job: ClaimedJob) -> None:
         log = self.log.bind(run_id=job.run_id, node_id=job.node_id, attempt=job.attempt)
         me = asyncio.current_task()
         name = me.get_name() if me is not None else job.job

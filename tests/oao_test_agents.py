@@ -137,3 +137,29 @@ async def stream_then_fail_once(ctx: Any) -> str:
     if ctx.attempt == 1:
         raise ConnectionError("transient failure after the model call")
     return str(reply.content)
+
+
+def echo(text: str) -> str:
+    """An idempotent tool: returns its argument."""
+    return text
+
+
+async def traced_steps(ctx: Any) -> str:
+    """A model call and a tool call; then, while the file named by the task exists (a
+    crash point for the tracing test), waits; then one more model call."""
+    first = await ctx.llm("hello from " + ctx.node_id)
+    echoed = await ctx.tool("echo", text=first.content)
+    marker = ctx.task.strip()
+    while marker and Path(marker).exists():
+        await asyncio.sleep(0.05)
+    last = await ctx.llm("bye " + echoed)
+    return str(last.content)
+
+
+async def leaky(ctx: Any) -> str:
+    """Fails with secrets in its message: a URL password, a bearer token and the value
+    of LEAK_TEST_API_KEY (an openai model of the spec reads it as its API key)."""
+    raise ValueError(
+        "cannot reach redis://svc:hunter2pw@db.internal:6379/0 with Authorization: Bearer tok_abcdefghijk "
+        f"and key {os.environ.get('LEAK_TEST_API_KEY')}"
+    )

@@ -49,12 +49,14 @@ def start_worker(
     )
 
 
-def start_serve(url: str, prefix: str, *args: str, log: Path | None = None) -> subprocess.Popen[bytes]:
+def start_serve(
+    url: str, prefix: str, *args: str, log: Path | None = None, extra_env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
     return subprocess.Popen(
         [str(BIN / "oao-scheduler"), "serve", "--redis-url", url, "--prefix", prefix, *args],
         cwd=ROOT,
-        env=env(),
+        env=env(**(extra_env or {})),
         stdout=out,
         stderr=out,
     )

@@ -8,7 +8,9 @@
 -- ARGV[4] claim id: random, one per call of the worker (a re-sent call keeps it)
 -- Returns an array, one entry per claimed job:
 --   {job, attempt, fence, {dep_id, dep_output_json, ...}, {ledger record or false, ...},
---    retries, {seq, started_marker_json, ...}}
+--    retries, {seq, started_marker_json, ...}, traceparent or false}
+-- traceparent is the run's W3C trace context (run field written at submit): a node's
+-- spans are children of its run's span on whichever worker runs it (tracing.py).
 -- fence is the job's fencing token "<attempt>:<claim id>:<i>": every later write of the
 -- attempt must present it (_lib.lua fenced). It contains the random claim id, so it is
 -- never issued twice, even if Redis loses writes and the attempt counter goes back.
@@ -41,7 +43,8 @@ local function payload(job, rid, nid, nk, attempt, fence)
       if m then table.insert(started, i); table.insert(started, m) end
     end
   end
-  return {job, attempt, fence, outs, ledger, tonumber(s[3] or '0'), started}
+  local tp = redis.call('HGET', run_key(rid), 'traceparent')
+  return {job, attempt, fence, outs, ledger, tonumber(s[3] or '0'), started, tp}
 end
 
 local function claim_one(job, i)
@@ -57,6 +60,7 @@ local function claim_one(job, i)
     if tonumber(redis.call('HGET', rk, 'running') or '0') >= cap then
       redis.call('LREM', KEYS[1], 1, job)
       redis.call('RPUSH', parked_key(rid), job)
+      redis.call('SADD', T.parked_runs, rid)  -- for the queue depths (depths.lua)
       emit(rid, 'NODE_PARKED', nid, 0, cjson.encode({max_parallel_nodes = cap}))
       return nil
     end

@@ -29,6 +29,7 @@ import openai
 
 from oao_common.errors import OAOError, PermanentError, TransientError, TrustError
 from oao_common.ratelimit import retry_after_from_headers
+from oao_common.redact import register_secret
 from oao_common.safe_http import BlockedDestination, guarded_client
 from oao_common.spec import OpenAIModelSpec
 from oao_common.trust import DEFAULT_TRUST, TrustPolicy
@@ -125,6 +126,8 @@ class OpenAIProvider(Provider):
         if spec.base_url:
             trust.check_url(spec.base_url, f"{where}.base_url")
         self._api_key = os.environ.get(spec.api_key_env) or NO_KEY
+        if self._api_key != NO_KEY:
+            register_secret(self._api_key)  # redacted from every log, error and span
         self._http = guarded_client(
             trust,
             f"{where}.base_url",

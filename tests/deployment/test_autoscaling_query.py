@@ -223,8 +223,13 @@ async def test_keda_query_counts_every_band_plus_inflight(
 
         # every dashboard query is valid PromQL for this Prometheus
         for panel in dashboard["panels"]:
-            for target in panel["targets"]:
-                expr = target["expr"].replace("$__rate_interval", "1m")
+            for target in panel.get("targets", []):
+                expr = (
+                    target["expr"]
+                    .replace("$__rate_interval", "1m")
+                    .replace("$__range", "5m")
+                    .replace("$__interval", "15s")
+                )
                 expr = expr.replace("$queue", ".*").replace("$model", ".*")
                 doc = query(port, expr)
                 assert doc.get("status") == "success", (panel["title"], expr, doc)

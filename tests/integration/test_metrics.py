@@ -53,15 +53,20 @@ def test_worker_and_serve_metrics(redis_url: str, prefix: str, tmp_path: Path) -
         m = scrape(wport)
         assert value(m, "oao_executions_total", status="succeeded", agent_type="llm") == 3
         assert value(m, "oao_executions_total", status="succeeded", agent_type="python") == 1
-        assert value(m, "oao_tool_calls_total", tool="notes.search") == 1
+        assert value(m, "oao_tool_calls_total", tool="notes.search", outcome="ok") == 1
         assert value(m, "oao_steps_total", kind="llm", mode="executed") == 6
         assert value(m, "oao_token_usage_total", model="writer-model", kind="input") > 0
         assert value(m, "oao_active_agents") == 0
         assert value(m, "oao_execution_duration_seconds_count", agent_type="llm") == 3
         deadline = time.monotonic() + 20
-        while value(scrape(sport), "oao_workers_alive") != 1:
+        while value(scrape(sport), "oao_workers", state="alive") != 1:
             assert time.monotonic() < deadline, scrape(sport)
             time.sleep(0.1)
-        assert "oao_jobs_dead_lettered_total" in scrape(sport)
+        sm = scrape(sport)
+        assert "oao_jobs_dead_lettered_total" in sm
+        assert value(sm, "oao_fleet_slots", state="total") == 10
+        assert value(sm, "oao_queue_depth", queue="default", band="normal", state="ready") == 0
+        assert value(m, "oao_worker_concurrency") == 10
+        assert value(m, "oao_step_duration_seconds_count", kind="llm") == 6
     finally:
         stop(w, s)

@@ -206,8 +206,8 @@ app.kubernetes.io/part-of: oao
 {{- toJson $lists }}
 {{- end }}
 
-{{/* PromQL: ready jobs of the workers' queues and bands (oao_queue_size, exported by serve;
-     max over serve replicas, which all export the same figures). */}}
+{{/* PromQL: ready jobs of the workers' queues, every band (oao_queue_depth{state="ready"},
+     exported by serve; max over serve replicas, which all export the same figures). */}}
 {{- define "oao.backlogQuery" -}}
 {{- if .Values.autoscaling.keda.prometheus.backlogQuery }}
 {{- .Values.autoscaling.keda.prometheus.backlogQuery }}
@@ -215,9 +215,9 @@ app.kubernetes.io/part-of: oao
 {{- $names := list }}
 {{- range .Values.worker.queues }}
 {{- $q := replace "." "\\\\." . }}{{/* a literal dot in the PromQL regex */}}
-{{- $names = append $names (printf "%s|%s:high|%s:low" $q $q $q) }}
+{{- $names = append $names $q }}
 {{- end }}
-{{- printf "sum(max by (queue) (oao_queue_size{namespace=\"%s\",service=\"%s\",queue=~\"%s\"})) or vector(0)" .Release.Namespace (include "oao.componentName" (dict "root" . "component" "serve")) (join "|" $names) }}
+{{- printf "sum(max by (queue, band) (oao_queue_depth{namespace=\"%s\",service=\"%s\",state=\"ready\",queue=~\"%s\"})) or vector(0)" .Release.Namespace (include "oao.componentName" (dict "root" . "component" "serve")) (join "|" $names) }}
 {{- end }}
 {{- end }}
 
