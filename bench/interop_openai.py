@@ -186,6 +186,8 @@ class Target:
     litellm: bool = False
     rpm_model: str | None = None
     tools: bool = False  # the model is expected to call a tool (else no call is a SKIP)
+    api_key_env: str | None = None  # the environment variable holding the server's key
+    upstream429_model: str | None = None  # a model whose upstream always answers 429
 
 
 @dataclass
@@ -218,6 +220,8 @@ def _spec(ctx: Ctx, agent: dict[str, Any], *, stream: bool = True, task: str, **
         "timeout_s": 120,
         "pricing": {"input_usd_per_mtok": 1.0, "output_usd_per_mtok": 2.0},
     }
+    if ctx.target.api_key_env:
+        model["api_key_env"] = ctx.target.api_key_env
     doc: dict[str, Any] = {
         "name": f"interop-{ctx.target.name}",
         "inputs": {"max_tokens": extra.pop("max_tokens", 48)},
@@ -416,8 +420,8 @@ async def check_replay(ctx: Ctx) -> Result:
     """A strict replay of a finished run reproduces it with no request to the server."""
     name = "replay of a finished run"
     source = ctx.runs.get("llm agent, stream on")
-    if source is None:
-        return Result(name, "SKIP", "no finished run to replay")
+    if source is None or (await ctx.broker.get_run(source)).get("status") != "SUCCEEDED":
+        return Result(name, "SKIP", "no succeeded run to replay")
     ctx.tap.reset()
     r = await replay(ctx.broker, source)
     await wait_for_run(ctx.broker, r.run_id, interval_s=0.1, timeout_s=60)
@@ -443,42 +447,67 @@ async def check_error_body(ctx: Ctx) -> Result:
     return Result(name, "PASS" if ok else "FAIL", err[:160])
 
 
-async def check_rate_limit(ctx: Ctx) -> Result:
-    """LiteLLM's rpm limit answers 429: the node waits the proxy's retry hint (also in its
-    ``llm_provider-`` headers) and is retried, not failed at once."""
-    name = "429 from LiteLLM's rpm limit"
-    if not ctx.target.rpm_model:
-        return Result(name, "SKIP", "no rpm-limited model on this target")
-    ctx.tap.reset()
-    spec = _spec(ctx, PY_AGENT, task=SHORT_TASK, model_name=ctx.target.rpm_model)
-    spec2 = _spec(
+async def _retry_on_429(ctx: Ctx, model: str) -> tuple[list[str], list[Any], str]:
+    """Run a node on ``model`` (one in-step retry allowed) until its first retry or end;
+    returns the retry-related headers of the 429 answers, the ``STEP_RETRIED`` events and
+    the node's error."""
+    spec = _spec(
         ctx,
         PY_AGENT,
         task=SHORT_TASK,
-        model_name=ctx.target.rpm_model,
-        defaults={"retry": {"max_retries": 1, "retry_delay_s": 0.1, "jitter": False, "max_delay_s": 5}},
+        model_name=model,
+        defaults={"retry": {"max_retries": 1, "retry_delay_s": 0.1, "jitter": False}},
     )
-    await _run(ctx, spec)
-    sub = await submit_spec(ctx.broker, spec2)
-    deadline = time.monotonic() + 30
+    sub = await submit_spec(ctx.broker, spec)
+    deadline = time.monotonic() + 60
     events: list[Any] = []
     while time.monotonic() < deadline:
         events = await ctx.broker.events(sub.run_id)
-        if any(e.type in ("NODE_RETRY_SCHEDULED", "NODE_FAILED", "NODE_SUCCEEDED") for e in events):
+        if any(e.type in ("STEP_RETRIED", "NODE_FAILED", "NODE_SUCCEEDED") for e in events):
             break
         await asyncio.sleep(0.1)
     await ctx.broker.cancel(sub.run_id)
     headers = [h for h in ctx.tap.response_headers() if " 429 " in h.split("\r\n", 1)[0]]
-    hint_headers = sorted(
-        {ln.split(":", 1)[0].lower() for h in headers for ln in h.split("\r\n") if "retry" in ln.lower()}
+    hints = sorted(
+        {ln.strip() for h in headers for ln in h.split("\r\n") if "retry" in ln.split(":", 1)[0].lower()}
     )
-    retried = [e for e in events if e.type == "NODE_RETRY_SCHEDULED"]
-    if not headers:
-        return Result(name, "FAIL", "no 429 seen")
-    detail = f"429 headers {hint_headers}; " + (
-        f"retry scheduled {json.dumps(retried[0].data)[:120]}" if retried else "no retry scheduled"
+    [node] = await ctx.broker.get_nodes(sub.run_id, ["n"])
+    return hints, [e for e in events if e.type == "STEP_RETRIED"], _err(node)
+
+
+async def check_rate_limit(ctx: Ctx) -> Result:
+    """LiteLLM's own rpm limit answers 429: the model call is transient and retried."""
+    name = "429 from LiteLLM's rpm limit"
+    if not ctx.target.rpm_model:
+        return Result(name, "SKIP", "no rpm-limited model on this target")
+    ctx.tap.reset()
+    await _run(ctx, _spec(ctx, PY_AGENT, task=SHORT_TASK, model_name=ctx.target.rpm_model))
+    hints, retried, err = await _retry_on_429(ctx, ctx.target.rpm_model)
+    if not retried:
+        return Result(name, "FAIL", f"no retry: {err}")
+    r = retried[0].data or {}
+    return Result(
+        name,
+        "PASS",
+        f"retry hint headers {hints or 'none'}; retried after {r.get('delay_ms')} ms: "
+        f"{str(r.get('error'))[:100]}",
     )
-    return Result(name, "PASS" if retried else "FAIL", detail)
+
+
+async def check_provider_retry_after(ctx: Ctx) -> Result:
+    """The upstream answers 429 with ``Retry-After: 3``; LiteLLM passes it on as
+    ``llm_provider-retry-after``: the retry waits at least that."""
+    name = "429 with llm_provider-retry-after"
+    if not ctx.target.upstream429_model:
+        return Result(name, "SKIP", "no model behind a 429 upstream on this target")
+    ctx.tap.reset()
+    hints, retried, err = await _retry_on_429(ctx, ctx.target.upstream429_model)
+    if not retried:
+        return Result(name, "FAIL", f"no retry; headers {hints}: {err}")
+    delay = int((retried[0].data or {}).get("delay_ms") or 0)
+    prefixed = any(h.lower().startswith("llm_provider-retry-after") for h in hints)
+    ok = prefixed and delay >= UPSTREAM_RETRY_AFTER_S * 1000
+    return Result(name, "PASS" if ok else "FAIL", f"headers {hints}; retried after {delay} ms")
 
 
 CHECKS: list[tuple[str, Callable[[Ctx], Awaitable[Result]]]] = [
@@ -493,6 +522,7 @@ CHECKS: list[tuple[str, Callable[[Ctx], Awaitable[Result]]]] = [
     ("replay", check_replay),
     ("error", check_error_body),
     ("ratelimit", check_rate_limit),
+    ("retry-after", check_provider_retry_after),
 ]
 
 
@@ -589,25 +619,73 @@ class Llama:
                 self.kill()
 
 
+UPSTREAM_RETRY_AFTER_S = 3
+
+
+class Always429:
+    """A loopback "provider" that answers every request 429 with ``Retry-After: 3``
+    (what LiteLLM forwards as ``llm_provider-retry-after``)."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("content-length") or 0))
+                body = json.dumps({"error": {"message": "rate limited upstream", "type": "rate_limit"}})
+                self.send_response(429)
+                self.send_header("content-type", "application/json")
+                self.send_header("retry-after", str(UPSTREAM_RETRY_AFTER_S))
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body.encode())
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
 LITELLM_CONFIG = """\
 model_list:
   - model_name: smollm2
     litellm_params: {{model: openai/smollm2, api_base: "{upstream}", api_key: none}}
   - model_name: smollm2-rpm1
     litellm_params: {{model: openai/smollm2, api_base: "{upstream}", api_key: none, rpm: 1}}
+  - model_name: upstream-429
+    litellm_params: {{model: openai/smollm2, api_base: "{upstream429}", api_key: none, max_retries: 0}}
 litellm_settings:
   telemetry: false
+  num_retries: 0
   drop_params: false
 router_settings:
   enable_pre_call_checks: true
 """
 
 
-class LiteLLM:
-    """A LiteLLM proxy on 127.0.0.1 in front of ``upstream`` (an OpenAI-compatible URL)."""
+KEY_ENV = "INTEROP_LITELLM_API_KEY"
+"""Where the started LiteLLM's master key is put for OAO to send (``api_key_env``)."""
 
-    def __init__(self, binary: str, upstream: str, log: Path) -> None:
-        self.binary, self.upstream, self.log = binary, upstream, log
+
+class LiteLLM:
+    """A LiteLLM proxy on 127.0.0.1 in front of ``upstream`` (an OpenAI-compatible URL),
+    with a random master key (LiteLLM refuses to start without one), put in
+    ``os.environ[KEY_ENV]``."""
+
+    def __init__(self, binary: str, upstream: str, upstream429: str, log: Path) -> None:
+        self.binary, self.upstream, self.upstream429, self.log = binary, upstream, upstream429, log
+        self.key = "sk-" + os.urandom(16).hex()
+        os.environ[KEY_ENV] = self.key
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.dir = tempfile.mkdtemp(prefix="oao-litellm-")
@@ -618,10 +696,11 @@ class LiteLLM:
 
     async def start(self) -> None:
         config = Path(self.dir) / "config.yaml"
-        config.write_text(LITELLM_CONFIG.format(upstream=self.upstream))
+        config.write_text(LITELLM_CONFIG.format(upstream=self.upstream, upstream429=self.upstream429))
         cmd = [self.binary, "--config", str(config), "--host", "127.0.0.1", "--port", str(self.port)]
         with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=out, env=offline_env(), cwd=self.dir)
+            env = offline_env(LITELLM_MASTER_KEY=self.key)
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=out, env=env, cwd=self.dir)
         await wait_http(f"http://127.0.0.1:{self.port}/health/liveliness", self.proc)
 
     def stop(self) -> None:
@@ -670,19 +749,34 @@ async def main_async(a: argparse.Namespace) -> int:
                 )
             )
         elif llama_url:
-            targets.append(Target("llama.cpp", llama_url, a.model, tools=a.expect_tools))
+            targets.append(Target(a.label, llama_url, a.model, tools=a.expect_tools))
         litellm_url = a.litellm_url
         rpm_model = a.litellm_rpm_model
+        key_env = a.litellm_key_env
+        busy_model = a.litellm_429_model
         if litellm_url is None and a.litellm_bin:
             if not llama_url:
                 raise SystemExit("--litellm-bin needs a llama.cpp server (--llamacpp-url or --gguf)")
-            lite = LiteLLM(a.litellm_bin, llama_url, logs / "litellm.log")
+            busy = Always429()
+            started.append(busy)
+            lite = LiteLLM(a.litellm_bin, llama_url, busy.base_url, logs / "litellm.log")
             print(f"starting LiteLLM's proxy on {lite.base_url} -> {llama_url}", flush=True)
             await lite.start()
             started.append(lite)
-            litellm_url, rpm_model = lite.base_url, "smollm2-rpm1"
+            litellm_url, rpm_model, key_env = lite.base_url, "smollm2-rpm1", KEY_ENV
+            busy_model = "upstream-429"
         if litellm_url:
-            targets.append(Target("litellm", litellm_url, "smollm2", litellm=True, rpm_model=rpm_model))
+            targets.append(
+                Target(
+                    "litellm",
+                    litellm_url,
+                    "smollm2",
+                    litellm=True,
+                    rpm_model=rpm_model,
+                    api_key_env=key_env,
+                    upstream429_model=busy_model,
+                )
+            )
         if not targets:
             raise SystemExit("nothing to check: give --llamacpp-url / --gguf, --litellm-url / --litellm-bin")
         rows: list[tuple[str, Result]] = []
@@ -705,6 +799,7 @@ async def main_async(a: argparse.Namespace) -> int:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--llamacpp-url", help="a running llama.cpp (llama-cpp-python) server, .../v1")
+    p.add_argument("--label", default="llama.cpp", help="the --llamacpp-url target's name in the table")
     p.add_argument("--gguf", help="start llama_cpp.server with this model file")
     p.add_argument("--llama-python", default="/work/interop-venv/bin/python", help="its interpreter")
     p.add_argument("--chat-format", default=None, help="llama_cpp.server --chat_format (tools)")
@@ -712,6 +807,8 @@ def main() -> None:
     p.add_argument("--model", default="smollm2", help="the model name sent to llama.cpp")
     p.add_argument("--litellm-url", help="a running LiteLLM proxy, .../v1 (model smollm2)")
     p.add_argument("--litellm-rpm-model", help="a model of that proxy limited to rpm 1")
+    p.add_argument("--litellm-429-model", help="a model of that proxy whose upstream answers 429")
+    p.add_argument("--litellm-key-env", help="the environment variable holding its key")
     p.add_argument("--litellm-bin", help="start this litellm in front of the llama.cpp server")
     p.add_argument("--redis-url", default=None, help="default: a private embedded Valkey")
     p.add_argument("--only", help="comma-separated check keys: " + ",".join(k for k, _ in CHECKS))

@@ -5,6 +5,8 @@ The checks of ``bench/interop_openai.py``, each a test, against the servers name
 ``OAO_TEST_LITELLM_URL`` (a LiteLLM proxy, ``.../v1``); skipped when unset.
 ``OAO_TEST_LLAMACPP_MODEL`` / ``OAO_TEST_LITELLM_MODEL`` name the model (``smollm2``),
 ``OAO_TEST_LITELLM_RPM_MODEL`` a LiteLLM model limited to ``rpm: 1`` (the 429 check),
+``OAO_TEST_LITELLM_429_MODEL`` one whose upstream answers 429 with ``Retry-After: 3``,
+``OAO_TEST_LITELLM_KEY_ENV`` the variable holding the proxy's key (a ``*_API_KEY`` name),
 ``OAO_TEST_EXPECT_TOOL_CALLS=1`` makes a model that calls no tool a failure.
 docs/interop.md says how to start the servers.
 """
@@ -24,6 +26,7 @@ from bench.interop_openai import (
     check_cut_off,
     check_error_body,
     check_plain,
+    check_provider_retry_after,
     check_rate_limit,
     check_replay,
     check_tools,
@@ -61,6 +64,8 @@ def _targets() -> list[object]:
                 os.environ.get("OAO_TEST_LITELLM_MODEL", "smollm2"),
                 litellm=True,
                 rpm_model=os.environ.get("OAO_TEST_LITELLM_RPM_MODEL"),
+                upstream429_model=os.environ.get("OAO_TEST_LITELLM_429_MODEL"),
+                api_key_env=os.environ.get("OAO_TEST_LITELLM_KEY_ENV"),
                 tools=expect_tools,
             )
             if lite
@@ -117,3 +122,7 @@ async def test_error_body_message_shown(ctx: Ctx) -> None:
 
 async def test_rate_limit_429_is_retried_with_the_hint(ctx: Ctx) -> None:
     await _passes(check_rate_limit, ctx)
+
+
+async def test_provider_prefixed_retry_after_is_honoured(ctx: Ctx) -> None:
+    await _passes(check_provider_retry_after, ctx)
