@@ -405,6 +405,12 @@ class OpenAIProvider(Provider):
                     self._redact(f"{who}: the stream was cut off after {chunks} chunks{reason}")
                 )
             where = self.spec.base_url or "the default OpenAI endpoint"
+            if isinstance(cause, httpx.RemoteProtocolError | httpx.ReadError):
+                # Connected and the request sent: the server died (or dropped us) while
+                # working on it, which a retry may or may not meet again; not "cannot connect".
+                return TransientError(
+                    self._redact(f"{who}: {where} closed the connection before replying{reason}")
+                )
             return TransientError(self._redact(f"{who}: cannot connect to {where}{reason}"))
         if isinstance(exc, openai.APIResponseValidationError):
             return PermanentError(self._redact(f"{who}: invalid response: {exc.message}"))

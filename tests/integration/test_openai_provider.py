@@ -450,6 +450,22 @@ async def test_dropped_stream_is_not_reported_as_cannot_connect(
     assert "cut off after 3 chunks" in msg  # the role chunk and two content chunks
 
 
+async def test_connection_closed_before_a_reply_is_not_reported_as_cannot_connect(
+    server: OpenAIStubServer, make_provider: MakeProvider
+) -> None:
+    """Found against llama.cpp's server (docs/interop.md): a server that took the request
+    and died before answering (stream off) was reported as "cannot connect to ..."."""
+    server.reply_text("never sent", drop_after=0)
+
+    with pytest.raises(TransientError) as exc_info:
+        await make_provider(stream=False).complete(request(), Chunks())
+
+    msg = str(exc_info.value)
+    assert "cannot connect" not in msg
+    assert "closed the connection before replying" in msg
+    assert len(server.requests) == 1  # it was connected: the request went through
+
+
 async def test_tool_choice_auto_sent_when_tools_are_offered(
     server: OpenAIStubServer, make_provider: MakeProvider
 ) -> None:
