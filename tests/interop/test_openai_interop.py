@@ -7,7 +7,9 @@ The checks of ``bench/interop_openai.py``, each a test, against the servers name
 ``OAO_TEST_LITELLM_RPM_MODEL`` a LiteLLM model limited to ``rpm: 1`` (the 429 check),
 ``OAO_TEST_LITELLM_429_MODEL`` one whose upstream answers 429 with ``Retry-After: 3``,
 ``OAO_TEST_LITELLM_KEY_ENV`` the variable holding the proxy's key (a ``*_API_KEY`` name),
-``OAO_TEST_EXPECT_TOOL_CALLS=1`` makes a model that calls no tool a failure.
+``OAO_TEST_EXPECT_TOOL_CALLS=1`` makes a model that calls no tool a failure,
+``OAO_TEST_TOOLS_NO_STREAM=1`` runs the tools test with stream off (llama.cpp's
+``chatml-function-calling`` handler refuses automatic tool choice in a stream).
 docs/interop.md says how to start the servers.
 """
 
@@ -82,6 +84,7 @@ def _targets() -> list[object]:
 @pytest.fixture(params=_targets())
 async def ctx(request: pytest.FixtureRequest, broker: Broker) -> AsyncIterator[Ctx]:
     target: Target = request.param
+    target.tools_stream = os.environ.get("OAO_TEST_TOOLS_NO_STREAM") != "1"
     async with LocalFleet(broker=broker, workers=1, concurrency=4), checking(target, broker) as c:
         yield c
 
