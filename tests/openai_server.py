@@ -186,6 +186,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(reply.status, body, extra)
 
     def _once(self, reply: StubReply, body: dict[str, Any]) -> None:
+        if reply.drop_after is not None:
+            self.close_connection = True
+            return  # the request was read; the connection closes with no response
         message: dict[str, Any] = {
             "role": "assistant",
             "content": reply.content or None,

@@ -12,7 +12,8 @@ What it does for servers that are not OpenAI (llama.cpp, vLLM, LiteLLM ...): sen
 ``tool_choice: "auto"`` whenever tools are offered (some default to none); sends tool
 names the API grammar accepts (``^[a-zA-Z0-9_-]{1,64}$``: ``notes.search`` goes out as
 ``notes_search`` and comes back as ``notes.search``, :func:`~.base.api_tool_names`);
-treats a stream that ends without a finish reason as an error, not as an empty reply;
+treats a stream that ends without a finish reason, or that carried nothing at all (no
+content, no tool call, no usage), as an error, not as an empty reply;
 reads retry hints also from proxy-prefixed headers (``llm_provider-retry-after``);
 shows the error body's message (``error.message``, ``detail``).
 """
@@ -269,6 +270,16 @@ class OpenAIProvider(Provider):
                     f"{self._who()}: the stream ended after {chunks} chunks without a finish "
                     "reason: the reply is incomplete"
                 )
+            if not content and not calls and usage is None:
+                # Nothing at all, not even the usage we asked for: a server that failed
+                # behind a proxy which closed the stream "cleanly" (LiteLLM in front of a
+                # llama.cpp server that raised after its 200, docs/interop.md). A real empty
+                # reply comes with its usage.
+                raise TransientError(
+                    f"{self._who()}: the stream ended after {chunks} chunks with no content, no "
+                    f"tool call and no usage (finish reason {finish_reason!r}): the server or a "
+                    "proxy in front of it failed"
+                )
             tool_calls = [self._decode_call(calls[i], i) for i in sorted(calls)]
         except BaseException as exc:
             if chunks:  # the server took the prompt and produced output: that was paid for
@@ -408,6 +419,12 @@ class OpenAIProvider(Provider):
                     self._redact(f"{who}: the stream was cut off after {chunks} chunks{reason}")
                 )
             where = self.spec.base_url or "the default OpenAI endpoint"
+            if isinstance(cause, httpx.RemoteProtocolError | httpx.ReadError):
+                # Connected and the request sent: the server died (or dropped us) while
+                # working on it, which a retry may or may not meet again; not "cannot connect".
+                return TransientError(
+                    self._redact(f"{who}: {where} closed the connection before replying{reason}")
+                )
             return TransientError(self._redact(f"{who}: cannot connect to {where}{reason}"))
         if isinstance(exc, openai.APIResponseValidationError):
             return PermanentError(self._redact(f"{who}: invalid response: {exc.message}"))

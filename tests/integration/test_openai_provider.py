@@ -450,6 +450,38 @@ async def test_dropped_stream_is_not_reported_as_cannot_connect(
     assert "cut off after 3 chunks" in msg  # the role chunk and two content chunks
 
 
+async def test_connection_closed_before_a_reply_is_not_reported_as_cannot_connect(
+    server: OpenAIStubServer, make_provider: MakeProvider
+) -> None:
+    """Found against llama.cpp's server (docs/interop.md): a server that took the request
+    and died before answering (stream off) was reported as "cannot connect to ..."."""
+    server.reply_text("never sent", drop_after=0)
+
+    with pytest.raises(TransientError) as exc_info:
+        await make_provider(stream=False).complete(request(), Chunks())
+
+    msg = str(exc_info.value)
+    assert "cannot connect" not in msg
+    assert "closed the connection before replying" in msg
+    assert len(server.requests) == 1  # it was connected: the request went through
+
+
+async def test_empty_stream_with_a_finish_reason_but_no_usage_is_an_error(
+    server: OpenAIStubServer, make_provider: MakeProvider
+) -> None:
+    """Found with LiteLLM in front of llama.cpp's server (docs/interop.md): the upstream
+    raised after its 200 and LiteLLM closed the stream with ``finish_reason: stop``, no
+    delta and no usage; that was a SUCCEEDED node with empty output."""
+    server.reply_text("", omit_usage=True)
+
+    with pytest.raises(TransientError, match="no content, no tool call and no usage"):
+        await make_provider().complete(request(), Chunks())
+
+    server.reply_text("", usage=(12, 0))  # a real empty reply comes with its usage
+    reply = await make_provider().complete(request(), Chunks())
+    assert reply.content == "" and reply.usage == Usage(12, 0)
+
+
 async def test_tool_choice_auto_sent_when_tools_are_offered(
     server: OpenAIStubServer, make_provider: MakeProvider
 ) -> None:
