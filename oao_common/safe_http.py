@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -73,31 +74,33 @@ class _AddressGuard:
         return await resolve(host, port)
 
 
-class GuardedTransport(_AddressGuard, httpx.AsyncBaseTransport):
-    """An ``httpx`` transport that checks and pins the address of every connection.
+class _PinningTransport(_AddressGuard):
+    """The transport of :class:`GuardedTransport` and :class:`GuardedTransport2`, written
+    once for both HTTP libraries: ``_http`` is the library (``httpx`` or ``httpx2``, the
+    same API) and ``_blocked`` its :class:`BlockedDestination` class."""
 
-    ``what`` names the spec field in refusals (``models.gpt.base_url``); other keyword
-    arguments go to ``httpx.AsyncHTTPTransport`` (``verify``, ``limits`` ...).
-    """
+    _http: Any
+    _blocked: Callable[..., Exception]
 
     def __init__(self, policy: TrustPolicy, what: str = "url", **transport_kw: Any) -> None:
         self.policy = policy
         self.what = what
-        self._inner = httpx.AsyncHTTPTransport(**transport_kw)
+        self._inner = self._http.AsyncHTTPTransport(**transport_kw)
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+    async def handle_async_request(self, request: Any) -> Any:
+        http = self._http
         url = request.url
         host = url.host
         port = url.port or (443 if url.scheme == "https" else 80)
         try:
             addresses = await self.checked_addresses(host, port)
         except TrustError as e:
-            raise BlockedDestination(str(e), request=request) from None
+            raise self._blocked(str(e), request=request) from None
         except OSError as e:
-            raise httpx.ConnectError(f"cannot resolve {host!r}: {e}", request=request) from None
-        last: httpx.ConnectError | None = None
+            raise http.ConnectError(f"cannot resolve {host!r}: {e}", request=request) from None
+        last: Exception | None = None
         for ip in addresses:
-            pinned = httpx.Request(
+            pinned = http.Request(
                 request.method,
                 url.copy_with(host=ip),
                 headers=request.headers,  # keeps Host: <name>
@@ -108,13 +111,24 @@ class GuardedTransport(_AddressGuard, httpx.AsyncBaseTransport):
             )
             try:
                 return await self._inner.handle_async_request(pinned)
-            except httpx.ConnectError as e:
+            except http.ConnectError as e:
                 last = e
         assert last is not None
         raise last
 
     async def aclose(self) -> None:
         await self._inner.aclose()
+
+
+class GuardedTransport(_PinningTransport, httpx.AsyncBaseTransport):
+    """An ``httpx`` transport that checks and pins the address of every connection.
+
+    ``what`` names the spec field in refusals (``models.gpt.base_url``); other keyword
+    arguments go to ``httpx.AsyncHTTPTransport`` (``verify``, ``limits`` ...).
+    """
+
+    _http = httpx
+    _blocked = BlockedDestination
 
 
 def guarded_client(
@@ -131,45 +145,12 @@ class BlockedDestination2(httpx2.ConnectError):
     """:class:`BlockedDestination` for ``httpx2`` clients."""
 
 
-class GuardedTransport2(_AddressGuard, httpx2.AsyncBaseTransport):
+class GuardedTransport2(_PinningTransport, httpx2.AsyncBaseTransport):
     """:class:`GuardedTransport` for ``httpx2`` (the ``anthropic`` and ``mcp`` SDKs):
     the same checks, the same pinning of the checked address."""
 
-    def __init__(self, policy: TrustPolicy, what: str = "url", **transport_kw: Any) -> None:
-        self.policy = policy
-        self.what = what
-        self._inner = httpx2.AsyncHTTPTransport(**transport_kw)
-
-    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
-        url = request.url
-        host = url.host
-        port = url.port or (443 if url.scheme == "https" else 80)
-        try:
-            addresses = await self.checked_addresses(host, port)
-        except TrustError as e:
-            raise BlockedDestination2(str(e), request=request) from None
-        except OSError as e:
-            raise httpx2.ConnectError(f"cannot resolve {host!r}: {e}", request=request) from None
-        last: httpx2.ConnectError | None = None
-        for ip in addresses:
-            pinned = httpx2.Request(
-                request.method,
-                url.copy_with(host=ip),
-                headers=request.headers,  # keeps Host: <name>
-                stream=request.stream,
-                extensions={**request.extensions, "sni_hostname": host}
-                if url.scheme == "https"
-                else request.extensions,
-            )
-            try:
-                return await self._inner.handle_async_request(pinned)
-            except httpx2.ConnectError as e:
-                last = e
-        assert last is not None
-        raise last
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
+    _http = httpx2
+    _blocked = BlockedDestination2
 
 
 def guarded_client2(
